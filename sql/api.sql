@@ -1,0 +1,248 @@
+-- The public SQL API. Names and signatures are a contract (README, tests, clients).
+-- Errors: 22023 invalid input, 42501 another identity's chat, P0002 unknown chat or queue id.
+
+-- The caller: the JWT `sub` claim when PostgREST/Supabase set request.jwt.claims, else the role.
+CREATE FUNCTION memory.current_identity()
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$
+    SELECT coalesce(
+        nullif(nullif(pg_catalog.current_setting('request.jwt.claims', true), '')::jsonb
+               ->> 'sub', ''),
+        current_user::text)
+$$;
+
+-- Admins see and act on every chat: superusers for now (the security layer widens this).
+CREATE FUNCTION memory._is_admin()
+RETURNS bool
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$
+    SELECT coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user),
+                    false)
+$$;
+
+CREATE FUNCTION memory._check_chat_id(p_chat_id text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+AS $$
+BEGIN
+    IF p_chat_id IS NULL OR btrim(p_chat_id) = '' THEN
+        RAISE EXCEPTION 'chat_id must not be null or blank' USING ERRCODE = '22023';
+    END IF;
+    IF length(p_chat_id) > 256 THEN
+        RAISE EXCEPTION 'chat_id is longer than 256 characters' USING ERRCODE = '22023';
+    END IF;
+END
+$$;
+
+-- Look up a chat the caller may act on; P0002 when unknown, 42501 when someone else's.
+CREATE FUNCTION memory._owned_chat(p_chat_id text, p_lock bool DEFAULT false)
+RETURNS memory.chat_metadata
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+AS $$
+DECLARE
+    c memory.chat_metadata%ROWTYPE;
+BEGIN
+    PERFORM memory._check_chat_id(p_chat_id);
+    IF p_lock THEN
+        SELECT * INTO c FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id FOR UPDATE;
+    ELSE
+        SELECT * INTO c FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
+    END IF;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'chat "%" not found', p_chat_id USING ERRCODE = 'P0002';
+    END IF;
+    IF c.owner <> memory.current_identity() AND NOT memory._is_admin() THEN
+        RAISE EXCEPTION 'chat "%" belongs to another user', p_chat_id USING ERRCODE = '42501';
+    END IF;
+    RETURN c;
+END
+$$;
+
+CREATE FUNCTION memory.create_chat(p_chat_id text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+AS $$
+DECLARE
+    v_identity text := memory.current_identity();
+    v_owner text;
+BEGIN
+    PERFORM memory._check_chat_id(p_chat_id);
+    INSERT INTO memory.chat_metadata (chat_id, owner) VALUES (p_chat_id, v_identity)
+    ON CONFLICT (chat_id) DO NOTHING;
+    SELECT m.owner INTO v_owner FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
+    IF v_owner <> v_identity THEN
+        RAISE EXCEPTION 'chat "%" belongs to another user', p_chat_id USING ERRCODE = '42501';
+    END IF;
+    RETURN p_chat_id;
+END
+$$;
+
+CREATE FUNCTION memory.enqueue(p_chat_id text, p_snippet text, p_trigger_source text DEFAULT 'api')
+RETURNS TABLE (queue_id uuid, status text, estimated_completion timestamptz)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_identity text := memory.current_identity();
+    v_owner text;
+    v_retry_at timestamptz;
+    v_max int := memory._max_snippet_bytes();
+    v_id uuid;
+BEGIN
+    PERFORM memory._check_chat_id(p_chat_id);
+    IF p_snippet IS NULL OR btrim(p_snippet, E' \t\r\n') = '' THEN
+        RAISE EXCEPTION 'snippet must not be null or blank' USING ERRCODE = '22023';
+    END IF;
+    IF octet_length(p_snippet) > v_max THEN
+        RAISE EXCEPTION 'snippet is % bytes, over memory_ext.max_snippet_bytes (%)',
+            octet_length(p_snippet), v_max USING ERRCODE = '22023';
+    END IF;
+    IF p_trigger_source IS NULL OR btrim(p_trigger_source) = '' OR length(p_trigger_source) > 64 THEN
+        RAISE EXCEPTION 'trigger_source must be 1 to 64 characters' USING ERRCODE = '22023';
+    END IF;
+
+    SELECT m.owner, m.retry_at INTO v_owner, v_retry_at
+      FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
+    IF NOT FOUND THEN
+        INSERT INTO memory.chat_metadata (chat_id, owner) VALUES (p_chat_id, v_identity)
+        ON CONFLICT (chat_id) DO NOTHING;
+        SELECT m.owner, m.retry_at INTO v_owner, v_retry_at
+          FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
+    END IF;
+    IF v_owner <> v_identity THEN
+        RAISE EXCEPTION 'chat "%" belongs to another user', p_chat_id USING ERRCODE = '42501';
+    END IF;
+
+    INSERT INTO memory.chat_context_queue (chat_id, new_context_snippet, trigger_source,
+                                           enqueued_by, next_attempt_at)
+    VALUES (p_chat_id, p_snippet, p_trigger_source, v_identity,
+            greatest(now(), v_retry_at))
+    RETURNING id INTO v_id;
+
+    PERFORM memory._wake_at_commit();
+    RETURN QUERY SELECT v_id, 'pending_summarization'::text,
+                        greatest(now(), v_retry_at) + memory._expected_latency();
+END
+$$;
+
+CREATE FUNCTION memory.get(p_chat_id text)
+RETURNS TABLE (chat_id text, user_confirmed jsonb, llm_inferred jsonb, general_summary text,
+               token_count int, needs_new_chat bool, guidance text, version bigint,
+               last_updated timestamptz, pending int)
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+AS $$
+#variable_conflict use_column
+DECLARE
+    c memory.chat_metadata%ROWTYPE;
+BEGIN
+    PERFORM memory._check_chat_id(p_chat_id);
+    SELECT * INTO c FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'chat "%" not found', p_chat_id USING ERRCODE = 'P0002';
+    END IF;
+    IF c.owner <> memory.current_identity() AND NOT memory._is_admin() THEN
+        RAISE EXCEPTION 'chat "%" belongs to another user', p_chat_id USING ERRCODE = '42501';
+    END IF;
+    RETURN QUERY SELECT c.chat_id, c.user_confirmed, c.llm_inferred, c.general_summary,
+        c.token_count, c.needs_new_chat,
+        CASE WHEN c.needs_new_chat THEN format(
+            'This chat''s memory is %s tokens, over the limit of %s: start a new chat and carry '
+            'over the summary and confirmed facts.', c.token_count,
+            pg_catalog.current_setting('memory_ext.token_limit')) END,
+        c.version, c.last_updated,
+        (SELECT count(*)::int FROM memory.chat_context_queue q
+          WHERE q.chat_id = p_chat_id AND q.status IN ('pending_summarization', 'processing'));
+END
+$$;
+
+CREATE FUNCTION memory.status(p_queue_id uuid)
+RETURNS TABLE (status text, retry_count int, error_message text, created_at timestamptz,
+               processed_at timestamptz)
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+AS $$
+#variable_conflict use_column
+DECLARE
+    q memory.chat_context_queue%ROWTYPE;
+    v_owner text;
+BEGIN
+    IF p_queue_id IS NULL THEN
+        RAISE EXCEPTION 'queue_id must not be null' USING ERRCODE = '22023';
+    END IF;
+    SELECT * INTO q FROM memory.chat_context_queue x WHERE x.id = p_queue_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'queue row % not found', p_queue_id USING ERRCODE = 'P0002';
+    END IF;
+    SELECT m.owner INTO v_owner FROM memory.chat_metadata m WHERE m.chat_id = q.chat_id;
+    IF v_owner <> memory.current_identity() AND NOT memory._is_admin() THEN
+        RAISE EXCEPTION 'queue row % belongs to another user', p_queue_id USING ERRCODE = '42501';
+    END IF;
+    RETURN QUERY SELECT q.status, q.retry_count, q.error_message, q.created_at, q.processed_at;
+END
+$$;
+
+CREATE FUNCTION memory.history(p_chat_id text)
+RETURNS TABLE (version bigint, queue_ids uuid[], user_confirmed jsonb, llm_inferred jsonb,
+               general_summary text, changed_at timestamptz)
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM memory._owned_chat(p_chat_id);
+    RETURN QUERY SELECT h.version, h.queue_ids, h.user_confirmed, h.llm_inferred,
+                        h.general_summary, h.changed_at
+                   FROM memory.chat_memory_history h
+                  WHERE h.chat_id = p_chat_id ORDER BY h.version;
+END
+$$;
+
+-- Remove a chat's memory, history and queue rows. A summarization in flight is discarded.
+CREATE FUNCTION memory.forget(p_chat_id text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+AS $$
+BEGIN
+    PERFORM memory._owned_chat(p_chat_id, true);
+    DELETE FROM memory.chat_context_queue q WHERE q.chat_id = p_chat_id;
+    DELETE FROM memory.chat_memory_history h WHERE h.chat_id = p_chat_id;
+    DELETE FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
+END
+$$;
+
+-- Put failed snippets back in the queue with a fresh attempt budget: one chat, or (NULL) every
+-- chat the caller may act on. Returns how many were re-queued.
+CREATE FUNCTION memory.retry_failed(p_chat_id text DEFAULT NULL)
+RETURNS int
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+AS $$
+DECLARE
+    v_n int;
+    v_identity text := memory.current_identity();
+    v_admin bool := memory._is_admin();
+BEGIN
+    IF p_chat_id IS NOT NULL THEN
+        PERFORM memory._owned_chat(p_chat_id);
+    END IF;
+    UPDATE memory.chat_context_queue q
+       SET status = 'pending_summarization', retry_count = 0, next_attempt_at = now(),
+           processed_at = NULL
+     WHERE q.status = 'failed'
+       AND (q.chat_id = p_chat_id OR p_chat_id IS NULL)
+       AND (v_admin OR q.chat_id IN (SELECT m.chat_id FROM memory.chat_metadata m
+                                      WHERE m.owner = v_identity));
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    IF v_n > 0 THEN
+        PERFORM memory._wake_at_commit();
+    END IF;
+    RETURN v_n;
+END
+$$;
+
+CREATE VIEW memory.queue_stats AS
+SELECT s.status,
+       count(q.id) AS count,
+       CASE WHEN s.status = 'pending_summarization' THEN now() - min(q.created_at) END
+           AS oldest_pending_age
+  FROM unnest(ARRAY['pending_summarization', 'processing', 'complete', 'failed']) AS s(status)
+  LEFT JOIN memory.chat_context_queue q ON q.status = s.status
+ GROUP BY s.status;

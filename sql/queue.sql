@@ -1,0 +1,262 @@
+-- Claiming and applying work. Called by the worker (and process_pending) from Rust, which owns
+-- summarizing and the merge rules; these functions own every row movement. Internal: no caller
+-- but the extension's own code should run them.
+
+-- Lease up to p_max_chats chats that have due work and are neither leased nor backing off, and
+-- mark up to p_max_snippets of each one's pending snippets 'processing' under that lease.
+-- Returns each leased chat's current memory and its snippets in enqueue order.
+CREATE FUNCTION memory._claim(p_max_chats int, p_max_snippets int, p_lease_seconds int)
+RETURNS TABLE (chat_id text, lease_token uuid, version bigint, user_confirmed jsonb,
+               llm_inferred jsonb, general_summary text, snippets jsonb)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_chats text[];
+BEGIN
+    -- Candidates come from the due index in order; a chat appears once however many rows it has.
+    WITH cand AS (
+        SELECT DISTINCT d.chat_id
+        FROM (SELECT q.chat_id FROM memory.chat_context_queue q
+              WHERE q.status = 'pending_summarization' AND q.next_attempt_at <= now()
+              ORDER BY q.next_attempt_at, q.seq
+              LIMIT p_max_chats * 8) d
+    ), locked AS (
+        SELECT c.chat_id FROM memory.chat_metadata c JOIN cand ON cand.chat_id = c.chat_id
+        WHERE (c.lease_until IS NULL OR c.lease_until < now())
+          AND (c.retry_at IS NULL OR c.retry_at <= now())
+        LIMIT p_max_chats
+        FOR UPDATE OF c SKIP LOCKED
+    ), leased AS (
+        UPDATE memory.chat_metadata c
+           SET lease_token = gen_random_uuid(),
+               lease_owner = pg_backend_pid(),
+               lease_until = now() + make_interval(secs => p_lease_seconds),
+               retry_at = NULL
+          FROM locked WHERE c.chat_id = locked.chat_id
+        RETURNING c.chat_id
+    )
+    SELECT array_agg(leased.chat_id) INTO v_chats FROM leased;
+
+    IF v_chats IS NULL THEN
+        RETURN;
+    END IF;
+
+    UPDATE memory.chat_context_queue q
+       SET status = 'processing', claim_token = c.lease_token, claimed_at = now(),
+           lease_expires_at = c.lease_until
+      FROM (SELECT o.id, row_number() OVER (PARTITION BY o.chat_id ORDER BY o.seq) AS rn
+              FROM memory.chat_context_queue o
+             WHERE o.chat_id = ANY (v_chats) AND o.status = 'pending_summarization') r,
+           memory.chat_metadata c
+     WHERE q.id = r.id AND r.rn <= p_max_snippets AND c.chat_id = q.chat_id
+       AND q.status = 'pending_summarization';
+
+    RETURN QUERY
+    SELECT c.chat_id, c.lease_token, c.version, c.user_confirmed, c.llm_inferred, c.general_summary,
+           s.snippets
+      FROM memory.chat_metadata c
+      JOIN LATERAL (
+          SELECT jsonb_agg(jsonb_build_object('id', q.id, 'text', q.new_context_snippet)
+                           ORDER BY q.seq) AS snippets
+            FROM memory.chat_context_queue q
+           WHERE q.chat_id = c.chat_id AND q.status = 'processing'
+             AND q.claim_token = c.lease_token) s ON s.snippets IS NOT NULL
+     WHERE c.chat_id = ANY (v_chats);
+
+    -- A chat whose rows vanished between the scan and the lease must not stay leased.
+    UPDATE memory.chat_metadata c
+       SET lease_token = NULL, lease_owner = NULL, lease_until = NULL
+     WHERE c.chat_id = ANY (v_chats)
+       AND NOT EXISTS (SELECT 1 FROM memory.chat_context_queue q
+                        WHERE q.chat_id = c.chat_id AND q.status = 'processing'
+                          AND q.claim_token = c.lease_token);
+END
+$$;
+
+-- Apply merged memories. p_results is a JSON array of
+-- {chat_id, lease_token, queue_ids, user_confirmed, llm_inferred, general_summary, token_count,
+--  needs_new_chat}. A result whose lease is no longer held (expired and reclaimed, or the chat
+-- was forgotten) is skipped, so a snippet is never applied twice. Returns the number applied.
+CREATE FUNCTION memory._apply(p_results jsonb, p_summarizer text)
+RETURNS int
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r record;
+    old memory.chat_metadata%ROWTYPE;
+    n_rows int;
+    n_applied int := 0;
+BEGIN
+    FOR r IN SELECT * FROM jsonb_to_recordset(p_results) AS x(
+        chat_id text, lease_token uuid, queue_ids uuid[], user_confirmed jsonb, llm_inferred jsonb,
+        general_summary text, token_count int, needs_new_chat bool)
+    LOOP
+        SELECT * INTO old FROM memory.chat_metadata c WHERE c.chat_id = r.chat_id FOR UPDATE;
+        IF NOT FOUND OR old.lease_token IS DISTINCT FROM r.lease_token THEN
+            CONTINUE;
+        END IF;
+        -- Lock the claimed rows; all of them must still be ours.
+        SELECT count(*) INTO n_rows FROM (
+            SELECT 1 FROM memory.chat_context_queue q
+             WHERE q.id = ANY (r.queue_ids) AND q.status = 'processing'
+               AND q.claim_token = r.lease_token
+               FOR UPDATE) l;
+        IF n_rows <> cardinality(r.queue_ids) THEN
+            CONTINUE;
+        END IF;
+
+        UPDATE memory.chat_metadata c
+           SET user_confirmed = r.user_confirmed, llm_inferred = r.llm_inferred,
+               general_summary = r.general_summary, token_count = r.token_count,
+               needs_new_chat = r.needs_new_chat, version = c.version + 1, last_updated = now(),
+               lease_token = NULL, lease_owner = NULL, lease_until = NULL, retry_at = NULL
+         WHERE c.chat_id = r.chat_id;
+
+        INSERT INTO memory.chat_memory_history (chat_id, version, queue_ids, old_user_confirmed,
+            old_llm_inferred, old_general_summary, user_confirmed, llm_inferred, general_summary,
+            token_count, summarizer)
+        VALUES (r.chat_id, old.version + 1, r.queue_ids, old.user_confirmed, old.llm_inferred,
+            old.general_summary, r.user_confirmed, r.llm_inferred, r.general_summary,
+            r.token_count, p_summarizer);
+
+        UPDATE memory.chat_context_queue q
+           SET status = 'complete', processed_at = now(), claim_token = NULL,
+               lease_expires_at = NULL
+         WHERE q.id = ANY (r.queue_ids);
+        n_applied := n_applied + 1;
+    END LOOP;
+    RETURN n_applied;
+END
+$$;
+
+-- Record a failed attempt for a leased chat: every claimed row gets retry_count + 1 and the
+-- error; rows that reached p_max_attempts (or all of them, for a permanent error) become
+-- 'failed', the others wait for the same backoff (exponential, capped, with jitter), which also
+-- holds back the chat's newer snippets so order is kept. The memory is not touched.
+CREATE FUNCTION memory._fail(p_chat_id text, p_lease_token uuid, p_error text, p_permanent bool,
+                             p_max_attempts int, p_backoff_base_ms int, p_backoff_max_ms int)
+RETURNS int
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_attempt int;
+    v_retry_at timestamptz;
+    v_n int;
+BEGIN
+    PERFORM 1 FROM memory.chat_metadata c
+     WHERE c.chat_id = p_chat_id AND c.lease_token = p_lease_token FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    SELECT max(q.retry_count) + 1 INTO v_attempt FROM memory.chat_context_queue q
+     WHERE q.chat_id = p_chat_id AND q.claim_token = p_lease_token AND q.status = 'processing';
+    v_retry_at := now() + make_interval(secs =>
+        least(p_backoff_max_ms::float8, p_backoff_base_ms * power(2.0, coalesce(v_attempt, 1) - 1))
+        * (0.5 + random() / 2) / 1000.0);
+
+    UPDATE memory.chat_context_queue q
+       SET retry_count = q.retry_count + 1,
+           error_message = left(p_error, 2000),
+           status = CASE WHEN p_permanent OR q.retry_count + 1 >= p_max_attempts
+                         THEN 'failed' ELSE 'pending_summarization' END,
+           processed_at = CASE WHEN p_permanent OR q.retry_count + 1 >= p_max_attempts
+                               THEN now() END,
+           next_attempt_at = v_retry_at, claim_token = NULL, lease_expires_at = NULL
+     WHERE q.chat_id = p_chat_id AND q.claim_token = p_lease_token AND q.status = 'processing';
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    -- Newer snippets of the chat wait too: they must not be applied before the failed ones.
+    UPDATE memory.chat_context_queue q SET next_attempt_at = v_retry_at
+     WHERE q.chat_id = p_chat_id AND q.status = 'pending_summarization'
+       AND q.next_attempt_at < v_retry_at;
+
+    UPDATE memory.chat_metadata c
+       SET lease_token = NULL, lease_owner = NULL, lease_until = NULL,
+           retry_at = CASE WHEN EXISTS (SELECT 1 FROM memory.chat_context_queue q
+                                         WHERE q.chat_id = c.chat_id
+                                           AND q.status = 'pending_summarization')
+                           THEN v_retry_at END
+     WHERE c.chat_id = p_chat_id;
+    RETURN v_n;
+END
+$$;
+
+-- Take back leases whose holder is gone: expired ones, or (p_dead_owners) ones held by a
+-- process that no longer exists, e.g. after a crash. The attempt counts as failed, so a snippet
+-- that kills its worker every time ends 'failed' instead of looping forever.
+CREATE FUNCTION memory._reclaim(p_max_attempts int, p_dead_owners bool)
+RETURNS int
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_n int;
+BEGIN
+    WITH stale AS (
+        SELECT c.chat_id, c.lease_token FROM memory.chat_metadata c
+         WHERE c.lease_token IS NOT NULL
+           AND (c.lease_until < now()
+                OR (p_dead_owners AND c.lease_owner <> pg_backend_pid()
+                    AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
+                                     WHERE a.pid = c.lease_owner)))
+           FOR UPDATE OF c SKIP LOCKED
+    ), released AS (
+        UPDATE memory.chat_metadata c
+           SET lease_token = NULL, lease_owner = NULL, lease_until = NULL
+          FROM stale WHERE c.chat_id = stale.chat_id
+        RETURNING stale.chat_id, stale.lease_token
+    )
+    UPDATE memory.chat_context_queue q
+       SET retry_count = q.retry_count + 1,
+           error_message = 'lease expired: the process summarizing this snippet stopped or '
+                           'took longer than memory_ext.lease_timeout',
+           status = CASE WHEN q.retry_count + 1 >= p_max_attempts
+                         THEN 'failed' ELSE 'pending_summarization' END,
+           processed_at = CASE WHEN q.retry_count + 1 >= p_max_attempts THEN now() END,
+           next_attempt_at = now(), claim_token = NULL, lease_expires_at = NULL
+      FROM released
+     WHERE q.chat_id = released.chat_id AND q.claim_token = released.lease_token
+       AND q.status = 'processing';
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END
+$$;
+
+-- Delete up to p_batch complete rows older than the retention period; returns how many.
+CREATE FUNCTION memory._cleanup(p_retention_seconds int, p_batch int)
+RETURNS int
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH old AS (
+        SELECT q.id FROM memory.chat_context_queue q
+         WHERE q.status = 'complete'
+           AND q.processed_at < now() - make_interval(secs => p_retention_seconds)
+         ORDER BY q.processed_at LIMIT p_batch
+           FOR UPDATE SKIP LOCKED
+    ), gone AS (
+        DELETE FROM memory.chat_context_queue q USING old WHERE q.id = old.id RETURNING 1
+    )
+    SELECT count(*)::int FROM gone
+$$;
+
+-- When the worker must look again even if nobody wakes it: the next backoff expiry or lease
+-- expiry. NULL when nothing is scheduled.
+CREATE FUNCTION memory._next_due()
+RETURNS timestamptz
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT least(
+        (SELECT min(q.next_attempt_at) FROM memory.chat_context_queue q
+          WHERE q.status = 'pending_summarization'),
+        (SELECT min(q.lease_expires_at) FROM memory.chat_context_queue q
+          WHERE q.status = 'processing'))
+$$;
+
+REVOKE ALL ON FUNCTION memory._claim(int, int, int), memory._apply(jsonb, text),
+    memory._fail(text, uuid, text, bool, int, int, int), memory._reclaim(int, bool),
+    memory._cleanup(int, int), memory._next_due() FROM PUBLIC;

@@ -1,0 +1,86 @@
+-- memory_ext schema: the chat memory record, the snippet queue and the change history.
+-- Loaded first (bootstrap); the functions in api.sql and the Rust functions build on it.
+
+-- One row per chat: the memory agents read, plus the lease/backoff state the worker needs to
+-- keep at most one summarization per chat in flight.
+CREATE TABLE memory.chat_metadata (
+    chat_id         text PRIMARY KEY
+                    CHECK (chat_id <> '' AND length(chat_id) <= 256),
+    owner           text NOT NULL,
+    user_confirmed  jsonb NOT NULL DEFAULT '{}'::jsonb CHECK (jsonb_typeof(user_confirmed) = 'object'),
+    llm_inferred    jsonb NOT NULL DEFAULT '{}'::jsonb CHECK (jsonb_typeof(llm_inferred) = 'object'),
+    general_summary text NOT NULL DEFAULT '',
+    token_count     int NOT NULL DEFAULT 0,
+    needs_new_chat  bool NOT NULL DEFAULT false,
+    version         bigint NOT NULL DEFAULT 0,
+    last_updated    timestamptz NOT NULL DEFAULT now(),
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    -- in-flight summarization: who holds the chat and until when (expired leases are reclaimed)
+    lease_token     uuid,
+    lease_owner     int,
+    lease_until     timestamptz,
+    -- backoff after a failed attempt: nothing of this chat is claimed before retry_at
+    retry_at        timestamptz
+);
+CREATE INDEX chat_metadata_owner_idx ON memory.chat_metadata (owner);
+
+-- The order of snippets within a chat is the order of this sequence (enqueue order).
+CREATE SEQUENCE memory.chat_context_queue_seq;
+
+CREATE TABLE memory.chat_context_queue (
+    id                  uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    seq                 bigint NOT NULL DEFAULT nextval('memory.chat_context_queue_seq'),
+    chat_id             text NOT NULL REFERENCES memory.chat_metadata (chat_id) ON DELETE CASCADE,
+    new_context_snippet text NOT NULL,
+    status              text NOT NULL DEFAULT 'pending_summarization'
+                        CHECK (status IN ('pending_summarization', 'processing', 'complete', 'failed')),
+    trigger_source      text NOT NULL DEFAULT 'api',
+    enqueued_by         text NOT NULL,
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    next_attempt_at     timestamptz NOT NULL DEFAULT now(),
+    claim_token         uuid,
+    claimed_at          timestamptz,
+    lease_expires_at    timestamptz,
+    processed_at        timestamptz,
+    retry_count         int NOT NULL DEFAULT 0,
+    error_message       text
+);
+ALTER SEQUENCE memory.chat_context_queue_seq OWNED BY memory.chat_context_queue.seq;
+
+-- Claiming scans only due, pending rows, oldest first: O(log n) however many rows are pending.
+CREATE INDEX chat_context_queue_due_idx ON memory.chat_context_queue (next_attempt_at, seq)
+    WHERE status = 'pending_summarization';
+-- A chat's open work in order: claiming its snippets and get()'s pending count.
+CREATE INDEX chat_context_queue_open_idx ON memory.chat_context_queue (chat_id, seq)
+    WHERE status IN ('pending_summarization', 'processing');
+-- Reclaiming expired leases.
+CREATE INDEX chat_context_queue_lease_idx ON memory.chat_context_queue (lease_expires_at)
+    WHERE status = 'processing';
+-- Retention deletes old complete rows in small batches.
+CREATE INDEX chat_context_queue_done_idx ON memory.chat_context_queue (processed_at)
+    WHERE status = 'complete';
+-- forget(), retry_failed() and the foreign key's cascade.
+CREATE INDEX chat_context_queue_chat_idx ON memory.chat_context_queue (chat_id, status);
+
+-- Every applied version of a chat's memory, with the snippets that produced it.
+CREATE TABLE memory.chat_memory_history (
+    chat_id             text NOT NULL REFERENCES memory.chat_metadata (chat_id) ON DELETE CASCADE,
+    version             bigint NOT NULL,
+    queue_ids           uuid[] NOT NULL,
+    old_user_confirmed  jsonb NOT NULL,
+    old_llm_inferred    jsonb NOT NULL,
+    old_general_summary text NOT NULL,
+    user_confirmed      jsonb NOT NULL,
+    llm_inferred        jsonb NOT NULL,
+    general_summary     text NOT NULL,
+    token_count         int NOT NULL,
+    summarizer          text NOT NULL,
+    changed_at          timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (chat_id, version)
+);
+
+-- pg_dump keeps the data of extension tables only when they are registered.
+SELECT pg_catalog.pg_extension_config_dump('memory.chat_metadata', '');
+SELECT pg_catalog.pg_extension_config_dump('memory.chat_context_queue', '');
+SELECT pg_catalog.pg_extension_config_dump('memory.chat_memory_history', '');
+SELECT pg_catalog.pg_extension_config_dump('memory.chat_context_queue_seq', '');

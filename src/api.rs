@@ -1,0 +1,228 @@
+//! The SQL functions implemented in Rust. The rest of the API is SQL (`sql/api.sql`).
+
+use crate::batch;
+use crate::error::{ApiError, ApiResult, or_raise};
+use crate::queue;
+use crate::settings::{self, QueuePolicy};
+use crate::shmem::{self, Field};
+use crate::summarizer;
+use crate::tokens;
+use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// Ask for the worker to be woken when the calling transaction commits.
+#[pg_extern(volatile, parallel_unsafe, name = "_wake_at_commit")]
+fn wake_at_commit() {
+    shmem::wake_at_commit();
+}
+
+/// Typical time from claim to applied memory, in seconds, as the worker measures it; NULL when
+/// no worker is running (nothing will process the snippet until `process_pending()` is called).
+#[pg_extern(volatile, parallel_safe, name = "_expected_latency")]
+fn expected_latency() -> Option<Interval> {
+    let sh = shmem::get()?;
+    if !worker_alive(sh) {
+        return None;
+    }
+    let us = sh.latency_us.load(Ordering::Relaxed).max(1000);
+    Interval::try_from(Duration::from_micros(us)).ok()
+}
+
+fn worker_alive(sh: &shmem::Shared) -> bool {
+    let pid = sh.worker_pid.load(Ordering::Acquire);
+    pid > 0 && unsafe { !pg_sys::BackendPidGetProc(pid).is_null() }
+}
+
+fn queue_status(queue_id: pgrx::Uuid) -> String {
+    // memory.status() checks the id exists and belongs to the caller, raising P0002/42501 itself.
+    Spi::get_one_with_args::<String>("SELECT status FROM memory.status($1)", &[queue_id.into()])
+        .map_err(ApiError::from)
+        .map(Option::unwrap_or_default)
+        .unwrap_or_else(|e| e.raise())
+}
+
+/// Block until the queue row is `complete` or `failed`, or the timeout passes; return its status.
+/// Sleeps on a condition variable the worker broadcasts after each apply (polling every 100 ms
+/// when the library is not preloaded), so waiting costs next to nothing.
+#[pg_extern(volatile, parallel_unsafe)]
+fn wait(p_queue_id: pgrx::Uuid, p_timeout: default!(Interval, "'10 seconds'")) -> String {
+    or_raise(wait_impl(p_queue_id, p_timeout))
+}
+
+fn wait_impl(p_queue_id: pgrx::Uuid, p_timeout: Interval) -> ApiResult<String> {
+    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        return Err(ApiError::FeatureNotSupported(
+            "memory.wait() needs READ COMMITTED: a REPEATABLE READ snapshot never sees the \
+             worker's progress"
+                .into(),
+        ));
+    }
+    let timeout = Duration::try_from(p_timeout).map_err(|_| {
+        ApiError::InvalidParameter(
+            "p_timeout must be a non-negative interval without months".into(),
+        )
+    })?;
+    let deadline = Instant::now() + timeout;
+    let cv = shmem::get().map(|s| s.cv());
+    loop {
+        if let Some(cv) = cv {
+            // Prepare before checking, so a broadcast between the check and the sleep is kept.
+            unsafe { pg_sys::ConditionVariablePrepareToSleep(cv) };
+        }
+        let status = queue_status(p_queue_id);
+        let now = Instant::now();
+        if status == "complete" || status == "failed" || now >= deadline {
+            if cv.is_some() {
+                unsafe { pg_sys::ConditionVariableCancelSleep() };
+            }
+            return Ok(status);
+        }
+        let nap = (deadline - now).min(Duration::from_millis(100));
+        match cv {
+            Some(cv) => unsafe {
+                pg_sys::ConditionVariableTimedSleep(
+                    cv,
+                    nap.as_millis() as _,
+                    pg_sys::PG_WAIT_EXTENSION,
+                );
+            },
+            None => unsafe {
+                pg_sys::WaitLatch(
+                    pg_sys::MyLatch,
+                    (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH)
+                        as i32,
+                    nap.as_millis() as _,
+                    pg_sys::PG_WAIT_EXTENSION,
+                );
+                pg_sys::ResetLatch(pg_sys::MyLatch);
+            },
+        }
+        pg_sys::check_for_interrupts!();
+    }
+}
+
+/// Summarize and apply pending work in the calling backend and transaction, for servers that
+/// cannot preload the library. Handles up to `p_max` chats; returns the snippets applied.
+#[pg_extern(volatile, parallel_unsafe)]
+fn process_pending(p_max: default!(i32, 100)) -> i32 {
+    or_raise(process_pending_impl(p_max))
+}
+
+fn process_pending_impl(p_max: i32) -> ApiResult<i32> {
+    if p_max < 1 {
+        return Err(ApiError::InvalidParameter(
+            "p_max must be at least 1".into(),
+        ));
+    }
+    if !Spi::get_one::<bool>("SELECT memory._is_admin()")?.unwrap_or(false) {
+        return Err(ApiError::InsufficientPrivilege(
+            "memory.process_pending() processes every chat and is for admins only".into(),
+        ));
+    }
+    let mut policy = QueuePolicy::current();
+    let summarizer = summarizer::by_name(&settings::string(&settings::SUMMARIZER))?;
+    queue::reclaim(policy.max_attempts, true)?;
+    let mut chats_left = p_max;
+    let mut applied_snippets = 0;
+    while chats_left > 0 {
+        policy.batch_chats = chats_left.min(policy.batch_chats);
+        let claims = queue::claim(&policy)?;
+        if claims.is_empty() {
+            break;
+        }
+        chats_left -= claims.len() as i32;
+        let (applied, failed) = batch::process_all(claims, summarizer.as_ref(), policy.token_limit);
+        queue::apply(&applied, summarizer.name())?;
+        applied_snippets += applied
+            .iter()
+            .map(|a| a.queue_ids.len() as i32)
+            .sum::<i32>();
+        for f in &failed {
+            queue::fail(f, &policy)?;
+        }
+    }
+    if applied_snippets > 0 {
+        // waiters re-check once this commits
+        shmem::wake_at_commit();
+    }
+    Ok(applied_snippets)
+}
+
+/// The health check: is a worker serving this database, and how is it doing.
+#[pg_extern(volatile, parallel_safe)]
+fn worker_status() -> TableIterator<
+    'static,
+    (
+        name!(running, bool),
+        name!(pid, Option<i32>),
+        name!(database, Option<String>),
+        name!(started_at, Option<TimestampWithTimeZone>),
+        name!(last_heartbeat, Option<TimestampWithTimeZone>),
+        name!(processed, i64),
+        name!(failed, i64),
+        name!(last_error, Option<String>),
+        name!(state, String),
+    ),
+> {
+    let Some(sh) = shmem::get() else {
+        return TableIterator::once((
+            false,
+            None,
+            None,
+            None,
+            None,
+            0,
+            0,
+            None,
+            "no worker: memory_ext is not in shared_preload_libraries; call memory.process_pending() \
+             or add it and restart"
+                .to_string(),
+        ));
+    };
+    let ts = |v: i64| {
+        (v != 0)
+            .then(|| TimestampWithTimeZone::try_from(v).ok())
+            .flatten()
+    };
+    let running = worker_alive(sh);
+    let database = sh.text(Field::Database);
+    let here = Spi::get_one::<String>("SELECT current_database()::text")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let mut state = sh.text(Field::State);
+    if !database.is_empty() && database != here {
+        state = format!(
+            "the worker serves database \"{database}\" (memory_ext.database), not \"{here}\""
+        );
+    } else if state.is_empty() {
+        state = "starting".into();
+    }
+    let last_error = Some(sh.text(Field::LastError)).filter(|s| !s.is_empty());
+    TableIterator::once((
+        running,
+        running.then(|| sh.worker_pid.load(Ordering::Acquire)),
+        Some(database).filter(|s| !s.is_empty()),
+        ts(sh.started_at.load(Ordering::Relaxed)),
+        ts(sh.last_heartbeat.load(Ordering::Relaxed)),
+        sh.processed.load(Ordering::Relaxed) as i64,
+        sh.failed.load(Ordering::Relaxed) as i64,
+        last_error,
+        state,
+    ))
+}
+
+/// Tokens in `text` under cl100k_base, the tokenizer behind `token_count`.
+#[pg_extern(immutable, strict, parallel_safe)]
+fn count_tokens(text: &str) -> i32 {
+    i32::try_from(tokens::count(text)).unwrap_or(i32::MAX)
+}
+
+/// `memory_ext.max_snippet_bytes` as a number (`current_setting` would say "64kB").
+#[pg_extern(stable, parallel_safe, name = "_max_snippet_bytes")]
+fn max_snippet_bytes() -> i32 {
+    settings::MAX_SNIPPET_BYTES.get()
+}

@@ -1,0 +1,52 @@
+//! Errors of the Rust-side SQL functions, turned into Postgres errors (message + SQLSTATE) only at
+//! the edge, in `raise`.
+
+use crate::summarizer::SummarizerError;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::spi::SpiError;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ApiError {
+    /// 22023: the caller passed something unusable.
+    #[error("{0}")]
+    InvalidParameter(String),
+    /// 42501: the caller may not do this.
+    #[error("{0}")]
+    InsufficientPrivilege(String),
+    /// 0A000: valid input we do not support in this context.
+    #[error("{0}")]
+    FeatureNotSupported(String),
+    /// 22023: a misconfigured `memory_ext.summarizer`.
+    #[error(transparent)]
+    Summarizer(#[from] SummarizerError),
+    /// XX000: an internal query failed.
+    #[error("internal query failed: {0}")]
+    Spi(#[from] SpiError),
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    pub fn sqlstate(&self) -> PgSqlErrorCode {
+        match self {
+            ApiError::InvalidParameter(_) | ApiError::Summarizer(_) => {
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
+            }
+            ApiError::InsufficientPrivilege(_) => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            ApiError::FeatureNotSupported(_) => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            ApiError::Spi(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        }
+    }
+
+    pub fn raise(self) -> ! {
+        ErrorReport::new(self.sqlstate(), self.to_string(), "").report(PgLogLevel::ERROR);
+        unreachable!("ERROR does not return")
+    }
+}
+
+/// Unwrap at the SQL edge.
+pub fn or_raise<T>(r: ApiResult<T>) -> T {
+    r.unwrap_or_else(|e| e.raise())
+}

@@ -1,0 +1,61 @@
+//! memory_ext: short-term conversation memory for AI chat applications, inside PostgreSQL.
+//!
+//! Modules, one per concern:
+//! - `settings`: the `memory_ext.*` GUCs;
+//! - `shmem`: wake-at-commit, the applied-condition variable, worker health;
+//! - `api`: SQL functions written in Rust (the rest of the API is `sql/api.sql`);
+//! - `queue`: claiming and applying (wrappers over `sql/queue.sql`);
+//! - `batch`: summarize → validate → merge → count tokens for claimed chats;
+//! - `summarizer`: the trait and its implementations (`summarizer::mock`);
+//! - `merge`: the merge rules; `tokens`: BPE token counting;
+//! - `worker`: the launcher and the queue-draining background worker.
+
+use pgrx::prelude::*;
+
+pgrx::pg_module_magic!();
+
+mod api;
+mod batch;
+mod error;
+mod merge;
+mod queue;
+mod settings;
+mod shmem;
+mod summarizer;
+mod tokens;
+mod worker;
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/queue.sql", name = "queue");
+extension_sql_file!("../sql/api.sql", name = "api");
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    settings::init();
+    // Without preloading, the SQL API still works; worker_status() explains why no worker runs.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        shmem::init();
+        worker::register_launcher();
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    include!("tests.rs");
+}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        // The worker serves another database, so in-transaction tests see a quiet queue.
+        vec![
+            "shared_preload_libraries = 'memory_ext'",
+            "memory_ext.database = 'postgres'",
+        ]
+    }
+}

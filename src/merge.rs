@@ -1,0 +1,254 @@
+//! Merge rules. They belong to the extension, not to the summarizer:
+//!
+//! - a confirmed fact is never overwritten by an inferred one (such inferences are rejected);
+//! - an inferred fact that gets confirmed moves to `user_confirmed`;
+//! - a confirmed fact with a new value supersedes the old (the old value stays in history);
+//! - nothing is deleted by omission: only an explicit drop removes an inferred fact, and
+//!   confirmed facts are never removed by a summarizer.
+
+use crate::summarizer::{Memory, SummaryUpdate};
+use thiserror::Error;
+
+pub const MAX_KEY_CHARS: usize = 200;
+pub const MAX_SUMMARY_CHARS: usize = 100_000;
+
+#[derive(Debug, Error, PartialEq)]
+pub enum InvalidUpdate {
+    #[error("fact key is empty")]
+    EmptyKey,
+    #[error("fact key \"{0}…\" is longer than {MAX_KEY_CHARS} characters")]
+    KeyTooLong(String),
+    #[error("fact \"{0}\" has a null value")]
+    NullValue(String),
+    #[error("general_summary is longer than {MAX_SUMMARY_CHARS} characters")]
+    SummaryTooLong,
+}
+
+#[derive(Debug, Default, PartialEq)]
+pub struct MergeStats {
+    /// Confirmed facts whose value changed.
+    pub superseded: usize,
+    /// Inferred facts promoted to confirmed.
+    pub promoted: usize,
+    /// Inferences refused because the key is confirmed.
+    pub rejected_inferences: usize,
+}
+
+fn check_key(key: &str) -> Result<(), InvalidUpdate> {
+    if key.trim().is_empty() {
+        return Err(InvalidUpdate::EmptyKey);
+    }
+    if key.chars().count() > MAX_KEY_CHARS {
+        return Err(InvalidUpdate::KeyTooLong(key.chars().take(20).collect()));
+    }
+    Ok(())
+}
+
+/// Reject an update a summarizer should never have produced, before anything is applied.
+pub fn validate(update: &SummaryUpdate) -> Result<(), InvalidUpdate> {
+    for fact in update.confirm.iter().chain(&update.infer) {
+        check_key(&fact.key)?;
+        if fact.value.is_null() {
+            return Err(InvalidUpdate::NullValue(fact.key.clone()));
+        }
+    }
+    for key in &update.drop_inferred {
+        check_key(key)?;
+    }
+    if update
+        .general_summary
+        .as_ref()
+        .is_some_and(|s| s.chars().count() > MAX_SUMMARY_CHARS)
+    {
+        return Err(InvalidUpdate::SummaryTooLong);
+    }
+    Ok(())
+}
+
+/// Apply a validated update to `memory`. Operations apply in order: confirmations, then
+/// inferences, then drops (a summarizer lists each kind in snippet order).
+pub fn apply(memory: &mut Memory, update: SummaryUpdate) -> MergeStats {
+    let mut stats = MergeStats::default();
+    for fact in update.confirm {
+        if memory.llm_inferred.remove(&fact.key).is_some() {
+            stats.promoted += 1;
+        }
+        if let Some(old) = memory.user_confirmed.insert(fact.key, fact.value.clone()) {
+            if old != fact.value {
+                stats.superseded += 1;
+            }
+        }
+    }
+    for fact in update.infer {
+        if memory.user_confirmed.contains_key(&fact.key) {
+            stats.rejected_inferences += 1;
+        } else {
+            memory.llm_inferred.insert(fact.key, fact.value);
+        }
+    }
+    for key in update.drop_inferred {
+        memory.llm_inferred.remove(&key);
+    }
+    if let Some(summary) = update.general_summary {
+        memory.general_summary = summary;
+    }
+    stats
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::summarizer::Fact;
+    use serde_json::{Value, json};
+
+    fn fact(k: &str, v: &str) -> Fact {
+        Fact {
+            key: k.into(),
+            value: Value::String(v.into()),
+        }
+    }
+
+    fn memory(confirmed: Value, inferred: Value) -> Memory {
+        Memory {
+            user_confirmed: confirmed.as_object().unwrap().clone(),
+            llm_inferred: inferred.as_object().unwrap().clone(),
+            general_summary: "s".into(),
+        }
+    }
+
+    #[test]
+    fn rules() {
+        // (name, confirmed, inferred, update, expected confirmed, expected inferred)
+        let cases = vec![
+            (
+                "inference never overwrites confirmation",
+                json!({"plan": "PPO"}),
+                json!({}),
+                SummaryUpdate {
+                    infer: vec![fact("plan", "HMO")],
+                    ..Default::default()
+                },
+                json!({"plan": "PPO"}),
+                json!({}),
+            ),
+            (
+                "confirmation promotes an inference",
+                json!({}),
+                json!({"plan": "PPO"}),
+                SummaryUpdate {
+                    confirm: vec![fact("plan", "PPO")],
+                    ..Default::default()
+                },
+                json!({"plan": "PPO"}),
+                json!({}),
+            ),
+            (
+                "new confirmed value supersedes",
+                json!({"zip": "94103"}),
+                json!({}),
+                SummaryUpdate {
+                    confirm: vec![fact("zip", "94110")],
+                    ..Default::default()
+                },
+                json!({"zip": "94110"}),
+                json!({}),
+            ),
+            (
+                "nothing deleted by omission",
+                json!({"a": "1"}),
+                json!({"b": "2"}),
+                SummaryUpdate {
+                    confirm: vec![fact("c", "3")],
+                    ..Default::default()
+                },
+                json!({"a": "1", "c": "3"}),
+                json!({"b": "2"}),
+            ),
+            (
+                "drop removes an inference only",
+                json!({"a": "1"}),
+                json!({"b": "2"}),
+                SummaryUpdate {
+                    drop_inferred: vec!["a".into(), "b".into()],
+                    ..Default::default()
+                },
+                json!({"a": "1"}),
+                json!({}),
+            ),
+        ];
+        for (name, c, i, update, ec, ei) in cases {
+            let mut m = memory(c, i);
+            validate(&update).unwrap();
+            apply(&mut m, update);
+            assert_eq!(Value::Object(m.user_confirmed), ec, "{name}");
+            assert_eq!(Value::Object(m.llm_inferred), ei, "{name}");
+            assert_eq!(
+                m.general_summary, "s",
+                "{name}: summary kept when not given"
+            );
+        }
+    }
+
+    #[test]
+    fn stats_and_summary() {
+        let mut m = memory(json!({"zip": "1"}), json!({"plan": "x"}));
+        let stats = apply(
+            &mut m,
+            SummaryUpdate {
+                confirm: vec![fact("zip", "2"), fact("plan", "x")],
+                infer: vec![fact("zip", "3")],
+                general_summary: Some("new".into()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            stats,
+            MergeStats {
+                superseded: 1,
+                promoted: 1,
+                rejected_inferences: 1
+            }
+        );
+        assert_eq!(m.general_summary, "new");
+    }
+
+    #[test]
+    fn validation() {
+        let bad = [
+            (
+                SummaryUpdate {
+                    confirm: vec![fact(" ", "v")],
+                    ..Default::default()
+                },
+                InvalidUpdate::EmptyKey,
+            ),
+            (
+                SummaryUpdate {
+                    infer: vec![Fact {
+                        key: "k".into(),
+                        value: Value::Null,
+                    }],
+                    ..Default::default()
+                },
+                InvalidUpdate::NullValue("k".into()),
+            ),
+            (
+                SummaryUpdate {
+                    drop_inferred: vec!["x".repeat(201)],
+                    ..Default::default()
+                },
+                InvalidUpdate::KeyTooLong("x".repeat(20)),
+            ),
+            (
+                SummaryUpdate {
+                    general_summary: Some("y".repeat(MAX_SUMMARY_CHARS + 1)),
+                    ..Default::default()
+                },
+                InvalidUpdate::SummaryTooLong,
+            ),
+        ];
+        for (u, e) in bad {
+            assert_eq!(validate(&u), Err(e));
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Claiming and applying: thin typed wrappers over the SQL functions in `sql/queue.sql`.
+//! Every call here must run inside a transaction on the main thread.
+
+use crate::settings::QueuePolicy;
+use crate::summarizer::{Memory, Snippet};
+use pgrx::datum::{JsonB, TimestampWithTimeZone};
+use pgrx::prelude::*;
+use pgrx::spi::SpiError;
+use serde_json::Value;
+
+/// One leased chat with its current memory and claimed snippets (in order).
+#[derive(Clone, Debug)]
+pub struct Claim {
+    pub chat_id: String,
+    pub lease_token: pgrx::Uuid,
+    pub memory: Memory,
+    pub snippets: Vec<Snippet>,
+}
+
+/// A merged memory ready to be written.
+#[derive(Clone, Debug)]
+pub struct Applied {
+    pub chat_id: String,
+    pub lease_token: pgrx::Uuid,
+    pub queue_ids: Vec<String>,
+    pub memory: Memory,
+    pub token_count: i32,
+    pub needs_new_chat: bool,
+}
+
+/// A failed attempt to record.
+#[derive(Clone, Debug)]
+pub struct Failed {
+    pub chat_id: String,
+    pub lease_token: pgrx::Uuid,
+    pub error: String,
+    pub permanent: bool,
+}
+
+fn object(v: Option<JsonB>) -> serde_json::Map<String, Value> {
+    match v.map(|j| j.0) {
+        Some(Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    }
+}
+
+pub fn claim(policy: &QueuePolicy) -> Result<Vec<Claim>, SpiError> {
+    Spi::connect_mut(|client| {
+        let rows = client.update(
+            "SELECT chat_id, lease_token, user_confirmed, llm_inferred, general_summary, snippets \
+             FROM memory._claim($1, $2, $3)",
+            None,
+            &[
+                policy.batch_chats.into(),
+                policy.batch_snippets.into(),
+                policy.lease_seconds.into(),
+            ],
+        )?;
+        let mut claims = Vec::new();
+        for row in rows {
+            let snippets: Vec<Snippet> = row
+                .get::<JsonB>(6)?
+                .and_then(|j| serde_json::from_value(j.0).ok())
+                .unwrap_or_default();
+            claims.push(Claim {
+                chat_id: row.get::<String>(1)?.unwrap_or_default(),
+                lease_token: row.get::<pgrx::Uuid>(2)?.expect("lease token"),
+                memory: Memory {
+                    user_confirmed: object(row.get::<JsonB>(3)?),
+                    llm_inferred: object(row.get::<JsonB>(4)?),
+                    general_summary: row.get::<String>(5)?.unwrap_or_default(),
+                },
+                snippets,
+            });
+        }
+        Ok(claims)
+    })
+}
+
+pub fn apply(results: &[Applied], summarizer: &str) -> Result<i32, SpiError> {
+    let payload: Vec<Value> = results
+        .iter()
+        .map(|a| {
+            serde_json::json!({
+                "chat_id": a.chat_id,
+                "lease_token": a.lease_token.to_string(),
+                "queue_ids": a.queue_ids,
+                "user_confirmed": a.memory.user_confirmed,
+                "llm_inferred": a.memory.llm_inferred,
+                "general_summary": a.memory.general_summary,
+                "token_count": a.token_count,
+                "needs_new_chat": a.needs_new_chat,
+            })
+        })
+        .collect();
+    Spi::get_one_with_args::<i32>(
+        "SELECT memory._apply($1, $2)",
+        &[JsonB(Value::Array(payload)).into(), summarizer.into()],
+    )
+    .map(|n| n.unwrap_or(0))
+}
+
+pub fn fail(f: &Failed, policy: &QueuePolicy) -> Result<i32, SpiError> {
+    Spi::get_one_with_args::<i32>(
+        "SELECT memory._fail($1, $2, $3, $4, $5, $6, $7)",
+        &[
+            f.chat_id.as_str().into(),
+            f.lease_token.into(),
+            f.error.as_str().into(),
+            f.permanent.into(),
+            policy.max_attempts.into(),
+            policy.backoff_base_ms.into(),
+            policy.backoff_max_ms.into(),
+        ],
+    )
+    .map(|n| n.unwrap_or(0))
+}
+
+pub fn reclaim(max_attempts: i32, dead_owners: bool) -> Result<i32, SpiError> {
+    Spi::get_one_with_args::<i32>(
+        "SELECT memory._reclaim($1, $2)",
+        &[max_attempts.into(), dead_owners.into()],
+    )
+    .map(|n| n.unwrap_or(0))
+}
+
+pub fn cleanup(retention_seconds: i32, batch: i32) -> Result<i32, SpiError> {
+    Spi::get_one_with_args::<i32>(
+        "SELECT memory._cleanup($1, $2)",
+        &[retention_seconds.into(), batch.into()],
+    )
+    .map(|n| n.unwrap_or(0))
+}
+
+/// Seconds until the next scheduled retry or lease expiry (negative when overdue).
+pub fn seconds_until_due() -> Result<Option<f64>, SpiError> {
+    Spi::get_one::<f64>("SELECT extract(epoch FROM memory._next_due() - clock_timestamp())::float8")
+}
+
+#[allow(dead_code)]
+pub fn now() -> Option<TimestampWithTimeZone> {
+    Spi::get_one::<TimestampWithTimeZone>("SELECT now()")
+        .ok()
+        .flatten()
+}

@@ -1,0 +1,196 @@
+//! Shared memory: how backends wake the worker at COMMIT, how `wait()` sleeps until the worker
+//! applies something, and the worker's health record for `worker_status()`.
+//!
+//! It exists only when the library is in `shared_preload_libraries`; every accessor returns
+//! `None` otherwise, and the SQL API degrades to polling / `process_pending()`.
+
+use pgrx::pg_sys;
+use std::ffi::CStr;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicPtr, AtomicU64, Ordering};
+
+const NAME: &CStr = c"memory_ext";
+const TEXT: usize = 256;
+
+#[repr(C)]
+pub struct Shared {
+    /// Guards the text fields below; counters are atomics.
+    lock: *mut pg_sys::LWLock,
+    /// Broadcast after every committed apply, so `wait()` re-checks without polling.
+    pub applied_cv: pg_sys::ConditionVariable,
+    pub worker_pid: AtomicI32,
+    pub launcher_pid: AtomicI32,
+    pub started_at: AtomicI64,
+    pub last_heartbeat: AtomicI64,
+    pub processed: AtomicU64,
+    pub failed: AtomicU64,
+    /// Recent enqueue-to-applied latency, microseconds (exponential moving average).
+    pub latency_us: AtomicU64,
+    state: [u8; TEXT],
+    database: [u8; TEXT],
+    last_error: [u8; TEXT],
+}
+
+static SHARED: AtomicPtr<Shared> = AtomicPtr::new(std::ptr::null_mut());
+static mut PREV_REQUEST_HOOK: pg_sys::shmem_request_hook_type = None;
+static mut PREV_STARTUP_HOOK: pg_sys::shmem_startup_hook_type = None;
+
+/// Called from `_PG_init` while preloading.
+pub fn init() {
+    unsafe {
+        PREV_REQUEST_HOOK = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(request);
+        PREV_STARTUP_HOOK = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(startup);
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn request() {
+    unsafe {
+        if let Some(prev) = PREV_REQUEST_HOOK {
+            prev();
+        }
+        pg_sys::RequestAddinShmemSpace(size_of::<Shared>());
+        pg_sys::RequestNamedLWLockTranche(NAME.as_ptr(), 1);
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn startup() {
+    unsafe {
+        if let Some(prev) = PREV_STARTUP_HOOK {
+            prev();
+        }
+        // AddinShmemInitLock is MainLWLockArray[21] (a macro in C).
+        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let p = pg_sys::ShmemInitStruct(NAME.as_ptr(), size_of::<Shared>(), &mut found)
+            .cast::<Shared>();
+        if !found {
+            std::ptr::write_bytes(p, 0, 1);
+            (*p).lock = &raw mut (*pg_sys::GetNamedLWLockTranche(NAME.as_ptr())).lock;
+            pg_sys::ConditionVariableInit(&raw mut (*p).applied_cv);
+        }
+        SHARED.store(p, Ordering::Release);
+        pg_sys::LWLockRelease(init_lock);
+    }
+}
+
+pub fn get() -> Option<&'static Shared> {
+    let p = SHARED.load(Ordering::Acquire);
+    // SAFETY: set once in the postmaster's shmem startup, inherited by every child.
+    unsafe { p.as_ref() }
+}
+
+fn write_text(dst: &mut [u8; TEXT], s: &str) {
+    let mut n = s.len().min(TEXT - 1);
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    dst[..n].copy_from_slice(&s.as_bytes()[..n]);
+    dst[n] = 0;
+}
+
+fn read_text(src: &[u8; TEXT]) -> String {
+    let end = src.iter().position(|&b| b == 0).unwrap_or(TEXT);
+    String::from_utf8_lossy(&src[..end]).into_owned()
+}
+
+pub enum Field {
+    State,
+    Database,
+    LastError,
+}
+
+impl Shared {
+    fn field(&self, f: Field) -> *mut [u8; TEXT] {
+        let p = match f {
+            Field::State => &self.state,
+            Field::Database => &self.database,
+            Field::LastError => &self.last_error,
+        };
+        p as *const _ as *mut _
+    }
+
+    pub fn set_text(&self, f: Field, s: &str) {
+        unsafe {
+            pg_sys::LWLockAcquire(self.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+            write_text(&mut *self.field(f), s);
+            pg_sys::LWLockRelease(self.lock);
+        }
+    }
+
+    pub fn text(&self, f: Field) -> String {
+        unsafe {
+            pg_sys::LWLockAcquire(self.lock, pg_sys::LWLockMode::LW_SHARED);
+            let s = read_text(&*self.field(f));
+            pg_sys::LWLockRelease(self.lock);
+            s
+        }
+    }
+
+    pub fn cv(&self) -> *mut pg_sys::ConditionVariable {
+        &self.applied_cv as *const _ as *mut _
+    }
+
+    pub fn broadcast_applied(&self) {
+        unsafe { pg_sys::ConditionVariableBroadcast(self.cv()) }
+    }
+
+    /// Set the worker's latch. Safe in a commit callback: it cannot raise an ERROR.
+    pub fn wake_worker(&self) {
+        let pid = self.worker_pid.load(Ordering::Acquire);
+        if pid > 0 {
+            unsafe {
+                let proc_ = pg_sys::BackendPidGetProc(pid);
+                if !proc_.is_null() {
+                    pg_sys::SetLatch(&raw mut (*proc_).procLatch);
+                }
+            }
+        }
+    }
+}
+
+// ---- wake at COMMIT ----------------------------------------------------------------------
+// Like pg_net: an enqueue marks the transaction, and only its COMMIT sets the worker's latch.
+// A rolled-back enqueue wakes nobody; a burst of enqueues in one transaction wakes once.
+
+static WAKE_PENDING: AtomicBool = AtomicBool::new(false);
+static CALLBACK_REGISTERED: AtomicBool = AtomicBool::new(false);
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn xact_callback(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    match event {
+        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
+            if WAKE_PENDING.swap(false, Ordering::Relaxed) {
+                if let Some(s) = get() {
+                    s.wake_worker();
+                }
+            }
+        }
+        // PREPARE TRANSACTION: the rows commit later elsewhere; the idle timeout covers them.
+        pg_sys::XactEvent::XACT_EVENT_ABORT
+        | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
+        | pg_sys::XactEvent::XACT_EVENT_PREPARE => WAKE_PENDING.store(false, Ordering::Relaxed),
+        _ => {}
+    }
+}
+
+/// Arrange for the worker to be woken when the current transaction commits.
+pub fn wake_at_commit() {
+    if get().is_none() {
+        return;
+    }
+    if !CALLBACK_REGISTERED.swap(true, Ordering::Relaxed) {
+        unsafe { pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut()) };
+    }
+    WAKE_PENDING.store(true, Ordering::Relaxed);
+}
+
+pub fn now() -> i64 {
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}

@@ -1,0 +1,191 @@
+//! The deterministic mock summarizer (the default). Its contract, which tests and clients rely
+//! on, is documented in the README:
+//!
+//! - `confirmed: <key> = <value>` confirms a fact, `inferred: <key> = <value>` infers one
+//!   (key and value trimmed; the value is stored as a JSON string);
+//! - `retract: <key>` drops an inferred fact;
+//! - `mock_error: <message>` fails the attempt (transient, retried), `mock_fatal: <message>`
+//!   fails it permanently (no retry), `mock_panic: <message>` panics,
+//!   `mock_sleep_ms: <n>` sleeps: hooks to exercise the worker's failure handling;
+//! - every other non-blank line feeds a rolling `general_summary`, lines joined with " | ",
+//!   keeping the last [`SUMMARY_MAX_CHARS`] characters.
+
+use super::{Fact, Memory, Snippet, Summarizer, SummarizerError, SummaryUpdate};
+use serde_json::Value;
+
+pub const SUMMARY_MAX_CHARS: usize = 2000;
+const MAX_SLEEP_MS: u64 = 60_000;
+
+pub struct Mock;
+
+fn directive<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let (head, rest) = line.split_once(':')?;
+    head.trim().eq_ignore_ascii_case(name).then(|| rest.trim())
+}
+
+fn key_value(rest: &str) -> Option<(String, String)> {
+    let (k, v) = rest.split_once('=')?;
+    let k = k.trim();
+    (!k.is_empty()).then(|| (k.to_string(), v.trim().to_string()))
+}
+
+/// Keep the last `max` characters, starting at a word boundary when one is near.
+fn tail(s: &str, max: usize) -> String {
+    let count = s.chars().count();
+    if count <= max {
+        return s.to_string();
+    }
+    let cut: String = s.chars().skip(count - max).collect();
+    match cut.find(' ') {
+        Some(i) if i < 40 => cut[i + 1..].to_string(),
+        _ => cut,
+    }
+}
+
+impl Summarizer for Mock {
+    fn name(&self) -> &'static str {
+        "mock"
+    }
+
+    fn summarize(
+        &self,
+        memory: &Memory,
+        snippets: &[Snippet],
+    ) -> Result<SummaryUpdate, SummarizerError> {
+        let mut update = SummaryUpdate::default();
+        let mut summary_lines: Vec<&str> = Vec::new();
+        for snippet in snippets {
+            for line in snippet
+                .text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+            {
+                if let Some(rest) = directive(line, "confirmed") {
+                    if let Some((key, value)) = key_value(rest) {
+                        update.confirm.push(Fact {
+                            key,
+                            value: Value::String(value),
+                        });
+                        continue;
+                    }
+                } else if let Some(rest) = directive(line, "inferred") {
+                    if let Some((key, value)) = key_value(rest) {
+                        update.infer.push(Fact {
+                            key,
+                            value: Value::String(value),
+                        });
+                        continue;
+                    }
+                } else if let Some(key) = directive(line, "retract") {
+                    if !key.is_empty() {
+                        update.drop_inferred.push(key.to_string());
+                        continue;
+                    }
+                } else if let Some(msg) = directive(line, "mock_error") {
+                    return Err(SummarizerError::Transient(format!("mock error: {msg}")));
+                } else if let Some(msg) = directive(line, "mock_fatal") {
+                    return Err(SummarizerError::Permanent(format!(
+                        "mock fatal error: {msg}"
+                    )));
+                } else if let Some(msg) = directive(line, "mock_panic") {
+                    panic!("mock panic: {msg}");
+                } else if let Some(ms) = directive(line, "mock_sleep_ms") {
+                    if let Ok(ms) = ms.parse::<u64>() {
+                        std::thread::sleep(std::time::Duration::from_millis(ms.min(MAX_SLEEP_MS)));
+                        continue;
+                    }
+                }
+                summary_lines.push(line);
+            }
+        }
+        if !summary_lines.is_empty() {
+            let mut summary = memory.general_summary.clone();
+            for line in summary_lines {
+                if !summary.is_empty() {
+                    summary.push_str(" | ");
+                }
+                summary.push_str(line);
+            }
+            update.general_summary = Some(tail(&summary, SUMMARY_MAX_CHARS));
+        }
+        Ok(update)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(memory: &Memory, texts: &[&str]) -> Result<SummaryUpdate, SummarizerError> {
+        let snippets: Vec<Snippet> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Snippet {
+                id: i.to_string(),
+                text: t.to_string(),
+            })
+            .collect();
+        Mock.summarize(memory, &snippets)
+    }
+
+    #[test]
+    fn directives_and_text() {
+        let cases: &[(&str, usize, usize, usize, Option<&str>)] = &[
+            ("confirmed: plan = PPO", 1, 0, 0, None),
+            ("  Inferred :  budget =  low  ", 0, 1, 0, None),
+            ("retract: budget", 0, 0, 1, None),
+            ("hello there", 0, 0, 0, Some("hello there")),
+            // malformed directives are plain text
+            (
+                "confirmed: no equals sign",
+                0,
+                0,
+                0,
+                Some("confirmed: no equals sign"),
+            ),
+            ("confirmed:  = value", 0, 0, 0, Some("confirmed:  = value")),
+            ("retract:", 0, 0, 0, Some("retract:")),
+            ("   \n\n  ", 0, 0, 0, None),
+        ];
+        for (text, c, i, d, summary) in cases {
+            let u = run(&Memory::default(), &[text]).unwrap();
+            assert_eq!(
+                (u.confirm.len(), u.infer.len(), u.drop_inferred.len()),
+                (*c, *i, *d),
+                "{text}"
+            );
+            assert_eq!(u.general_summary.as_deref(), *summary, "{text}");
+        }
+        let u = run(&Memory::default(), &["  Inferred :  budget =  low  "]).unwrap();
+        assert_eq!(
+            u.infer[0],
+            Fact {
+                key: "budget".into(),
+                value: Value::String("low".into())
+            }
+        );
+    }
+
+    #[test]
+    fn summary_rolls_in_order_and_is_bounded() {
+        let m = Memory {
+            general_summary: "start".into(),
+            ..Default::default()
+        };
+        let u = run(&m, &["one", "two\nthree"]).unwrap();
+        assert_eq!(u.general_summary.unwrap(), "start | one | two | three");
+        let long = "word ".repeat(2000);
+        let u = run(&m, &[&long, "last line"]).unwrap();
+        let s = u.general_summary.unwrap();
+        assert!(s.chars().count() <= SUMMARY_MAX_CHARS);
+        assert!(s.ends_with("last line"));
+    }
+
+    #[test]
+    fn mock_error_fails_transiently() {
+        let e = run(&Memory::default(), &["ok", "mock_error: boom"]).unwrap_err();
+        assert_eq!(e, SummarizerError::Transient("mock error: boom".into()));
+        assert!(!e.is_permanent());
+    }
+}

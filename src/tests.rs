@@ -1,0 +1,378 @@
+// In-transaction tests of every SQL function, bad input included. They run inside a transaction
+// that is rolled back, so the worker never sees these rows: work is driven with
+// `memory.process_pending()`. Worker behaviour is tested against a real cluster in
+// `tests/cluster`.
+
+use pgrx::prelude::*;
+
+fn run(sql: &str) {
+    Spi::run(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+fn one<T: FromDatum + IntoDatum>(sql: &str) -> Option<T> {
+    Spi::get_one::<T>(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+fn text(sql: &str) -> String {
+    one::<String>(sql).unwrap_or_default()
+}
+
+fn count(sql: &str) -> i64 {
+    one::<i64>(&format!("SELECT count(*) FROM ({sql}) x")).unwrap()
+}
+
+/// The SQLSTATE `sql` fails with ("ok" if it succeeds). Runs in a subtransaction, like a client
+/// statement: a failed call must leave nothing behind, which the callers then check.
+fn sqlstate(sql: &str) -> String {
+    if one::<bool>("SELECT to_regprocedure('pg_temp.sqlstate_of(text)') IS NULL").unwrap() {
+        run("CREATE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS \
+             $$ BEGIN EXECUTE q; RETURN 'ok'; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$");
+    }
+    one::<String>(&format!(
+        "SELECT pg_temp.sqlstate_of({})",
+        pgrx::spi::quote_literal(sql)
+    ))
+    .unwrap()
+}
+
+/// Act as another identity, the way PostgREST does.
+fn as_user(sub: &str) {
+    run(&format!(
+        "SELECT set_config('request.jwt.claims', '{{\"sub\": \"{sub}\"}}', true)"
+    ));
+}
+
+/// A non-superuser role with table access, so ownership checks apply to it.
+fn become_app_role() {
+    run("CREATE ROLE memory_test_app");
+    run("GRANT USAGE ON SCHEMA memory TO memory_test_app");
+    run("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA memory TO memory_test_app");
+    run("GRANT USAGE ON ALL SEQUENCES IN SCHEMA memory TO memory_test_app");
+    run("SET LOCAL ROLE memory_test_app");
+}
+
+#[pg_test]
+fn current_identity_prefers_jwt_sub() {
+    let me = text("SELECT current_user::text");
+    let cases = [
+        (None, me.clone()),
+        (Some(""), me.clone()),
+        (Some(r#"{"role": "authenticated"}"#), me.clone()),
+        (Some(r#"{"sub": ""}"#), me.clone()),
+        (Some(r#"{"sub": "user-123", "role": "authenticated"}"#), "user-123".to_string()),
+    ];
+    for (claims, expected) in cases {
+        if let Some(c) = claims {
+            run(&format!("SELECT set_config('request.jwt.claims', '{c}', true)"));
+        }
+        assert_eq!(text("SELECT memory.current_identity()"), expected, "{claims:?}");
+    }
+}
+
+#[pg_test]
+fn create_chat_is_idempotent_per_owner() {
+    as_user("alice");
+    assert_eq!(text("SELECT memory.create_chat('c1')"), "c1");
+    assert_eq!(text("SELECT memory.create_chat('c1')"), "c1");
+    assert_eq!(text("SELECT owner FROM memory.chat_metadata WHERE chat_id = 'c1'"), "alice");
+    become_app_role();
+    as_user("bob");
+    assert_eq!(sqlstate("SELECT memory.create_chat('c1')"), "42501");
+    assert_eq!(text("SELECT owner FROM memory.chat_metadata WHERE chat_id = 'c1'"), "alice");
+}
+
+#[pg_test]
+fn create_chat_rejects_bad_ids() {
+    for bad in ["NULL", "''", "'   '", &format!("'{}'", "x".repeat(257))] {
+        assert_eq!(sqlstate(&format!("SELECT memory.create_chat({bad})")), "22023", "{bad}");
+    }
+    assert_eq!(count("SELECT 1 FROM memory.chat_metadata"), 0);
+}
+
+#[pg_test]
+fn enqueue_accepts_and_creates_the_chat() {
+    as_user("alice");
+    run("SET LOCAL memory_ext.max_snippet_bytes = 100");
+    let status = text("SELECT status FROM memory.enqueue('c1', 'hello', 'webhook')");
+    assert_eq!(status, "pending_summarization");
+    assert_eq!(text("SELECT owner FROM memory.chat_metadata WHERE chat_id = 'c1'"), "alice");
+    assert_eq!(
+        text("SELECT trigger_source || '/' || enqueued_by || '/' || retry_count \
+              FROM memory.chat_context_queue"),
+        "webhook/alice/0"
+    );
+    // exactly max_snippet_bytes is accepted (multi-byte characters count as bytes)
+    assert_eq!(sqlstate(&format!("SELECT memory.enqueue('c1', '{}')", "é".repeat(50))), "ok");
+}
+
+#[pg_test]
+fn enqueue_rejects_bad_input_and_leaves_nothing() {
+    run("SET LOCAL memory_ext.max_snippet_bytes = 100");
+    let cases = [
+        ("NULL", "22023"),
+        ("''", "22023"),
+        ("E' \\n\\t '", "22023"),
+        (&format!("'{}'", "a".repeat(101)), "22023"),
+        (&format!("'{}'", "é".repeat(51)), "22023"),
+    ];
+    for (snippet, state) in cases {
+        assert_eq!(sqlstate(&format!("SELECT memory.enqueue('new', {snippet})")), state, "{snippet}");
+    }
+    assert_eq!(sqlstate("SELECT memory.enqueue(NULL, 'x')"), "22023");
+    assert_eq!(sqlstate("SELECT memory.enqueue('new', 'x', '')"), "22023");
+    assert_eq!(sqlstate("SELECT memory.enqueue('new', 'x', NULL)"), "22023");
+    assert_eq!(count("SELECT 1 FROM memory.chat_metadata"), 0, "no chat created by a rejected call");
+    assert_eq!(count("SELECT 1 FROM memory.chat_context_queue"), 0);
+}
+
+#[pg_test]
+fn enqueue_into_someone_elses_chat_is_refused() {
+    as_user("alice");
+    run("SELECT memory.enqueue('c1', 'mine')");
+    become_app_role();
+    as_user("bob");
+    assert_eq!(sqlstate("SELECT memory.enqueue('c1', 'not mine')"), "42501");
+    run("RESET ROLE");
+    assert_eq!(count("SELECT 1 FROM memory.chat_context_queue"), 1);
+}
+
+#[pg_test]
+fn get_returns_the_empty_record_then_the_memory() {
+    as_user("alice");
+    run("SELECT memory.create_chat('c1')");
+    let (version, pending) = (
+        one::<i64>("SELECT version FROM memory.get('c1')").unwrap(),
+        one::<i32>("SELECT pending FROM memory.get('c1')").unwrap(),
+    );
+    assert_eq!((version, pending), (0, 0));
+    assert_eq!(text("SELECT user_confirmed::text || llm_inferred::text || general_summary FROM memory.get('c1')"), "{}{}");
+    run("SELECT memory.enqueue('c1', E'confirmed: plan = PPO\\ninferred: budget = low\\nwants a cheap plan')");
+    assert_eq!(one::<i32>("SELECT pending FROM memory.get('c1')"), Some(1));
+    assert_eq!(one::<i32>("SELECT memory.process_pending()"), Some(1));
+    assert_eq!(
+        text("SELECT format('%s|%s|%s|%s|%s', user_confirmed, llm_inferred, general_summary, version, pending) FROM memory.get('c1')"),
+        r#"{"plan": "PPO"}|{"budget": "low"}|wants a cheap plan|1|0"#
+    );
+    assert_eq!(one::<bool>("SELECT needs_new_chat FROM memory.get('c1')"), Some(false));
+    assert_eq!(one::<String>("SELECT guidance FROM memory.get('c1')"), None);
+}
+
+#[pg_test]
+fn get_errors() {
+    as_user("alice");
+    run("SELECT memory.create_chat('c1')");
+    assert_eq!(sqlstate("SELECT * FROM memory.get('nope')"), "P0002");
+    assert_eq!(sqlstate("SELECT * FROM memory.get(NULL)"), "22023");
+    become_app_role();
+    as_user("bob");
+    assert_eq!(sqlstate("SELECT * FROM memory.get('c1')"), "42501");
+}
+
+#[pg_test]
+fn token_count_is_bpe_of_the_record_and_limit_sets_guidance() {
+    run("SET LOCAL memory_ext.token_limit = 10");
+    run("SELECT memory.enqueue('c1', E'confirmed: name = Ada Lovelace\\nshe asks about analytical engines and their programs')");
+    run("SELECT memory.process_pending()");
+    let tokens = one::<i32>("SELECT token_count FROM memory.get('c1')").unwrap();
+    let expected = one::<i32>(
+        "SELECT memory.count_tokens(json_build_object('user_confirmed', user_confirmed, \
+         'llm_inferred', llm_inferred, 'general_summary', general_summary)::text) \
+         FROM memory.chat_metadata WHERE chat_id = 'c1'",
+    )
+    .unwrap();
+    assert_eq!(tokens, expected);
+    assert!(tokens > 10);
+    assert_eq!(one::<bool>("SELECT needs_new_chat FROM memory.get('c1')"), Some(true));
+    let guidance = text("SELECT guidance FROM memory.get('c1')");
+    assert!(guidance.contains("start a new chat"), "{guidance}");
+    // summary and facts are kept
+    assert_eq!(text("SELECT user_confirmed->>'name' FROM memory.get('c1')"), "Ada Lovelace");
+}
+
+#[pg_test]
+fn merge_rules_hold_end_to_end() {
+    run("SELECT memory.enqueue('c1', E'inferred: plan = HMO\\ninferred: kids = 2')");
+    run("SELECT memory.process_pending()");
+    run("SELECT memory.enqueue('c1', E'confirmed: plan = PPO\\ninferred: plan = EPO\\nretract: kids')");
+    run("SELECT memory.enqueue('c1', 'confirmed: zip = 94103')");
+    run("SELECT memory.process_pending()");
+    run("SELECT memory.enqueue('c1', 'confirmed: zip = 94110')");
+    run("SELECT memory.process_pending()");
+    assert_eq!(
+        text("SELECT user_confirmed::text || ' ' || llm_inferred::text FROM memory.get('c1')"),
+        r#"{"zip": "94110", "plan": "PPO"} {}"#
+    );
+    // the superseded value is in history; two snippets were coalesced into version 2
+    assert_eq!(text("SELECT old_user_confirmed->>'zip' FROM memory.chat_memory_history WHERE version = 3"), "94103");
+    assert_eq!(one::<i32>("SELECT cardinality(queue_ids) FROM memory.history('c1') WHERE version = 2"), Some(2));
+    assert_eq!(count("SELECT 1 FROM memory.history('c1')"), 3);
+}
+
+#[pg_test]
+fn failed_attempts_back_off_then_fail_without_touching_memory() {
+    run("SET LOCAL memory_ext.max_attempts = 2");
+    run("SET LOCAL memory_ext.backoff_base_ms = 0");
+    run("SELECT memory.enqueue('c1', 'confirmed: a = 1')");
+    run("SELECT memory.process_pending()");
+    let id = text("SELECT memory.enqueue('c1', E'mock_error: upstream down\\nconfirmed: a = 2')::text");
+    let id = id.trim_start_matches('(').split(',').next().unwrap().to_string();
+    assert_eq!(one::<i32>("SELECT memory.process_pending()"), Some(0));
+    assert_eq!(
+        text(&format!("SELECT status || '/' || retry_count || '/' || error_message FROM memory.status('{id}')")),
+        "pending_summarization/1/mock error: upstream down"
+    );
+    assert_eq!(text("SELECT user_confirmed->>'a' FROM memory.get('c1')"), "1", "memory unchanged");
+    assert_eq!(one::<i32>("SELECT memory.process_pending()"), Some(0));
+    assert_eq!(text(&format!("SELECT status FROM memory.status('{id}')")), "failed");
+    assert!(one::<bool>(&format!("SELECT processed_at IS NOT NULL FROM memory.status('{id}')")).unwrap());
+    assert_eq!(one::<i64>("SELECT version FROM memory.get('c1')"), Some(1));
+    assert_eq!(text(&format!("SELECT memory.wait('{id}', '1 ms')")), "failed");
+
+    // retry_failed puts it back with a fresh budget
+    run("UPDATE memory.chat_context_queue SET new_context_snippet = 'confirmed: a = 2' WHERE status = 'failed'");
+    assert_eq!(one::<i32>("SELECT memory.retry_failed('c1')"), Some(1));
+    assert_eq!(text(&format!("SELECT status || retry_count FROM memory.status('{id}')")), "pending_summarization0");
+    run("SELECT memory.process_pending()");
+    assert_eq!(text("SELECT user_confirmed->>'a' FROM memory.get('c1')"), "2");
+    assert_eq!(text(&format!("SELECT memory.wait('{id}')")), "complete");
+}
+
+#[pg_test]
+fn backoff_holds_back_the_chats_newer_snippets() {
+    run("SET LOCAL memory_ext.backoff_base_ms = 60000");
+    run("SELECT memory.enqueue('c1', 'mock_error: flaky')");
+    run("SELECT memory.process_pending()");
+    run("SELECT memory.enqueue('c1', 'confirmed: later = yes')");
+    run("SELECT memory.enqueue('c2', 'confirmed: other = chat')");
+    assert_eq!(one::<i32>("SELECT memory.process_pending()"), Some(1), "only c2 is due");
+    assert_eq!(one::<i64>("SELECT version FROM memory.get('c1')"), Some(0));
+    assert!(one::<bool>(
+        "SELECT bool_and(next_attempt_at > now() + interval '20 seconds') \
+         FROM memory.chat_context_queue WHERE chat_id = 'c1'"
+    ).unwrap());
+}
+
+#[pg_test]
+fn a_summarizer_panic_is_a_failed_attempt() {
+    run("SELECT memory.enqueue('c1', 'mock_panic: bug')");
+    run("SELECT memory.enqueue('c2', 'fine')");
+    assert_eq!(one::<i32>("SELECT memory.process_pending()"), Some(1));
+    assert_eq!(
+        text("SELECT error_message FROM memory.chat_context_queue WHERE chat_id = 'c1'"),
+        "summarizer panicked: mock panic: bug"
+    );
+}
+
+#[pg_test]
+fn status_and_wait_errors() {
+    assert_eq!(sqlstate("SELECT * FROM memory.status(NULL)"), "22023");
+    assert_eq!(sqlstate("SELECT * FROM memory.status(gen_random_uuid())"), "P0002");
+    assert_eq!(sqlstate("SELECT memory.wait(gen_random_uuid())"), "P0002");
+    assert_eq!(sqlstate("SELECT memory.wait(NULL)"), "ok", "strict: NULL in, NULL out");
+    let id = text("SELECT queue_id::text FROM memory.enqueue('c1', 'x')");
+    assert_eq!(sqlstate(&format!("SELECT memory.wait('{id}', '-1 second')")), "22023");
+    // a pending row times out and reports its status
+    assert_eq!(text(&format!("SELECT memory.wait('{id}', '20 ms')")), "pending_summarization");
+    become_app_role();
+    as_user("bob");
+    assert_eq!(sqlstate(&format!("SELECT * FROM memory.status('{id}')")), "42501");
+    assert_eq!(sqlstate(&format!("SELECT memory.wait('{id}', '1 ms')")), "42501");
+}
+
+#[pg_test]
+fn forget_removes_everything_of_the_chat_only() {
+    run("SELECT memory.enqueue('c1', 'a')");
+    run("SELECT memory.enqueue('c2', 'b')");
+    run("SELECT memory.process_pending()");
+    run("SELECT memory.enqueue('c1', 'pending')");
+    run("SELECT memory.forget('c1')");
+    assert_eq!(count("SELECT 1 FROM memory.chat_metadata WHERE chat_id = 'c1'"), 0);
+    assert_eq!(count("SELECT 1 FROM memory.chat_context_queue WHERE chat_id = 'c1'"), 0);
+    assert_eq!(count("SELECT 1 FROM memory.chat_memory_history WHERE chat_id = 'c1'"), 0);
+    assert_eq!(count("SELECT 1 FROM memory.history('c2')"), 1);
+    assert_eq!(sqlstate("SELECT memory.forget('c1')"), "P0002");
+    become_app_role();
+    as_user("bob");
+    assert_eq!(sqlstate("SELECT memory.forget('c2')"), "42501");
+    assert_eq!(sqlstate("SELECT memory.retry_failed('c2')"), "42501");
+    assert_eq!(sqlstate("SELECT * FROM memory.history('c2')"), "42501");
+}
+
+#[pg_test]
+fn process_pending_is_for_admins_and_validates() {
+    assert_eq!(sqlstate("SELECT memory.process_pending(0)"), "22023");
+    become_app_role();
+    assert_eq!(sqlstate("SELECT memory.process_pending()"), "42501");
+}
+
+#[pg_test]
+fn process_pending_respects_p_max_and_batch_size() {
+    run("SET LOCAL memory_ext.batch_snippets = 2");
+    for c in ["a", "b", "c"] {
+        for i in 0..3 {
+            run(&format!("SELECT memory.enqueue('{c}', 'line {i}')"));
+        }
+    }
+    // two chats, two snippets each (the third waits for the next batch)
+    assert_eq!(one::<i32>("SELECT memory.process_pending(2)"), Some(4));
+    assert_eq!(one::<i32>("SELECT memory.process_pending()"), Some(5));
+    assert_eq!(text("SELECT general_summary FROM memory.get('a')"), "line 0 | line 1 | line 2");
+}
+
+#[pg_test]
+fn unknown_summarizer_is_a_clear_error() {
+    run("SELECT memory.enqueue('c1', 'x')");
+    run("SET LOCAL memory_ext.summarizer = 'gpt'");
+    assert_eq!(sqlstate("SELECT memory.process_pending()"), "22023");
+}
+
+#[pg_test]
+fn queue_stats_counts_per_status() {
+    run("SELECT memory.enqueue('c1', 'a')");
+    run("SELECT memory.enqueue('c1', 'b')");
+    run("SELECT memory.enqueue('c2', 'mock_error: x')");
+    run("SELECT memory.process_pending()");
+    run("SELECT memory.enqueue('c3', 'c')");
+    assert_eq!(
+        text("SELECT string_agg(status || '=' || count, ',' ORDER BY status) FROM memory.queue_stats"),
+        "complete=2,failed=0,pending_summarization=2,processing=0"
+    );
+    assert!(one::<bool>("SELECT oldest_pending_age >= interval '0' FROM memory.queue_stats WHERE status = 'pending_summarization'").unwrap());
+}
+
+#[pg_test]
+fn worker_status_explains_itself() {
+    assert_eq!(count("SELECT 1 FROM memory.worker_status()"), 1);
+    let state = text("SELECT state FROM memory.worker_status()");
+    assert!(state.contains("serves database \"postgres\""), "{state}");
+}
+
+#[pg_test]
+fn tables_are_dumped_and_settings_guarded() {
+    assert_eq!(
+        text("SELECT string_agg(c::regclass::text, ',' ORDER BY c::regclass::text) \
+              FROM pg_extension, unnest(extconfig) c WHERE extname = 'memory_ext'"),
+        "memory.chat_context_queue,memory.chat_context_queue_seq,memory.chat_memory_history,memory.chat_metadata"
+    );
+    assert_eq!(sqlstate("SET memory_ext.no_such_setting = 1"), "42602");
+    become_app_role();
+    for s in ["summarizer = 'mock'", "max_snippet_bytes = 1000000", "token_limit = 1"] {
+        assert_eq!(sqlstate(&format!("SET memory_ext.{s}")), "42501", "{s}");
+    }
+}
+
+#[pg_test]
+fn count_tokens_matches_cl100k() {
+    assert_eq!(one::<i32>("SELECT memory.count_tokens('hello world')"), Some(2));
+    assert_eq!(one::<i32>("SELECT memory.count_tokens(NULL)"), None);
+}
+
+#[pg_test]
+fn a_permanent_error_fails_at_once() {
+    run("SELECT memory.enqueue('c1', 'mock_fatal: bad credentials')");
+    run("SELECT memory.process_pending()");
+    assert_eq!(
+        text("SELECT status || '/' || retry_count || '/' || error_message FROM memory.chat_context_queue"),
+        "failed/1/mock fatal error: bad credentials"
+    );
+}
