@@ -219,6 +219,7 @@ pub(crate) fn drain_once(policy: &QueuePolicy) -> Result<usize, String> {
         return Ok(0);
     }
     let n = claims.len();
+    set_state(&format!("summarizing {n} chat(s)"));
     let summarizer = summarizer::by_name(&summarizer_name);
     let (applied, mut failed) = match &summarizer {
         Ok(s) => batch::process_all(claims, s.as_ref(), policy.token_limit),
@@ -237,16 +238,18 @@ pub(crate) fn drain_once(policy: &QueuePolicy) -> Result<usize, String> {
     };
     let label = summarizer.as_ref().map(|s| s.name()).unwrap_or("unknown");
 
+    // Results whose lease was lost meanwhile are skipped by _apply and not counted.
     let mut ok = 0usize;
     if !applied.is_empty() {
+        set_state(&format!("applying {} chat(s)", applied.len()));
         // Fast path: the whole batch in one transaction. If anything in it fails, apply chat by
         // chat so one bad chat cannot hold back the others.
         match in_transaction(|| queue::apply(&applied, label)) {
-            Ok(Ok(_)) => ok = applied.len(),
+            Ok(Ok(k)) => ok = k as usize,
             _ => {
                 for a in &applied {
                     match in_transaction(|| queue::apply(std::slice::from_ref(a), label)) {
-                        Ok(Ok(_)) => ok += 1,
+                        Ok(Ok(k)) => ok += k as usize,
                         Ok(Err(e)) => failed.push(apply_failure(a, e.to_string())),
                         Err(e) => failed.push(apply_failure(a, e)),
                     }
@@ -334,7 +337,6 @@ pub extern "C-unwind" fn memory_ext_worker_main(_arg: pg_sys::Datum) {
             }
             was_ready = true;
         }
-        set_state("running");
 
         let mut claimed = 0;
         loop {
@@ -357,6 +359,7 @@ pub extern "C-unwind" fn memory_ext_worker_main(_arg: pg_sys::Datum) {
             let _ = in_transaction(|| queue::cleanup(retention, RETENTION_BATCH));
         }
         unsafe { pg_sys::pgstat_report_stat(false) };
+        set_state("idle");
 
         // Sleep until woken by a commit, the next scheduled retry, or the safety timeout.
         let idle = settings::idle_timeout();

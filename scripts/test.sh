@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Run every test suite: formatting and lints, unit + in-database pg_tests (cargo pgrx test), and
+# the worker tests against real clusters (tests/cluster).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+
+echo "== cargo fmt --check / clippy"
+cargo fmt --check
+cargo clippy --quiet --features pg15 -- -D warnings
+(cd tests/cluster && cargo fmt --check && cargo clippy --quiet --tests -- -D warnings)
+
+echo "== unit tests and pg_tests (cargo pgrx test)"
+pgdata=/var/tmp/memory_ext_pgrx_test
+rm -rf "$pgdata"; mkdir -p "$pgdata"; chown postgres:postgres "$pgdata"
+cargo pgrx test pg15 --runas postgres --pgdata "$pgdata"
+
+echo "== worker tests against real clusters (tests/cluster)"
+cargo pgrx install --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
+cargo test --manifest-path tests/cluster/Cargo.toml -- --test-threads=2

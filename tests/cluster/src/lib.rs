@@ -1,0 +1,238 @@
+//! A scratch PostgreSQL 15 cluster per test, run as the `postgres` OS user with memory_ext
+//! preloaded, and helpers to talk to it over ordinary autocommit connections.
+
+use postgres::{Client, NoTls};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn as_postgres(args: &[&str]) -> std::process::Output {
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .args(args)
+        .output()
+        .expect("runuser");
+    out
+}
+
+impl Cluster {
+    /// initdb + start, with extra postgresql.conf lines; the extension is created.
+    pub fn start(name: &str, conf: &[&str]) -> Cluster {
+        let dir = PathBuf::from(format!(
+            "/var/tmp/memory_ext_cluster_tests/{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Command::new("chown")
+            .args([
+                "-R",
+                "postgres:postgres",
+                "/var/tmp/memory_ext_cluster_tests",
+            ])
+            .status()
+            .unwrap();
+        let data = dir.join("data");
+        let out = as_postgres(&[
+            &format!("{PG_BIN}/initdb"),
+            "-D",
+            data.to_str().unwrap(),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--locale=C.UTF-8",
+        ]);
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        let mut lines = vec![
+            format!("port = {port}"),
+            "listen_addresses = ''".into(),
+            format!("unix_socket_directories = '{}'", dir.display()),
+            "shared_preload_libraries = 'memory_ext'".into(),
+            "memory_ext.database = 'postgres'".into(),
+            "max_connections = 60".into(),
+        ];
+        lines.extend(conf.iter().map(|s| s.to_string()));
+        let conf_path = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path).unwrap();
+        text.push_str(&lines.join("\n"));
+        text.push('\n');
+        std::fs::write(&conf_path, text).unwrap();
+        let c = Cluster { dir, port };
+        c.ctl("start");
+        c.client()
+            .batch_execute("CREATE EXTENSION memory_ext")
+            .unwrap();
+        c
+    }
+
+    pub fn data(&self) -> String {
+        self.dir.join("data").display().to_string()
+    }
+
+    pub fn ctl(&self, action: &str) {
+        self.ctl_args(&[action]);
+    }
+
+    pub fn ctl_args(&self, args: &[&str]) {
+        let log = self.dir.join("server.log").display().to_string();
+        let data = self.data();
+        let mut a = vec![
+            format!("{PG_BIN}/pg_ctl"),
+            "-D".into(),
+            data,
+            "-l".into(),
+            log,
+            "-w".into(),
+        ];
+        a.extend(args.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        let out = as_postgres(&refs);
+        assert!(
+            out.status.success(),
+            "pg_ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn client(&self) -> Client {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match postgres::Config::new()
+                .host_path(&self.dir)
+                .port(self.port)
+                .user("postgres")
+                .dbname("postgres")
+                .connect(NoTls)
+            {
+                Ok(c) => return c,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("connect: {e}"),
+            }
+        }
+    }
+
+    /// Worker status and queue state, for failure messages.
+    pub fn diagnostics(&self, c: &mut Client) -> String {
+        let q = "SELECT format('worker: %s | queue: %s | leased chats: %s', \
+                 (SELECT row_to_json(w)::text FROM memory.worker_status() w), \
+                 (SELECT json_agg(s)::text FROM memory.queue_stats s), \
+                 (SELECT json_agg(json_build_object('chat', chat_id, 'owner', lease_owner, 'until', lease_until, 'retry_at', retry_at))::text \
+                    FROM memory.chat_metadata WHERE lease_token IS NOT NULL OR retry_at IS NOT NULL))";
+        c.query_one(q, &[])
+            .map(|r| r.get::<_, String>(0))
+            .unwrap_or_else(|e| format!("(no diagnostics: {e})"))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    pub fn worker_pid(&self, c: &mut Client) -> Option<i32> {
+        c.query_opt(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'memory_ext worker'",
+            &[],
+        )
+        .unwrap()
+        .map(|r| r.get(0))
+    }
+
+    /// Poll `sql` (returning one bool) until true or the deadline; panic with `what` otherwise.
+    pub fn eventually(&self, c: &mut Client, sql: &str, what: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // A crash-restart closes connections (even one opened just before it): reconnect.
+            if c.is_closed() {
+                *c = self.client();
+            }
+            let ok: bool = c.query_one(sql, &[]).map(|r| r.get(0)).unwrap_or(false);
+            if ok {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let diag = self.diagnostics(c);
+                panic!(
+                    "timed out waiting for: {what}\n{diag}\n--- server log ---\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = as_postgres(&[
+            &format!("{PG_BIN}/pg_ctl"),
+            "-D",
+            &self.data(),
+            "-m",
+            "immediate",
+            "-w",
+            "stop",
+        ]);
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Enqueue and return the queue id.
+pub fn enqueue(c: &mut Client, chat: &str, snippet: &str) -> String {
+    c.query_one(
+        "SELECT queue_id::text FROM memory.enqueue($1, $2)",
+        &[&chat, &snippet],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// All queue ids of a chat's applied versions, in version order.
+pub fn applied_ids(c: &mut Client, chat: &str) -> Vec<String> {
+    c.query(
+        "SELECT u::text FROM memory.chat_memory_history h, unnest(h.queue_ids) WITH ORDINALITY AS x(u, o) \
+         WHERE h.chat_id = $1 ORDER BY h.version, x.o",
+        &[&chat],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Queue ids of a chat in enqueue order.
+pub fn enqueued_ids(c: &mut Client, chat: &str) -> Vec<String> {
+    c.query(
+        "SELECT id::text FROM memory.chat_context_queue WHERE chat_id = $1 ORDER BY seq",
+        &[&chat],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}

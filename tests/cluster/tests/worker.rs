@@ -1,0 +1,464 @@
+//! The background worker against real clusters: end to end, order, coalescing, failures and
+//! backoff, panics and ERRORs, lease expiry, concurrent clients, DROP/CREATE EXTENSION, crashes.
+
+use memory_ext_cluster_tests::{Cluster, applied_ids, enqueue, enqueued_ids};
+use postgres::Client;
+use std::collections::HashSet;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+
+fn wait(c: &mut Client, id: &str) -> String {
+    c.query_one("SELECT memory.wait($1::text::uuid, '30 seconds')", &[&id])
+        .unwrap()
+        .get(0)
+}
+
+fn text(c: &mut Client, sql: &str) -> String {
+    c.query_one(sql, &[]).unwrap().get(0)
+}
+
+/// Every snippet of the chat is complete and applied exactly once, in enqueue order.
+fn assert_applied_once_in_order(c: &mut Client, chat: &str) {
+    let enq = enqueued_ids(c, chat);
+    let applied = applied_ids(c, chat);
+    assert_eq!(
+        applied, enq,
+        "chat {chat}: applied ids (in version order) must equal enqueue order"
+    );
+    let not_done: i64 = c
+        .query_one("SELECT count(*) FROM memory.chat_context_queue WHERE chat_id = $1 AND status <> 'complete'", &[&chat])
+        .unwrap()
+        .get(0);
+    assert_eq!(not_done, 0, "chat {chat}");
+}
+
+#[test]
+fn end_to_end_create_enqueue_worker_get() {
+    let pg = Cluster::start("e2e", &[]);
+    let mut c = pg.client();
+    c.batch_execute("SELECT memory.create_chat('c1')").unwrap();
+    let q1 = enqueue(
+        &mut c,
+        "c1",
+        "confirmed: plan = PPO\nThe user compares plans.",
+    );
+    let q2 = enqueue(
+        &mut c,
+        "c1",
+        "inferred: budget = tight\nretract: nothing\nAsked about premiums.",
+    );
+    assert_eq!(wait(&mut c, &q1), "complete");
+    assert_eq!(wait(&mut c, &q2), "complete");
+    let row = c.query_one("SELECT user_confirmed::text, llm_inferred::text, general_summary, token_count, pending, needs_new_chat FROM memory.get('c1')", &[]).unwrap();
+    assert_eq!(row.get::<_, String>(0), r#"{"plan": "PPO"}"#);
+    assert_eq!(row.get::<_, String>(1), r#"{"budget": "tight"}"#);
+    assert_eq!(
+        row.get::<_, String>(2),
+        "The user compares plans. | Asked about premiums."
+    );
+    assert!(row.get::<_, i32>(3) > 0);
+    assert_eq!(row.get::<_, i32>(4), 0);
+    assert!(!row.get::<_, bool>(5));
+    assert_applied_once_in_order(&mut c, "c1");
+    pg.eventually(
+        &mut c,
+        "SELECT state = 'idle' FROM memory.worker_status()",
+        "worker idle",
+        T,
+    );
+    let st = c.query_one("SELECT running, processed >= 1, last_heartbeat IS NOT NULL FROM memory.worker_status()", &[]).unwrap();
+    assert!(st.get::<_, bool>(0) && st.get::<_, bool>(1) && st.get::<_, bool>(2));
+}
+
+#[test]
+fn order_and_coalescing() {
+    let pg = Cluster::start("order", &[]);
+    let mut c = pg.client();
+    // 40 snippets committed at once are visible together: one summarization, one version.
+    let mut tx = c.transaction().unwrap();
+    for i in 0..40 {
+        tx.execute(
+            "SELECT memory.enqueue('batch', $1)",
+            &[&format!("confirmed: n = {i}\nline {i}")],
+        )
+        .unwrap();
+    }
+    tx.commit().unwrap();
+    // and 30 more one by one, in order
+    let mut last = String::new();
+    for i in 0..30 {
+        last = enqueue(&mut c, "seq", &format!("confirmed: n = {i}\nstep {i}"));
+    }
+    let ids = enqueued_ids(&mut c, "batch");
+    assert_eq!(wait(&mut c, ids.last().unwrap()), "complete");
+    assert_eq!(wait(&mut c, &last), "complete");
+    assert_eq!(
+        text(&mut c, "SELECT count(*)::text FROM memory.history('batch')"),
+        "1",
+        "coalesced"
+    );
+    assert_eq!(
+        text(
+            &mut c,
+            "SELECT user_confirmed->>'n' FROM memory.get('batch')"
+        ),
+        "39"
+    );
+    assert_eq!(
+        text(&mut c, "SELECT user_confirmed->>'n' FROM memory.get('seq')"),
+        "29"
+    );
+    let expected: Vec<String> = (0..30).map(|i| format!("step {i}")).collect();
+    assert_eq!(
+        text(&mut c, "SELECT general_summary FROM memory.get('seq')"),
+        expected.join(" | ")
+    );
+    assert_applied_once_in_order(&mut c, "batch");
+    assert_applied_once_in_order(&mut c, "seq");
+}
+
+#[test]
+fn failures_back_off_then_fail_and_never_touch_memory() {
+    let pg = Cluster::start(
+        "backoff",
+        &[
+            "memory_ext.max_attempts = 3",
+            "memory_ext.backoff_base_ms = 200",
+        ],
+    );
+    let mut c = pg.client();
+    let good = enqueue(&mut c, "c1", "confirmed: a = 1");
+    assert_eq!(wait(&mut c, &good), "complete");
+    let started = std::time::Instant::now();
+    let bad = enqueue(
+        &mut c,
+        "c1",
+        "confirmed: a = 2\nmock_error: upstream is down",
+    );
+    let other = enqueue(&mut c, "c2", "confirmed: b = 1");
+    assert_eq!(
+        wait(&mut c, &other),
+        "complete",
+        "another chat is not held up"
+    );
+    assert_eq!(wait(&mut c, &bad), "failed");
+    // three attempts with backoff 200 ms then 400 ms, each jittered to at least half
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+    let row = c
+        .query_one(
+            "SELECT status, retry_count, error_message FROM memory.status($1::text::uuid)",
+            &[&bad],
+        )
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, i32>(1)),
+        ("failed".into(), 3)
+    );
+    assert_eq!(row.get::<_, String>(2), "mock error: upstream is down");
+    assert_eq!(
+        text(
+            &mut c,
+            "SELECT user_confirmed->>'a' || '/' || version FROM memory.get('c1')"
+        ),
+        "1/1"
+    );
+    let st = c
+        .query_one("SELECT failed, last_error FROM memory.worker_status()", &[])
+        .unwrap();
+    assert_eq!(st.get::<_, i64>(0), 3);
+    assert!(st.get::<_, String>(1).contains("upstream is down"));
+}
+
+#[test]
+fn an_error_or_panic_never_kills_the_worker_or_stalls_other_chats() {
+    let pg = Cluster::start(
+        "poison",
+        &[
+            "memory_ext.max_attempts = 2",
+            "memory_ext.backoff_base_ms = 10",
+        ],
+    );
+    let mut c = pg.client();
+    // An ERROR while applying one chat (a trigger a DBA added, say).
+    c.batch_execute(
+        "CREATE FUNCTION public.boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF NEW.chat_id = 'poison' AND NEW.version > OLD.version THEN RAISE EXCEPTION 'poisoned chat'; END IF; \
+           RETURN NEW; END $$; \
+         CREATE TRIGGER boom BEFORE UPDATE ON memory.chat_metadata FOR EACH ROW EXECUTE FUNCTION public.boom();",
+    )
+    .unwrap();
+    let pid = pg.worker_pid(&mut c).expect("worker running");
+    let mut tx = c.transaction().unwrap();
+    let poison: String = tx
+        .query_one(
+            "SELECT queue_id::text FROM memory.enqueue('poison', 'x')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let panic_: String = tx
+        .query_one(
+            "SELECT queue_id::text FROM memory.enqueue('panics', 'mock_panic: bug')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let fine: Vec<String> = (0..5)
+        .map(|i| {
+            tx.query_one(
+                "SELECT queue_id::text FROM memory.enqueue($1, 'fine')",
+                &[&format!("ok{i}")],
+            )
+            .unwrap()
+            .get(0)
+        })
+        .collect();
+    tx.commit().unwrap();
+    for id in &fine {
+        assert_eq!(wait(&mut c, id), "complete");
+    }
+    assert_eq!(wait(&mut c, &poison), "failed");
+    assert_eq!(wait(&mut c, &panic_), "failed");
+    let err: String = c
+        .query_one(
+            "SELECT error_message FROM memory.status($1::text::uuid)",
+            &[&poison],
+        )
+        .unwrap()
+        .get(0);
+    assert!(err.contains("poisoned chat"), "{err}");
+    let err: String = c
+        .query_one(
+            "SELECT error_message FROM memory.status($1::text::uuid)",
+            &[&panic_],
+        )
+        .unwrap()
+        .get(0);
+    assert!(err.contains("mock panic: bug"), "{err}");
+    assert_eq!(
+        pg.worker_pid(&mut c),
+        Some(pid),
+        "same worker process throughout"
+    );
+    // and it still works
+    let after = enqueue(&mut c, "ok0", "more");
+    assert_eq!(wait(&mut c, &after), "complete");
+}
+
+#[test]
+fn an_expired_lease_is_reclaimed_and_applied_once() {
+    let pg = Cluster::start("lease", &["memory_ext.lease_timeout = 1"]);
+    let mut c = pg.client();
+    // The worker claims this and sleeps 3 s in the summarizer: its lease expires after 1 s.
+    let id = enqueue(&mut c, "slow", "mock_sleep_ms: 3000\nconfirmed: x = 1");
+    pg.eventually(
+        &mut c,
+        &format!("SELECT status = 'processing' FROM memory.status('{id}')"),
+        "worker claims",
+        T,
+    );
+    pg.eventually(
+        &mut c,
+        "SELECT lease_until < now() FROM memory.chat_metadata WHERE chat_id = 'slow'",
+        "lease expires",
+        T,
+    );
+    // Another claimant (here process_pending in this backend) takes the expired lease over.
+    let n: i32 = c
+        .query_one("SELECT memory.process_pending()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    let row = c
+        .query_one(
+            "SELECT status, retry_count, error_message FROM memory.status($1::text::uuid)",
+            &[&id],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "complete");
+    assert_eq!(
+        row.get::<_, i32>(1),
+        1,
+        "the expired lease counted as an attempt"
+    );
+    assert!(row.get::<_, String>(2).starts_with("lease expired"));
+    // Once the worker has finished its stale attempt, its late result must have been discarded.
+    pg.eventually(
+        &mut c,
+        "SELECT state = 'idle' FROM memory.worker_status()",
+        "worker done with its stale attempt",
+        T,
+    );
+    assert_applied_once_in_order(&mut c, "slow");
+    assert_eq!(
+        text(&mut c, "SELECT version::text FROM memory.get('slow')"),
+        "1"
+    );
+    assert_eq!(
+        text(&mut c, "SELECT processed::text FROM memory.worker_status()"),
+        "0",
+        "the worker applied nothing"
+    );
+}
+
+#[test]
+fn many_concurrent_clients_on_one_chat() {
+    let pg = Cluster::start("concurrent", &[]);
+    let threads = 8;
+    let per = 40;
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let mut c = pg.client();
+            std::thread::spawn(move || {
+                let mut ids = Vec::new();
+                for n in 0..per {
+                    ids.push(enqueue(
+                        &mut c,
+                        "shared",
+                        &format!("confirmed: t{t} = {n}\nt{t}-{n}"),
+                    ));
+                }
+                ids
+            })
+        })
+        .collect();
+    let per_thread: Vec<Vec<String>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let mut c = pg.client();
+    for ids in &per_thread {
+        assert_eq!(wait(&mut c, ids.last().unwrap()), "complete");
+    }
+    for ids in &per_thread {
+        for id in ids {
+            assert_eq!(wait(&mut c, id), "complete");
+        }
+    }
+    let applied = applied_ids(&mut c, "shared");
+    assert_eq!(applied.len(), threads * per, "each snippet applied once");
+    assert_eq!(
+        applied.iter().collect::<HashSet<_>>().len(),
+        threads * per,
+        "no duplicates"
+    );
+    // each client's snippets were applied in the order that client enqueued them
+    let pos: std::collections::HashMap<&String, usize> =
+        applied.iter().enumerate().map(|(i, id)| (id, i)).collect();
+    for ids in &per_thread {
+        assert!(
+            ids.windows(2).all(|w| pos[&w[0]] < pos[&w[1]]),
+            "per-client order"
+        );
+    }
+    for t in 0..threads {
+        assert_eq!(
+            text(
+                &mut c,
+                &format!("SELECT user_confirmed->>'t{t}' FROM memory.get('shared')")
+            ),
+            (per - 1).to_string()
+        );
+    }
+    assert_applied_once_in_order(&mut c, "shared");
+}
+
+#[test]
+fn survives_drop_and_create_extension() {
+    let pg = Cluster::start("dropcreate", &[]);
+    let mut c = pg.client();
+    let pid = pg.worker_pid(&mut c).expect("worker running");
+    let id = enqueue(&mut c, "c1", "confirmed: a = 1");
+    assert_eq!(wait(&mut c, &id), "complete");
+    c.batch_execute("DROP EXTENSION memory_ext").unwrap();
+    pg.eventually(
+        &mut c,
+        "SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'memory_ext worker'",
+        "worker alive without the extension",
+        T,
+    );
+    c.batch_execute("CREATE EXTENSION memory_ext").unwrap();
+    let id = enqueue(&mut c, "c1", "confirmed: a = 2");
+    assert_eq!(wait(&mut c, &id), "complete");
+    assert_eq!(
+        text(&mut c, "SELECT user_confirmed->>'a' FROM memory.get('c1')"),
+        "2"
+    );
+    assert_eq!(
+        pg.worker_pid(&mut c),
+        Some(pid),
+        "the same worker served both"
+    );
+}
+
+/// Enqueue `chats` × `per` snippets, crash the server mid-drain with `crash`, and check that every
+/// snippet ends applied exactly once, in order.
+fn crash_mid_drain(name: &str, crash: impl FnOnce(&Cluster, &mut Client)) {
+    let pg = Cluster::start(name, &["memory_ext.batch_chats = 5"]);
+    let mut c = pg.client();
+    let (chats, per) = (40, 25);
+    for round in 0..per {
+        let mut tx = c.transaction().unwrap();
+        for chat in 0..chats {
+            tx.execute(
+                "SELECT memory.enqueue($1, $2)",
+                &[
+                    &format!("chat{chat}"),
+                    &format!("confirmed: n = {round}\nmock_sleep_ms: 2\nr{round}"),
+                ],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    // crash once the worker is visibly mid-drain
+    pg.eventually(
+        &mut c,
+        "SELECT count(*) > 0 FROM memory.chat_memory_history",
+        "drain started",
+        T,
+    );
+    crash(&pg, &mut c);
+    let mut c = pg.client();
+    pg.eventually(
+        &mut c,
+        "SELECT count(*) = 0 FROM memory.chat_context_queue WHERE status <> 'complete'",
+        "all snippets applied after the crash",
+        T,
+    );
+    for chat in 0..chats {
+        let chat = format!("chat{chat}");
+        assert_applied_once_in_order(&mut c, &chat);
+        assert_eq!(
+            text(
+                &mut c,
+                &format!("SELECT user_confirmed->>'n' FROM memory.get('{chat}')")
+            ),
+            (per - 1).to_string()
+        );
+    }
+}
+
+#[test]
+fn kill_9_of_the_worker_mid_drain_loses_nothing() {
+    crash_mid_drain("kill9", |pg, c| {
+        let pid = pg.worker_pid(c).expect("worker");
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    });
+}
+
+#[test]
+fn immediate_shutdown_mid_drain_loses_nothing() {
+    crash_mid_drain("immediate", |pg, _c| {
+        pg.ctl_args(&["-m", "immediate", "stop"]);
+        pg.ctl("start");
+    });
+}
