@@ -4,8 +4,10 @@
 
 -- Lease up to p_max_chats chats that have due work and are neither leased nor backing off, and
 -- mark up to p_max_snippets of each one's pending snippets 'processing' under that lease.
--- Returns each leased chat's current memory and its snippets in enqueue order.
-CREATE FUNCTION memory._claim(p_max_chats int, p_max_snippets int, p_lease_seconds int)
+-- Returns each leased chat's current memory and its snippets in enqueue order. Chats in p_exclude
+-- are skipped (process_pending attempts a chat at most once per call).
+CREATE FUNCTION memory._claim(p_max_chats int, p_max_snippets int, p_lease_seconds int,
+                              p_exclude text[] DEFAULT '{}')
 RETURNS TABLE (chat_id text, lease_token uuid, version bigint, user_confirmed jsonb,
                llm_inferred jsonb, general_summary text, snippets jsonb)
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
@@ -26,6 +28,7 @@ BEGIN
         SELECT c.chat_id FROM memory.chat_metadata c JOIN cand ON cand.chat_id = c.chat_id
         WHERE (c.lease_until IS NULL OR c.lease_until < now())
           AND (c.retry_at IS NULL OR c.retry_at <= now())
+          AND NOT (c.chat_id = ANY (p_exclude))
         LIMIT p_max_chats
         FOR UPDATE OF c SKIP LOCKED
     ), leased AS (
@@ -257,6 +260,6 @@ AS $$
           WHERE q.status = 'processing'))
 $$;
 
-REVOKE ALL ON FUNCTION memory._claim(int, int, int), memory._apply(jsonb, text),
+REVOKE ALL ON FUNCTION memory._claim(int, int, int, text[]), memory._apply(jsonb, text),
     memory._fail(text, uuid, text, bool, int, int, int), memory._reclaim(int, bool),
     memory._cleanup(int, int), memory._next_due() FROM PUBLIC;

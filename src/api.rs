@@ -127,9 +127,10 @@ fn process_pending_impl(p_max: i32) -> ApiResult<i32> {
     queue::reclaim(policy.max_attempts, true)?;
     let mut chats_left = p_max;
     let mut applied_snippets = 0;
+    let mut failed_chats: Vec<String> = Vec::new();
     while chats_left > 0 {
         policy.batch_chats = chats_left.min(policy.batch_chats);
-        let claims = queue::claim(&policy)?;
+        let claims = queue::claim(&policy, &failed_chats)?;
         if claims.is_empty() {
             break;
         }
@@ -142,6 +143,7 @@ fn process_pending_impl(p_max: i32) -> ApiResult<i32> {
             .sum::<i32>();
         for f in &failed {
             queue::fail(f, &policy)?;
+            failed_chats.push(f.chat_id.clone());
         }
     }
     if applied_snippets > 0 {

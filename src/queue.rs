@@ -44,16 +44,17 @@ fn object(v: Option<JsonB>) -> serde_json::Map<String, Value> {
     }
 }
 
-pub fn claim(policy: &QueuePolicy) -> Result<Vec<Claim>, SpiError> {
+pub fn claim(policy: &QueuePolicy, exclude: &[String]) -> Result<Vec<Claim>, SpiError> {
     Spi::connect_mut(|client| {
         let rows = client.update(
             "SELECT chat_id, lease_token, user_confirmed, llm_inferred, general_summary, snippets \
-             FROM memory._claim($1, $2, $3)",
+             FROM memory._claim($1, $2, $3, $4)",
             None,
             &[
                 policy.batch_chats.into(),
                 policy.batch_snippets.into(),
                 policy.lease_seconds.into(),
+                exclude.to_vec().into(),
             ],
         )?;
         let mut claims = Vec::new();

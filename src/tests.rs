@@ -174,10 +174,9 @@ fn token_count_is_bpe_of_the_record_and_limit_sets_guidance() {
     run("SELECT memory.enqueue('c1', E'confirmed: name = Ada Lovelace\\nshe asks about analytical engines and their programs')");
     run("SELECT memory.process_pending()");
     let tokens = one::<i32>("SELECT token_count FROM memory.get('c1')").unwrap();
+    // what is counted: the record's compact JSON, as an agent would put it in a prompt
     let expected = one::<i32>(
-        "SELECT memory.count_tokens(json_build_object('user_confirmed', user_confirmed, \
-         'llm_inferred', llm_inferred, 'general_summary', general_summary)::text) \
-         FROM memory.chat_metadata WHERE chat_id = 'c1'",
+        r#"SELECT memory.count_tokens('{"user_confirmed":{"name":"Ada Lovelace"},"llm_inferred":{},"general_summary":"she asks about analytical engines and their programs"}')"#,
     )
     .unwrap();
     assert_eq!(tokens, expected);

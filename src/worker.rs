@@ -214,7 +214,7 @@ fn extension_ready() -> bool {
 pub(crate) fn drain_once(policy: &QueuePolicy) -> Result<usize, String> {
     let started = Instant::now();
     let summarizer_name = settings::string(&settings::SUMMARIZER);
-    let claims = in_transaction(|| queue::claim(policy))?.map_err(|e| e.to_string())?;
+    let claims = in_transaction(|| queue::claim(policy, &[]))?.map_err(|e| e.to_string())?;
     if claims.is_empty() {
         return Ok(0);
     }

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Benchmark memory_ext on a scratch cluster (release build, mock summarizer) and print, in one run:
+#   1. enqueue throughput vs a plain INSERT into an equal table (pgbench; ratio)
+#   2. get() vs a plain primary-key SELECT of chat_metadata (pgbench; ratio)
+#   3. enqueue -> memory-visible latency p50/p99 on an idle server
+#   4. drain rate for 100k snippets over 10k chats
+# Usage: scripts/bench.sh [seconds per pgbench run, default 10]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/cluster.sh
+DURATION=${1:-10}
+CLIENTS=${BENCH_CLIENTS:-4}
+
+scripts/setup.sh
+echo "bench: building and installing memory_ext (release)"
+cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null
+
+DIR=/var/tmp/memory_ext_bench
+PORT=${MEMORY_EXT_BENCH_PORT:-5489}
+if cluster_running "$DIR/data" 2>/dev/null; then cluster_ctl "$DIR/data" stop; fi
+rm -rf "$DIR"; mkdir -p "$DIR"; chown postgres:postgres "$DIR"
+cluster_init "$DIR/data" "$PORT" "max_connections = 50" "shared_buffers = '512MB'"
+cluster_ctl "$DIR/data" start
+trap 'cluster_ctl "$DIR/data" stop || true' EXIT
+
+psql_b() { psql -h "$DIR/data" -p "$PORT" -U postgres -X -q -v ON_ERROR_STOP=1 -At "$@"; }
+pgbench_tps() { # db script-file -> tps
+    as_postgres pgbench -h "$DIR/data" -p "$PORT" -U postgres -n -c "$CLIENTS" -j 2 -T "$DURATION" -f "$2" "$1" 2>/dev/null \
+        | awk '/^tps/ {print int($3)}'
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+
+# Enqueue is measured in a database the worker does not serve, so the worker's draining does
+# not compete for the two cores; the plain table has the same columns, defaults, indexes and FK.
+psql_b -d postgres -c "CREATE DATABASE bench_api"
+psql_b -d bench_api <<'SQL'
+CREATE EXTENSION memory_ext;
+CREATE TABLE public.plain_chats (LIKE memory.chat_metadata INCLUDING ALL);
+CREATE TABLE public.plain_queue (LIKE memory.chat_context_queue INCLUDING ALL,
+    FOREIGN KEY (chat_id) REFERENCES public.plain_chats (chat_id));
+INSERT INTO public.plain_chats (chat_id, owner) SELECT 'chat' || g, 'postgres' FROM generate_series(0, 999) g;
+SELECT count(*) FROM (SELECT memory.create_chat('chat' || g) FROM generate_series(0, 999) g) x;
+SQL
+W=$(mktemp -d); chmod 755 "$W"
+cat > "$W/enqueue.sql" <<'SQL'
+\set id random(0, 999)
+SELECT queue_id FROM memory.enqueue('chat' || :id, 'confirmed: plan = PPO. The user compares plans for next year and asks about premiums.');
+SQL
+cat > "$W/insert.sql" <<'SQL'
+\set id random(0, 999)
+INSERT INTO public.plain_queue (chat_id, new_context_snippet, enqueued_by) VALUES ('chat' || :id, 'confirmed: plan = PPO. The user compares plans for next year and asks about premiums.', current_user) RETURNING id;
+SQL
+cat > "$W/get.sql" <<'SQL'
+\set id random(0, 999)
+SELECT * FROM memory.get('chat' || :id);
+SQL
+cat > "$W/select.sql" <<'SQL'
+\set id random(0, 999)
+SELECT * FROM memory.chat_metadata WHERE chat_id = 'chat' || :id;
+SQL
+chmod 644 "$W"/*.sql
+
+echo "bench: pgbench, $CLIENTS clients, ${DURATION}s per run"
+insert_tps=$(pgbench_tps bench_api "$W/insert.sql")
+enqueue_tps=$(pgbench_tps bench_api "$W/enqueue.sql")
+# give get() real memory to read: apply what was enqueued
+psql_b -d bench_api -c "SET memory_ext.batch_chats = 1000; SELECT memory.process_pending(1000)" >/dev/null
+select_tps=$(pgbench_tps bench_api "$W/select.sql")
+get_tps=$(pgbench_tps bench_api "$W/get.sql")
+
+# Latency on an idle server: enqueue, commit, then memory.wait() until the worker applied it.
+psql_b -d postgres <<'SQL'
+CREATE EXTENSION memory_ext;
+CREATE TABLE public.latency (ms float8);
+CREATE PROCEDURE public.measure(n int) LANGUAGE plpgsql AS $$
+DECLARE t0 timestamptz; q uuid; s text;
+BEGIN
+  FOR i IN 1..n LOOP
+    t0 := clock_timestamp();
+    SELECT queue_id INTO q FROM memory.enqueue('lat' || (i % 10), 'confirmed: step = ' || i || E'\nstep ' || i);
+    COMMIT;
+    s := memory.wait(q, '10 seconds');
+    IF s <> 'complete' THEN RAISE EXCEPTION 'snippet % ended %', q, s; END IF;
+    INSERT INTO public.latency VALUES (extract(epoch FROM clock_timestamp() - t0) * 1000);
+    COMMIT;
+  END LOOP;
+END $$;
+CALL public.measure(20);
+TRUNCATE public.latency;
+CALL public.measure(300);
+SQL
+read -r p50 p99 < <(psql_b -d postgres -F ' ' -c "SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 2), round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 2) FROM public.latency")
+
+# Drain: 100k snippets over 10k chats, committed at once; time until none is left pending.
+psql_b -d postgres -c "SELECT count(*) FROM (SELECT memory.create_chat('drain' || g) FROM generate_series(0, 9999) g) x" >/dev/null
+psql_b -d postgres -c "CHECKPOINT" >/dev/null
+start=$(date +%s.%N)
+psql_b -d postgres -c "SELECT count(*) FROM (SELECT memory.enqueue('drain' || (g % 10000), 'confirmed: n = ' || g || E'\nline ' || g) FROM generate_series(0, 99999) g) x" >/dev/null
+enqueued=$(date +%s.%N)
+while [[ $(psql_b -d postgres -c "SELECT count(*) FROM memory.chat_context_queue WHERE status IN ('pending_summarization', 'processing')") != 0 ]]; do
+    sleep 0.1
+done
+done_at=$(date +%s.%N)
+failed=$(psql_b -d postgres -c "SELECT count(*) FROM memory.chat_context_queue WHERE status = 'failed'")
+drain_s=$(awk -v a="$enqueued" -v b="$done_at" 'BEGIN { printf "%.2f", b - a }')
+drain_rate=$(awk -v s="$drain_s" 'BEGIN { printf "%d", 100000 / s }')
+enqueue_s=$(awk -v a="$start" -v b="$enqueued" 'BEGIN { printf "%.2f", b - a }')
+
+cat <<REPORT
+
+memory_ext benchmark — $(date -u +%Y-%m-%d), $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), PostgreSQL $(psql_b -d postgres -c "SHOW server_version"), release build
+| measure | memory_ext | baseline | ratio | target |
+|---|---|---|---|---|
+| enqueue, tx/s ($CLIENTS clients) | $enqueue_tps | plain INSERT: $insert_tps | $(ratio "$enqueue_tps" "$insert_tps") | >= 0.80 |
+| get(), tx/s ($CLIENTS clients) | $get_tps | plain PK SELECT: $select_tps | $(ratio "$get_tps" "$select_tps") | >= 0.80 |
+| enqueue -> memory visible, p50 / p99 ms (idle, 300 runs) | $p50 / $p99 | | | <= 20 / <= 100 |
+| drain 100k snippets / 10k chats | $drain_rate snippets/s (${drain_s}s; $failed failed) | enqueue of the batch: ${enqueue_s}s | $(ratio "$drain_rate" 5000) of target | >= 5000/s |
+REPORT
