@@ -154,6 +154,7 @@ fn process_pending_impl(p_max: i32) -> ApiResult<i32> {
 }
 
 /// The health check: is a worker serving this database, and how is it doing.
+#[allow(clippy::type_complexity)] // pgrx reads the column names from this signature
 #[pg_extern(volatile, parallel_safe)]
 fn worker_status() -> TableIterator<
     'static,

@@ -73,10 +73,10 @@ pub fn apply(memory: &mut Memory, update: SummaryUpdate) -> MergeStats {
         if memory.llm_inferred.remove(&fact.key).is_some() {
             stats.promoted += 1;
         }
-        if let Some(old) = memory.user_confirmed.insert(fact.key, fact.value.clone()) {
-            if old != fact.value {
-                stats.superseded += 1;
-            }
+        if let Some(old) = memory.user_confirmed.insert(fact.key, fact.value.clone())
+            && old != fact.value
+        {
+            stats.superseded += 1;
         }
     }
     for fact in update.infer {

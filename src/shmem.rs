@@ -165,11 +165,11 @@ unsafe extern "C-unwind" fn xact_callback(
     _arg: *mut std::ffi::c_void,
 ) {
     match event {
-        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
-            if WAKE_PENDING.swap(false, Ordering::Relaxed) {
-                if let Some(s) = get() {
-                    s.wake_worker();
-                }
+        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT
+            if WAKE_PENDING.swap(false, Ordering::Relaxed) =>
+        {
+            if let Some(s) = get() {
+                s.wake_worker();
             }
         }
         // PREPARE TRANSACTION: the rows commit later elsewhere; the idle timeout covers them.

@@ -151,7 +151,7 @@ pub extern "C-unwind" fn memory_ext_launcher_main(_arg: pg_sys::Datum) {
             }
         }
         if child.is_none() && Instant::now() >= next_start {
-            let exists = in_transaction(|| database_exists(&db_c)).unwrap_or(false);
+            let exists = in_transaction(|| database_exists(db_c)).unwrap_or(false);
             if exists {
                 match BackgroundWorkerBuilder::new(WORKER)
                     .set_type(WORKER)

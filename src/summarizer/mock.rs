@@ -90,11 +90,10 @@ impl Summarizer for Mock {
                     )));
                 } else if let Some(msg) = directive(line, "mock_panic") {
                     panic!("mock panic: {msg}");
-                } else if let Some(ms) = directive(line, "mock_sleep_ms") {
-                    if let Ok(ms) = ms.parse::<u64>() {
-                        std::thread::sleep(std::time::Duration::from_millis(ms.min(MAX_SLEEP_MS)));
-                        continue;
-                    }
+                } else if let Some(Ok(ms)) = directive(line, "mock_sleep_ms").map(str::parse::<u64>)
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(ms.min(MAX_SLEEP_MS)));
+                    continue;
                 }
                 summary_lines.push(line);
             }

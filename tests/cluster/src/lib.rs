@@ -23,12 +23,11 @@ fn free_port() -> u16 {
 }
 
 fn as_postgres(args: &[&str]) -> std::process::Output {
-    let out = Command::new("runuser")
+    Command::new("runuser")
         .args(["-u", "postgres", "--"])
         .args(args)
         .output()
-        .expect("runuser");
-    out
+        .expect("runuser")
 }
 
 impl Cluster {
