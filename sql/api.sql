@@ -36,19 +36,15 @@ END
 $$;
 
 -- Look up a chat the caller may act on; P0002 when unknown, 42501 when someone else's.
-CREATE FUNCTION memory._owned_chat(p_chat_id text, p_lock bool DEFAULT false)
+CREATE FUNCTION memory._owned_chat(p_chat_id text)
 RETURNS memory.chat_metadata
-LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 AS $$
 DECLARE
     c memory.chat_metadata%ROWTYPE;
 BEGIN
     PERFORM memory._check_chat_id(p_chat_id);
-    IF p_lock THEN
-        SELECT * INTO c FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id FOR UPDATE;
-    ELSE
-        SELECT * INTO c FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
-    END IF;
+    SELECT * INTO c FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'chat "%" not found', p_chat_id USING ERRCODE = 'P0002';
     END IF;
@@ -132,27 +128,32 @@ RETURNS TABLE (chat_id text, user_confirmed jsonb, llm_inferred jsonb, general_s
                last_updated timestamptz, pending int)
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 AS $$
-#variable_conflict use_column
 DECLARE
-    c memory.chat_metadata%ROWTYPE;
+    v_owner text;
 BEGIN
-    PERFORM memory._check_chat_id(p_chat_id);
-    SELECT * INTO c FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
+    IF p_chat_id IS NULL OR btrim(p_chat_id) = '' THEN
+        RAISE EXCEPTION 'chat_id must not be null or blank' USING ERRCODE = '22023';
+    END IF;
+    -- One query: this is the hot read path.
+    SELECT m.chat_id, m.user_confirmed, m.llm_inferred, m.general_summary, m.token_count,
+           m.needs_new_chat, m.version, m.last_updated, m.owner,
+           (SELECT count(*)::int FROM memory.chat_context_queue q
+             WHERE q.chat_id = m.chat_id AND q.status IN ('pending_summarization', 'processing'))
+      INTO chat_id, user_confirmed, llm_inferred, general_summary, token_count, needs_new_chat,
+           version, last_updated, v_owner, pending
+      FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'chat "%" not found', p_chat_id USING ERRCODE = 'P0002';
     END IF;
-    IF c.owner <> memory.current_identity() AND NOT memory._is_admin() THEN
+    IF v_owner <> memory.current_identity() AND NOT memory._is_admin() THEN
         RAISE EXCEPTION 'chat "%" belongs to another user', p_chat_id USING ERRCODE = '42501';
     END IF;
-    RETURN QUERY SELECT c.chat_id, c.user_confirmed, c.llm_inferred, c.general_summary,
-        c.token_count, c.needs_new_chat,
-        CASE WHEN c.needs_new_chat THEN format(
-            'This chat''s memory is %s tokens, over the limit of %s: start a new chat and carry '
-            'over the summary and confirmed facts.', c.token_count,
-            pg_catalog.current_setting('memory_ext.token_limit')) END,
-        c.version, c.last_updated,
-        (SELECT count(*)::int FROM memory.chat_context_queue q
-          WHERE q.chat_id = p_chat_id AND q.status IN ('pending_summarization', 'processing'));
+    IF needs_new_chat THEN
+        guidance := format('This chat''s memory is %s tokens, over the limit of %s: start a new '
+            'chat and carry over the summary and confirmed facts.', token_count,
+            pg_catalog.current_setting('memory_ext.token_limit'));
+    END IF;
+    RETURN NEXT;
 END
 $$;
 
@@ -202,7 +203,9 @@ RETURNS void
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 AS $$
 BEGIN
-    PERFORM memory._owned_chat(p_chat_id, true);
+    PERFORM memory._owned_chat(p_chat_id);
+    -- Lock the chat like the worker does, so a summarization in flight cannot apply after this.
+    PERFORM 1 FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id FOR UPDATE;
     DELETE FROM memory.chat_context_queue q WHERE q.chat_id = p_chat_id;
     DELETE FROM memory.chat_memory_history h WHERE h.chat_id = p_chat_id;
     DELETE FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;

@@ -13,68 +13,79 @@ RETURNS TABLE (chat_id text, lease_token uuid, version bigint, user_confirmed js
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
-#variable_conflict use_column
 DECLARE
     v_chats text[];
 BEGIN
+    -- Dynamic SQL throughout: a plan cached while the queue was small must never be reused at
+    -- millions of rows (a generic nested-loop plan once made one claim take 45 s at 100k rows).
     -- Candidates come from the due index in order; a chat appears once however many rows it has.
-    WITH cand AS (
-        SELECT DISTINCT d.chat_id
-        FROM (SELECT q.chat_id FROM memory.chat_context_queue q
-              WHERE q.status = 'pending_summarization' AND q.next_attempt_at <= now()
-              ORDER BY q.next_attempt_at, q.seq
-              LIMIT p_max_chats * 8) d
-    ), locked AS (
-        SELECT c.chat_id FROM memory.chat_metadata c JOIN cand ON cand.chat_id = c.chat_id
-        WHERE (c.lease_until IS NULL OR c.lease_until < now())
-          AND (c.retry_at IS NULL OR c.retry_at <= now())
-          AND NOT (c.chat_id = ANY (p_exclude))
-        LIMIT p_max_chats
-        FOR UPDATE OF c SKIP LOCKED
-    ), leased AS (
-        UPDATE memory.chat_metadata c
-           SET lease_token = gen_random_uuid(),
-               lease_owner = pg_backend_pid(),
-               lease_until = now() + make_interval(secs => p_lease_seconds),
-               retry_at = NULL
-          FROM locked WHERE c.chat_id = locked.chat_id
-        RETURNING c.chat_id
-    )
-    SELECT array_agg(leased.chat_id) INTO v_chats FROM leased;
+    EXECUTE $q$
+        WITH cand AS (
+            SELECT DISTINCT d.chat_id
+            FROM (SELECT q.chat_id FROM memory.chat_context_queue q
+                  WHERE q.status = 'pending_summarization' AND q.next_attempt_at <= now()
+                  ORDER BY q.next_attempt_at, q.seq
+                  LIMIT $1 * 8) d
+        ), locked AS (
+            SELECT c.chat_id FROM memory.chat_metadata c JOIN cand ON cand.chat_id = c.chat_id
+            WHERE (c.lease_until IS NULL OR c.lease_until < now())
+              AND (c.retry_at IS NULL OR c.retry_at <= now())
+              AND NOT (c.chat_id = ANY ($2))
+            LIMIT $1
+            FOR UPDATE OF c SKIP LOCKED
+        ), leased AS (
+            UPDATE memory.chat_metadata c
+               SET lease_token = gen_random_uuid(),
+                   lease_owner = pg_backend_pid(),
+                   lease_until = now() + make_interval(secs => $3),
+                   retry_at = NULL
+              FROM locked WHERE c.chat_id = locked.chat_id
+            RETURNING c.chat_id
+        )
+        SELECT array_agg(leased.chat_id) FROM leased
+    $q$ INTO v_chats USING p_max_chats, p_exclude, p_lease_seconds;
 
     IF v_chats IS NULL THEN
         RETURN;
     END IF;
 
-    UPDATE memory.chat_context_queue q
-       SET status = 'processing', claim_token = c.lease_token, claimed_at = now(),
-           lease_expires_at = c.lease_until
-      FROM (SELECT o.id, row_number() OVER (PARTITION BY o.chat_id ORDER BY o.seq) AS rn
-              FROM memory.chat_context_queue o
-             WHERE o.chat_id = ANY (v_chats) AND o.status = 'pending_summarization') r,
-           memory.chat_metadata c
-     WHERE q.id = r.id AND r.rn <= p_max_snippets AND c.chat_id = q.chat_id
-       AND q.status = 'pending_summarization';
+    -- Each chat's oldest pending snippets, through the (chat_id, seq) index.
+    EXECUTE $q$
+        UPDATE memory.chat_context_queue q
+           SET status = 'processing', claim_token = r.lease_token, claimed_at = now(),
+               lease_expires_at = r.lease_until
+          FROM (SELECT x.id, c.lease_token, c.lease_until
+                  FROM memory.chat_metadata c
+                  CROSS JOIN LATERAL (
+                      SELECT o.id FROM memory.chat_context_queue o
+                       WHERE o.chat_id = c.chat_id AND o.status = 'pending_summarization'
+                       ORDER BY o.seq LIMIT $2) x
+                 WHERE c.chat_id = ANY ($1)) r
+         WHERE q.id = r.id AND q.status = 'pending_summarization'
+    $q$ USING v_chats, p_max_snippets;
 
-    RETURN QUERY
-    SELECT c.chat_id, c.lease_token, c.version, c.user_confirmed, c.llm_inferred, c.general_summary,
-           s.snippets
-      FROM memory.chat_metadata c
-      JOIN LATERAL (
-          SELECT jsonb_agg(jsonb_build_object('id', q.id, 'text', q.new_context_snippet)
-                           ORDER BY q.seq) AS snippets
-            FROM memory.chat_context_queue q
-           WHERE q.chat_id = c.chat_id AND q.status = 'processing'
-             AND q.claim_token = c.lease_token) s ON s.snippets IS NOT NULL
-     WHERE c.chat_id = ANY (v_chats);
+    RETURN QUERY EXECUTE $q$
+        SELECT c.chat_id, c.lease_token, c.version, c.user_confirmed, c.llm_inferred,
+               c.general_summary, s.snippets
+          FROM memory.chat_metadata c
+          JOIN LATERAL (
+              SELECT jsonb_agg(jsonb_build_object('id', q.id, 'text', q.new_context_snippet)
+                               ORDER BY q.seq) AS snippets
+                FROM memory.chat_context_queue q
+               WHERE q.chat_id = c.chat_id AND q.status = 'processing'
+                 AND q.claim_token = c.lease_token) s ON s.snippets IS NOT NULL
+         WHERE c.chat_id = ANY ($1)
+    $q$ USING v_chats;
 
     -- A chat whose rows vanished between the scan and the lease must not stay leased.
-    UPDATE memory.chat_metadata c
-       SET lease_token = NULL, lease_owner = NULL, lease_until = NULL
-     WHERE c.chat_id = ANY (v_chats)
-       AND NOT EXISTS (SELECT 1 FROM memory.chat_context_queue q
-                        WHERE q.chat_id = c.chat_id AND q.status = 'processing'
-                          AND q.claim_token = c.lease_token);
+    EXECUTE $q$
+        UPDATE memory.chat_metadata c
+           SET lease_token = NULL, lease_owner = NULL, lease_until = NULL
+         WHERE c.chat_id = ANY ($1)
+           AND NOT EXISTS (SELECT 1 FROM memory.chat_context_queue q
+                            WHERE q.chat_id = c.chat_id AND q.status = 'processing'
+                              AND q.claim_token = c.lease_token)
+    $q$ USING v_chats;
 END
 $$;
 
@@ -101,14 +112,17 @@ BEGIN
         IF NOT FOUND OR old.lease_token IS DISTINCT FROM r.lease_token THEN
             CONTINUE;
         END IF;
-        -- Lock the claimed rows; all of them must still be ours.
-        SELECT count(*) INTO n_rows FROM (
-            SELECT 1 FROM memory.chat_context_queue q
-             WHERE q.id = ANY (r.queue_ids) AND q.status = 'processing'
-               AND q.claim_token = r.lease_token
-               FOR UPDATE) l;
+        -- Every writer of a leased chat's rows (claim, fail, reclaim, forget) locks the chat row
+        -- first, so holding it and the lease token means the claimed rows are still ours.
+        UPDATE memory.chat_context_queue q
+           SET status = 'complete', processed_at = now(), claim_token = NULL,
+               lease_expires_at = NULL
+         WHERE q.id = ANY (r.queue_ids) AND q.status = 'processing'
+           AND q.claim_token = r.lease_token;
+        GET DIAGNOSTICS n_rows = ROW_COUNT;
         IF n_rows <> cardinality(r.queue_ids) THEN
-            CONTINUE;
+            RAISE EXCEPTION 'claimed snippets of chat "%" changed under its lease (% of % left)',
+                r.chat_id, n_rows, cardinality(r.queue_ids);
         END IF;
 
         UPDATE memory.chat_metadata c
@@ -124,11 +138,6 @@ BEGIN
         VALUES (r.chat_id, old.version + 1, r.queue_ids, old.user_confirmed, old.llm_inferred,
             old.general_summary, r.user_confirmed, r.llm_inferred, r.general_summary,
             r.token_count, p_summarizer);
-
-        UPDATE memory.chat_context_queue q
-           SET status = 'complete', processed_at = now(), claim_token = NULL,
-               lease_expires_at = NULL
-         WHERE q.id = ANY (r.queue_ids);
         n_applied := n_applied + 1;
     END LOOP;
     RETURN n_applied;

@@ -23,6 +23,9 @@ CREATE TABLE memory.chat_metadata (
     retry_at        timestamptz
 );
 CREATE INDEX chat_metadata_owner_idx ON memory.chat_metadata (owner);
+-- Reclaiming looks only at chats in flight.
+CREATE INDEX chat_metadata_leased_idx ON memory.chat_metadata (lease_until)
+    WHERE lease_token IS NOT NULL;
 
 -- The order of snippets within a chat is the order of this sequence (enqueue order).
 CREATE SEQUENCE memory.chat_context_queue_seq;

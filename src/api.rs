@@ -24,7 +24,7 @@ fn wake_at_commit() {
 #[pg_extern(volatile, parallel_safe, name = "_expected_latency")]
 fn expected_latency() -> Option<Interval> {
     let sh = shmem::get()?;
-    if !worker_alive(sh) {
+    if !worker_alive(sh) || !worker_serves_this_database(sh) {
         return None;
     }
     let us = sh.latency_us.load(Ordering::Relaxed).max(1000);
@@ -34,6 +34,10 @@ fn expected_latency() -> Option<Interval> {
 fn worker_alive(sh: &shmem::Shared) -> bool {
     let pid = sh.worker_pid.load(Ordering::Acquire);
     pid > 0 && unsafe { !pg_sys::BackendPidGetProc(pid).is_null() }
+}
+
+fn worker_serves_this_database(sh: &shmem::Shared) -> bool {
+    sh.database_oid.load(Ordering::Acquire) == unsafe { pg_sys::MyDatabaseId }.to_u32()
 }
 
 fn queue_status(queue_id: pgrx::Uuid) -> String {

@@ -6,7 +6,9 @@
 
 use pgrx::pg_sys;
 use std::ffi::CStr;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, Ordering,
+};
 
 const NAME: &CStr = c"memory_ext";
 const TEXT: usize = 256;
@@ -19,6 +21,8 @@ pub struct Shared {
     pub applied_cv: pg_sys::ConditionVariable,
     pub worker_pid: AtomicI32,
     pub launcher_pid: AtomicI32,
+    /// The database the worker serves (0 until it connected).
+    pub database_oid: AtomicU32,
     pub started_at: AtomicI64,
     pub last_heartbeat: AtomicI64,
     pub processed: AtomicU64,

@@ -375,3 +375,25 @@ fn a_permanent_error_fails_at_once() {
         "failed/1/mock fatal error: bad credentials"
     );
 }
+
+#[pg_test]
+fn no_estimate_when_no_worker_serves_this_database() {
+    // the test server's worker serves "postgres", not this database
+    assert_eq!(
+        one::<bool>("SELECT estimated_completion IS NULL FROM memory.enqueue('c1', 'x')"),
+        Some(true)
+    );
+}
+
+#[pg_test]
+fn cleanup_deletes_old_complete_rows_in_batches() {
+    run("SELECT memory.enqueue('c1', 'a'), memory.enqueue('c1', 'b'), memory.enqueue('c1', 'c')");
+    run("SELECT memory.process_pending()");
+    run("SELECT memory.enqueue('c1', 'still pending')");
+    run("UPDATE memory.chat_context_queue SET processed_at = now() - interval '2 hours' WHERE status = 'complete'");
+    assert_eq!(one::<i32>("SELECT memory._cleanup(3 * 3600, 10)"), Some(0), "younger than retention");
+    assert_eq!(one::<i32>("SELECT memory._cleanup(3600, 2)"), Some(2));
+    assert_eq!(one::<i32>("SELECT memory._cleanup(3600, 2)"), Some(1));
+    assert_eq!(count("SELECT 1 FROM memory.chat_context_queue"), 1, "pending rows are never deleted");
+    assert_eq!(count("SELECT 1 FROM memory.history('c1')"), 1, "history stays");
+}

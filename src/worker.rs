@@ -52,9 +52,19 @@ fn reload_config_if_asked() {
     }
 }
 
+/// Publish what the process is doing: in worker_status() and in pg_stat_activity.query.
 fn set_state(s: &str) {
     if let Some(sh) = shmem::get() {
         sh.set_text(Field::State, s);
+    }
+    let idle = s == "idle" || s.starts_with("waiting");
+    let state = if idle {
+        pg_sys::BackendState::STATE_IDLE
+    } else {
+        pg_sys::BackendState::STATE_RUNNING
+    };
+    if let Ok(c) = std::ffi::CString::new(s) {
+        unsafe { pg_sys::pgstat_report_activity(state, c.as_ptr()) };
     }
 }
 
@@ -353,7 +363,7 @@ pub extern "C-unwind" fn memory_ext_worker_main(_arg: pg_sys::Datum) {
             }
         }
         let _ = in_transaction(|| queue::reclaim(policy.max_attempts, false));
-        if last_retention.elapsed() >= RETENTION_EVERY {
+        if last_retention.elapsed() >= RETENTION_EVERY.min(settings::idle_timeout()) {
             last_retention = Instant::now();
             let retention = settings::RETENTION_S.get();
             let _ = in_transaction(|| queue::cleanup(retention, RETENTION_BATCH));

@@ -116,13 +116,17 @@ impl Cluster {
     }
 
     pub fn client(&self) -> Client {
+        self.client_db("postgres")
+    }
+
+    pub fn client_db(&self, db: &str) -> Client {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match postgres::Config::new()
                 .host_path(&self.dir)
                 .port(self.port)
                 .user("postgres")
-                .dbname("postgres")
+                .dbname(db)
                 .connect(NoTls)
             {
                 Ok(c) => return c,

@@ -462,3 +462,123 @@ fn immediate_shutdown_mid_drain_loses_nothing() {
         pg.ctl("start");
     });
 }
+
+#[test]
+fn settings_reload_on_sighup() {
+    let pg = Cluster::start("sighup", &["memory_ext.max_attempts = 1"]);
+    let mut c = pg.client();
+    let id = enqueue(&mut c, "c0", "fine");
+    assert_eq!(wait(&mut c, &id), "complete");
+    c.batch_execute("ALTER SYSTEM SET memory_ext.summarizer = 'nope'; SELECT pg_reload_conf()")
+        .unwrap();
+    // The reload reaches the worker asynchronously: a snippet enqueued after it has been read fails.
+    let mut n = 0;
+    loop {
+        n += 1;
+        let id = enqueue(&mut c, &format!("c{n}"), "x");
+        if wait(&mut c, &id) == "failed" {
+            let err: String = c
+                .query_one(
+                    "SELECT error_message FROM memory.status($1::text::uuid)",
+                    &[&id],
+                )
+                .unwrap()
+                .get(0);
+            assert_eq!(
+                err,
+                "unknown summarizer \"nope\" (memory_ext.summarizer accepts: mock)"
+            );
+            break;
+        }
+        assert!(n < 100, "the worker never picked up the new setting");
+    }
+    c.batch_execute("ALTER SYSTEM RESET memory_ext.summarizer; SELECT pg_reload_conf()")
+        .unwrap();
+    let retried: i32 = c
+        .query_one("SELECT memory.retry_failed()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(retried, 1);
+    pg.eventually(
+        &mut c,
+        "SELECT count(*) = 0 FROM memory.chat_context_queue WHERE status <> 'complete'",
+        "retried snippet applied",
+        T,
+    );
+}
+
+#[test]
+fn waits_calmly_for_its_database_then_serves_it() {
+    let pg = Cluster::start("nodb", &["memory_ext.database = 'appdb'"]);
+    let mut c = pg.client();
+    pg.eventually(
+        &mut c,
+        "SELECT state = 'waiting for database \"appdb\" to exist' AND NOT running FROM memory.worker_status()",
+        "launcher waiting",
+        T,
+    );
+    assert_eq!(pg.worker_pid(&mut c), None);
+    c.batch_execute("CREATE DATABASE appdb").unwrap();
+    let mut app = pg.client_db("appdb");
+    pg.eventually(&mut app, "SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'memory_ext worker' AND datname = 'appdb'", "worker connected to appdb", T);
+    app.batch_execute("CREATE EXTENSION memory_ext").unwrap();
+    let id = enqueue(&mut app, "c1", "confirmed: served = yes");
+    assert_eq!(wait(&mut app, &id), "complete");
+    // in the other database the health check says which database is served
+    let state: String = c
+        .query_one("SELECT state FROM memory.worker_status()", &[])
+        .unwrap()
+        .get(0);
+    assert!(state.contains("serves database \"appdb\""), "{state}");
+    let log = pg.log();
+    assert!(
+        !log.contains("FATAL"),
+        "no crash loop while waiting:\n{log}"
+    );
+}
+
+#[test]
+fn a_terminated_worker_is_restarted_by_the_launcher() {
+    let pg = Cluster::start("terminate", &[]);
+    let mut c = pg.client();
+    let pid = pg.worker_pid(&mut c).expect("worker");
+    let ok: bool = c
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap()
+        .get(0);
+    assert!(ok);
+    pg.eventually(
+        &mut c,
+        &format!("SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'memory_ext worker' AND pid <> {pid}"),
+        "a new worker",
+        T,
+    );
+    let id = enqueue(&mut c, "c1", "after restart");
+    assert_eq!(wait(&mut c, &id), "complete");
+}
+
+#[test]
+fn retention_deletes_old_complete_rows() {
+    let pg = Cluster::start(
+        "retention",
+        &["memory_ext.retention = 1", "memory_ext.idle_timeout = 1"],
+    );
+    let mut c = pg.client();
+    let id = enqueue(&mut c, "c1", "confirmed: a = 1");
+    assert_eq!(wait(&mut c, &id), "complete");
+    pg.eventually(
+        &mut c,
+        "SELECT count(*) = 0 FROM memory.chat_context_queue",
+        "complete row deleted after retention",
+        T,
+    );
+    // the memory and its history stay
+    assert_eq!(
+        text(&mut c, "SELECT user_confirmed->>'a' FROM memory.get('c1')"),
+        "1"
+    );
+    assert_eq!(
+        text(&mut c, "SELECT count(*)::text FROM memory.history('c1')"),
+        "1"
+    );
+}
