@@ -13,16 +13,13 @@ use pgrx::prelude::*;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// Ask for the worker to be woken when the calling transaction commits.
+/// Wake the worker when the calling transaction commits, and return the typical time from then
+/// to applied memory as the worker measures it: NULL when no worker serves this database
+/// (nothing will process the snippet until `process_pending()` is called). One call, because
+/// enqueue's hot path needs both.
 #[pg_extern(volatile, parallel_unsafe, name = "_wake_at_commit")]
-fn wake_at_commit() {
+fn wake_at_commit() -> Option<Interval> {
     shmem::wake_at_commit();
-}
-
-/// Typical time from claim to applied memory, in seconds, as the worker measures it; NULL when
-/// no worker is running (nothing will process the snippet until `process_pending()` is called).
-#[pg_extern(volatile, parallel_safe, name = "_expected_latency")]
-fn expected_latency() -> Option<Interval> {
     let sh = shmem::get()?;
     if !worker_alive(sh) || !worker_serves_this_database(sh) {
         return None;
@@ -201,7 +198,7 @@ fn worker_status() -> TableIterator<
         .flatten()
         .unwrap_or_default();
     let mut state = sh.text(Field::State);
-    if !database.is_empty() && database != here {
+    if running && database != here {
         state = format!(
             "the worker serves database \"{database}\" (memory_ext.database), not \"{here}\""
         );

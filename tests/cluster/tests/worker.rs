@@ -469,8 +469,9 @@ fn settings_reload_on_sighup() {
     let mut c = pg.client();
     let id = enqueue(&mut c, "c0", "fine");
     assert_eq!(wait(&mut c, &id), "complete");
-    c.batch_execute("ALTER SYSTEM SET memory_ext.summarizer = 'nope'; SELECT pg_reload_conf()")
+    c.batch_execute("ALTER SYSTEM SET memory_ext.summarizer = 'nope'")
         .unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").unwrap();
     // The reload reaches the worker asynchronously: a snippet enqueued after it has been read fails.
     let mut n = 0;
     loop {
@@ -492,8 +493,9 @@ fn settings_reload_on_sighup() {
         }
         assert!(n < 100, "the worker never picked up the new setting");
     }
-    c.batch_execute("ALTER SYSTEM RESET memory_ext.summarizer; SELECT pg_reload_conf()")
+    c.batch_execute("ALTER SYSTEM RESET memory_ext.summarizer")
         .unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").unwrap();
     let retried: i32 = c
         .query_one("SELECT memory.retry_failed()", &[])
         .unwrap()
