@@ -60,21 +60,21 @@ SELECT * FROM memory.chat_metadata WHERE chat_id = 'chat' || :id;
 SQL
 chmod 644 "$W"/*.sql
 
-echo "bench: pgbench, $CLIENTS clients, ${DURATION}s per run, best of two interleaved runs"
-# interleaved, best of two: a checkpoint or autovacuum landing in one run must not decide the ratio
-best() { (( $1 > $2 )) && echo "$1" || echo "$2"; }
-insert_tps=$(pgbench_tps bench_api "$W/insert.sql")
-enqueue_tps=$(pgbench_tps bench_api "$W/enqueue.sql")
-insert_tps=$(best "$insert_tps" "$(pgbench_tps bench_api "$W/insert.sql")")
-enqueue_tps=$(best "$enqueue_tps" "$(pgbench_tps bench_api "$W/enqueue.sql")")
+echo "bench: pgbench, $CLIENTS clients, ${DURATION}s per run, median of three interleaved runs"
+# Interleaved runs, median of three: a checkpoint or autovacuum landing in one run must not
+# decide the ratio.
+median3() { printf '%s\n' "$@" | sort -n | sed -n 2p; }
+runs() { # db scriptA scriptB -> "medianA medianB"
+    local a=() b=()
+    for _ in 1 2 3; do a+=("$(pgbench_tps "$1" "$2")"); b+=("$(pgbench_tps "$1" "$3")"); done
+    echo "$(median3 "${a[@]}") $(median3 "${b[@]}")"
+}
+read -r insert_tps enqueue_tps < <(runs bench_api "$W/insert.sql" "$W/enqueue.sql")
 # give get() real memory to read: apply what was enqueued
 psql_b -d bench_api -c "SET memory_ext.batch_chats = 1000; SELECT memory.process_pending(1000)" >/dev/null
 # steady state, as autovacuum keeps it: not 50k dead index entries from the bulk apply above
 psql_b -d bench_api -c "VACUUM ANALYZE" >/dev/null
-select_tps=$(pgbench_tps bench_api "$W/select.sql")
-get_tps=$(pgbench_tps bench_api "$W/get.sql")
-select_tps=$(best "$select_tps" "$(pgbench_tps bench_api "$W/select.sql")")
-get_tps=$(best "$get_tps" "$(pgbench_tps bench_api "$W/get.sql")")
+read -r select_tps get_tps < <(runs bench_api "$W/select.sql" "$W/get.sql")
 
 # Latency on an idle server: enqueue, commit, then memory.wait() until the worker applied it.
 psql_b -d postgres <<'SQL'

@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 
 echo "== cargo fmt --check / clippy"
 cargo fmt --check
@@ -13,8 +15,12 @@ cargo clippy --quiet --features pg15 -- -D warnings
 echo "== unit tests and pg_tests (cargo pgrx test)"
 pgdata=/var/tmp/memory_ext_pgrx_test
 rm -rf "$pgdata"; mkdir -p "$pgdata"; chown postgres:postgres "$pgdata"
-cargo pgrx test pg15 --runas postgres --pgdata "$pgdata"
+cargo pgrx test pg15 --runas postgres --pgdata "$pgdata" 2>&1 | tee -a "$log"
 
 echo "== worker tests against real clusters (tests/cluster)"
 cargo pgrx install --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
-cargo test --manifest-path tests/cluster/Cargo.toml -- --test-threads=2
+cargo test --manifest-path tests/cluster/Cargo.toml --test worker -- --test-threads=2 2>&1 | tee -a "$log"
+
+# One closing line for all suites.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "total: %d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' "$log"

@@ -81,7 +81,7 @@ AS $$
 DECLARE
     v_identity text := memory.current_identity();
     v_owner text;
-    v_retry_at timestamptz;
+    v_next timestamptz;
     v_max int := memory._max_snippet_bytes();
 BEGIN
     -- The hot write path: checks are plain expressions, and two statements touch tables.
@@ -99,26 +99,30 @@ BEGIN
         RAISE EXCEPTION 'trigger_source must be 1 to 64 characters' USING ERRCODE = '22023';
     END IF;
 
-    SELECT m.owner, m.retry_at INTO v_owner, v_retry_at
-      FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
-    IF NOT FOUND THEN
-        INSERT INTO memory.chat_metadata (chat_id, owner) VALUES (p_chat_id, v_identity)
-        ON CONFLICT (chat_id) DO NOTHING;
-        SELECT m.owner, m.retry_at INTO v_owner, v_retry_at
-          FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
-    END IF;
-    IF v_owner <> v_identity THEN
-        RAISE EXCEPTION 'chat "%" belongs to another user', p_chat_id USING ERRCODE = '42501';
-    END IF;
-
-    -- A chat in backoff holds its new snippets back too, so they stay behind the failed ones.
+    -- Common case, one statement: the chat exists and is the caller's. A chat in backoff holds its
+    -- new snippets back too, so they stay behind the failed ones.
     INSERT INTO memory.chat_context_queue (chat_id, new_context_snippet, trigger_source,
                                            enqueued_by, next_attempt_at)
-    VALUES (p_chat_id, p_snippet, p_trigger_source, v_identity, greatest(now(), v_retry_at))
-    RETURNING id INTO queue_id;
+    SELECT m.chat_id, p_snippet, p_trigger_source, v_identity, greatest(now(), m.retry_at)
+      FROM memory.chat_metadata m
+     WHERE m.chat_id = p_chat_id AND m.owner = v_identity
+    RETURNING id, next_attempt_at INTO queue_id, v_next;
+    IF NOT FOUND THEN
+        -- A new chat (create it for the caller) or someone else's (refuse).
+        INSERT INTO memory.chat_metadata (chat_id, owner) VALUES (p_chat_id, v_identity)
+        ON CONFLICT (chat_id) DO NOTHING;
+        SELECT m.owner INTO v_owner FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
+        IF v_owner <> v_identity THEN
+            RAISE EXCEPTION 'chat "%" belongs to another user', p_chat_id USING ERRCODE = '42501';
+        END IF;
+        INSERT INTO memory.chat_context_queue (chat_id, new_context_snippet, trigger_source,
+                                               enqueued_by)
+        VALUES (p_chat_id, p_snippet, p_trigger_source, v_identity)
+        RETURNING id, next_attempt_at INTO queue_id, v_next;
+    END IF;
 
     status := 'pending_summarization';
-    estimated_completion := greatest(now(), v_retry_at) + memory._wake_at_commit();
+    estimated_completion := v_next + memory._wake_at_commit();
     RETURN NEXT;
 END
 $$;
