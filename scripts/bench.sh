@@ -71,7 +71,9 @@ runs() { # db scriptA scriptB -> "medianA medianB"
 }
 read -r insert_tps enqueue_tps < <(runs bench_api "$W/insert.sql" "$W/enqueue.sql")
 # give get() real memory to read: apply what was enqueued
-psql_b -d bench_api -c "SET memory_ext.batch_chats = 1000; SELECT memory.process_pending(1000)" >/dev/null
+psql_b -d bench_api -c "SET memory_ext.batch_chats = 1000; SET memory_ext.batch_snippets = 10000; SELECT memory.process_pending(1000)" >/dev/null
+pending=$(psql_b -d bench_api -c "SELECT count(*) FROM memory.chat_context_queue WHERE status <> 'complete'")
+[[ $pending == 0 ]] || { echo "bench: $pending snippets left unapplied before the get() runs" >&2; exit 1; }
 # steady state, as autovacuum keeps it: not 50k dead index entries from the bulk apply above
 psql_b -d bench_api -c "VACUUM ANALYZE" >/dev/null
 read -r select_tps get_tps < <(runs bench_api "$W/select.sql" "$W/get.sql")
