@@ -13,7 +13,9 @@ mkdir -p "$DEMO_DIR"
 if [[ ! -f "$stamp" || -n $(find src sql Cargo.toml Cargo.lock memory_ext.control -newer "$stamp" 2>/dev/null | head -1) \
       || ! -f "$(pg_libdir)/memory_ext.so" ]]; then
     echo "demo: building and installing memory_ext (release)"
-    cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null
+    if ! cargo pgrx install --release --pg-config "$PG_CONFIG" > "$DEMO_DIR/install.log" 2>&1; then
+        cat "$DEMO_DIR/install.log" >&2; exit 1
+    fi
     touch "$stamp"
     restart=1
 fi
@@ -26,9 +28,14 @@ else
 fi
 
 psql_demo() { psql -h "$DEMO_DIR/data" -p "$DEMO_PORT" -U postgres -d postgres -X -v ON_ERROR_STOP=1 "$@"; }
+if [[ -n ${restart:-} ]]; then
+    # A rebuilt extension: re-create its objects so they match the new library (demo data only).
+    psql_demo -q -c "SET client_min_messages = warning" -c "DROP EXTENSION IF EXISTS memory_ext CASCADE"
+fi
 psql_demo -q <<'SQL'
+SET client_min_messages = warning;
 CREATE EXTENSION IF NOT EXISTS memory_ext;
-SELECT memory.forget('demo') FROM memory.chat_metadata WHERE chat_id = 'demo';
+DO $$ BEGIN PERFORM memory.forget('demo') FROM memory.chat_metadata WHERE chat_id = 'demo'; END $$;
 SELECT memory.create_chat('demo') \gset
 SELECT queue_id AS q1 FROM memory.enqueue('demo', E'confirmed: plan = PPO\nThe user is comparing health plans for next year.') \gset
 SELECT queue_id AS q2 FROM memory.enqueue('demo', E'inferred: budget = tight\nThey asked twice about premiums.') \gset
