@@ -61,6 +61,21 @@ fn end_to_end_create_enqueue_worker_get() {
     assert_eq!(row.get::<_, i32>(4), 0);
     assert!(!row.get::<_, bool>(5));
     assert_applied_once_in_order(&mut c, "c1");
+    // A REPEATABLE READ snapshot would never see the worker's progress: refused, not a silent hang.
+    let mut tx = c
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .unwrap();
+    let err = tx
+        .query_one("SELECT memory.wait($1::text::uuid)", &[&q1])
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&postgres::error::SqlState::FEATURE_NOT_SUPPORTED),
+        "{err}"
+    );
+    drop(tx);
     pg.eventually(
         &mut c,
         "SELECT state = 'idle' FROM memory.worker_status()",
