@@ -31,9 +31,10 @@ extension_sql_file!("../sql/api.sql", name = "api");
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    settings::init();
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    settings::init(preloading);
     // Without preloading, the SQL API still works; worker_status() explains why no worker runs.
-    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+    if preloading {
         shmem::init();
         worker::register_launcher();
     }

@@ -22,15 +22,19 @@ pub static BATCH_CHATS: GucSetting<i32> = GucSetting::<i32>::new(200);
 pub static BATCH_SNIPPETS: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static IDLE_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 
-pub fn init() {
-    GucRegistry::define_string_guc(
-        c"memory_ext.database",
-        c"Database the memory_ext background worker serves.",
-        c"The worker waits until this database exists and has the extension. Needs a restart.",
-        &DATABASE,
-        GucContext::Postmaster,
-        GucFlags::SUPERUSER_ONLY,
-    );
+pub fn init(preloading: bool) {
+    // A postmaster-context setting can only be defined at server start; it matters only to the
+    // worker, which exists only when the library is preloaded.
+    if preloading {
+        GucRegistry::define_string_guc(
+            c"memory_ext.database",
+            c"Database the memory_ext background worker serves.",
+            c"The worker waits until this database exists and has the extension. Needs a restart.",
+            &DATABASE,
+            GucContext::Postmaster,
+            GucFlags::SUPERUSER_ONLY,
+        );
+    }
     GucRegistry::define_string_guc(
         c"memory_ext.summarizer",
         c"Summarizer that merges snippets into memory: mock.",

@@ -33,6 +33,11 @@ fn as_postgres(args: &[&str]) -> std::process::Output {
 impl Cluster {
     /// initdb + start, with extra postgresql.conf lines; the extension is created.
     pub fn start(name: &str, conf: &[&str]) -> Cluster {
+        Self::start_with(name, conf, true)
+    }
+
+    /// Like `start`, choosing whether memory_ext is in shared_preload_libraries.
+    pub fn start_with(name: &str, conf: &[&str], preload: bool) -> Cluster {
         let dir = PathBuf::from(format!(
             "/var/tmp/memory_ext_cluster_tests/{name}-{}",
             std::process::id()
@@ -68,7 +73,10 @@ impl Cluster {
             format!("port = {port}"),
             "listen_addresses = ''".into(),
             format!("unix_socket_directories = '{}'", dir.display()),
-            "shared_preload_libraries = 'memory_ext'".into(),
+            format!(
+                "shared_preload_libraries = '{}'",
+                if preload { "memory_ext" } else { "" }
+            ),
             "memory_ext.database = 'postgres'".into(),
             "max_connections = 60".into(),
         ];

@@ -599,3 +599,40 @@ fn retention_deletes_old_complete_rows() {
         "1"
     );
 }
+
+#[test]
+fn without_preload_the_api_works_and_process_pending_does_the_work() {
+    let pg = Cluster::start_with("nopreload", &[], false);
+    let mut c = pg.client();
+    let row = c.query_one("SELECT queue_id::text, estimated_completion IS NULL FROM memory.enqueue('c1', 'confirmed: a = 1')", &[]).unwrap();
+    let id: String = row.get(0);
+    assert!(row.get::<_, bool>(1), "no worker: no estimate");
+    let st = c
+        .query_one("SELECT running, state FROM memory.worker_status()", &[])
+        .unwrap();
+    assert!(!st.get::<_, bool>(0));
+    assert!(
+        st.get::<_, String>(1)
+            .contains("not in shared_preload_libraries")
+    );
+    assert_eq!(
+        text(&mut c, &format!("SELECT memory.wait('{id}', '50 ms')")),
+        "pending_summarization"
+    );
+    let mut other = pg.client();
+    let waiter = std::thread::spawn(move || wait(&mut other, &id));
+    let n: i32 = c
+        .query_one("SELECT memory.process_pending()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    assert_eq!(
+        waiter.join().unwrap(),
+        "complete",
+        "wait() polls without the worker's broadcast"
+    );
+    assert_eq!(
+        text(&mut c, "SELECT user_confirmed->>'a' FROM memory.get('c1')"),
+        "1"
+    );
+}
