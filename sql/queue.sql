@@ -37,6 +37,8 @@ BEGIN
             UPDATE memory.chat_metadata c
                SET lease_token = gen_random_uuid(),
                    lease_owner = pg_backend_pid(),
+                   lease_owner_start = (SELECT a.backend_start FROM pg_catalog.pg_stat_activity a
+                                         WHERE a.pid = pg_backend_pid()),
                    lease_until = now() + make_interval(secs => $3),
                    retry_at = NULL
               FROM locked WHERE c.chat_id = locked.chat_id
@@ -197,7 +199,8 @@ END
 $$;
 
 -- Take back leases whose holder is gone: expired ones, or (p_dead_owners) ones held by a
--- process that no longer exists, e.g. after a crash. The attempt counts as failed, so a snippet
+-- process that no longer exists, e.g. after a crash or on a promoted standby. A process is its pid
+-- and start time, since pids are reused. The attempt counts as failed, so a snippet
 -- that kills its worker every time ends 'failed' instead of looping forever.
 CREATE FUNCTION memory._reclaim(p_max_attempts int, p_dead_owners bool)
 RETURNS int
@@ -213,7 +216,8 @@ BEGIN
            AND (c.lease_until < now()
                 OR (p_dead_owners AND c.lease_owner <> pg_backend_pid()
                     AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
-                                     WHERE a.pid = c.lease_owner)))
+                                     WHERE a.pid = c.lease_owner
+                                       AND a.backend_start = c.lease_owner_start)))
            FOR UPDATE OF c SKIP LOCKED
     ), released AS (
         UPDATE memory.chat_metadata c

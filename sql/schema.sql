@@ -18,6 +18,8 @@ CREATE TABLE memory.chat_metadata (
     -- in-flight summarization: who holds the chat and until when (expired leases are reclaimed)
     lease_token     uuid,
     lease_owner     int,
+    -- with lease_owner, identifies the holding process uniquely over time (pids get reused)
+    lease_owner_start timestamptz,
     lease_until     timestamptz,
     -- backoff after a failed attempt: nothing of this chat is claimed before retry_at
     retry_at        timestamptz

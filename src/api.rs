@@ -5,6 +5,7 @@ use crate::error::{ApiError, ApiResult, or_raise};
 use crate::queue;
 use crate::settings::{self, QueuePolicy};
 use crate::shmem::{self, Field};
+use crate::spi;
 use crate::summarizer;
 use crate::tokens;
 use pgrx::datum::{Interval, TimestampWithTimeZone};
@@ -39,7 +40,7 @@ fn worker_serves_this_database(sh: &shmem::Shared) -> bool {
 
 fn queue_status(queue_id: pgrx::Uuid) -> String {
     // memory.status() checks the id exists and belongs to the caller, raising P0002/42501 itself.
-    Spi::get_one_with_args::<String>("SELECT status FROM memory.status($1)", &[queue_id.into()])
+    spi::read_one::<String>("SELECT status FROM memory.status($1)", &[queue_id.into()])
         .map_err(ApiError::from)
         .map(Option::unwrap_or_default)
         .unwrap_or_else(|e| e.raise())
@@ -73,7 +74,13 @@ fn wait_impl(p_queue_id: pgrx::Uuid, p_timeout: Interval) -> ApiResult<String> {
             // Prepare before checking, so a broadcast between the check and the sleep is kept.
             unsafe { pg_sys::ConditionVariablePrepareToSleep(cv) };
         }
-        let status = queue_status(p_queue_id);
+        // A fresh READ COMMITTED snapshot per check: read-only SPI would keep reusing the first.
+        let status = unsafe {
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+            let status = queue_status(p_queue_id);
+            pg_sys::PopActiveSnapshot();
+            status
+        };
         let now = Instant::now();
         if status == "complete" || status == "failed" || now >= deadline {
             if cv.is_some() {
@@ -118,7 +125,7 @@ fn process_pending_impl(p_max: i32) -> ApiResult<i32> {
             "p_max must be at least 1".into(),
         ));
     }
-    if !Spi::get_one::<bool>("SELECT memory._is_admin()")?.unwrap_or(false) {
+    if !spi::read_one::<bool>("SELECT memory._is_admin()", &[])?.unwrap_or(false) {
         return Err(ApiError::InsufficientPrivilege(
             "memory.process_pending() processes every chat and is for admins only".into(),
         ));
@@ -193,12 +200,11 @@ fn worker_status() -> TableIterator<
     };
     let running = worker_alive(sh);
     let database = sh.text(Field::Database);
-    let here = Spi::get_one::<String>("SELECT current_database()::text")
-        .ok()
-        .flatten()
-        .unwrap_or_default();
+    let here = spi::current_database();
     let mut state = sh.text(Field::State);
-    if running && database != here {
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        state = "idle: this server is a hot standby; the worker starts on promotion".into();
+    } else if running && database != here {
         state = format!(
             "the worker serves database \"{database}\" (memory_ext.database), not \"{here}\""
         );

@@ -21,6 +21,7 @@ mod merge;
 mod queue;
 mod settings;
 mod shmem;
+mod spi;
 mod summarizer;
 mod tokens;
 mod worker;

@@ -3,7 +3,7 @@
 
 use crate::settings::QueuePolicy;
 use crate::summarizer::{Memory, Snippet};
-use pgrx::datum::{JsonB, TimestampWithTimeZone};
+use pgrx::datum::JsonB;
 use pgrx::prelude::*;
 use pgrx::spi::SpiError;
 use serde_json::Value;
@@ -135,12 +135,8 @@ pub fn cleanup(retention_seconds: i32, batch: i32) -> Result<i32, SpiError> {
 
 /// Seconds until the next scheduled retry or lease expiry (negative when overdue).
 pub fn seconds_until_due() -> Result<Option<f64>, SpiError> {
-    Spi::get_one::<f64>("SELECT extract(epoch FROM memory._next_due() - clock_timestamp())::float8")
-}
-
-#[allow(dead_code)]
-pub fn now() -> Option<TimestampWithTimeZone> {
-    Spi::get_one::<TimestampWithTimeZone>("SELECT now()")
-        .ok()
-        .flatten()
+    crate::spi::read_one::<f64>(
+        "SELECT extract(epoch FROM memory._next_due() - clock_timestamp())::float8",
+        &[],
+    )
 }

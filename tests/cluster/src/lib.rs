@@ -94,6 +94,52 @@ impl Cluster {
         c
     }
 
+    /// A streaming standby of `primary` (pg_basebackup -R), started.
+    pub fn standby_of(primary: &Cluster, name: &str) -> Cluster {
+        let dir = PathBuf::from(format!(
+            "/var/tmp/memory_ext_cluster_tests/{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Command::new("chown")
+            .args(["-R", "postgres:postgres", dir.to_str().unwrap()])
+            .status()
+            .unwrap();
+        let data = dir.join("data");
+        let port = primary.port.to_string();
+        let out = as_postgres(&[
+            &format!("{PG_BIN}/pg_basebackup"),
+            "-D",
+            data.to_str().unwrap(),
+            "-R",
+            "-X",
+            "stream",
+            "-h",
+            primary.dir.to_str().unwrap(),
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+        ]);
+        assert!(
+            out.status.success(),
+            "pg_basebackup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        let conf_path = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path).unwrap();
+        text.push_str(&format!(
+            "port = {port}\nunix_socket_directories = '{}'\nhot_standby = on\n",
+            dir.display()
+        ));
+        std::fs::write(&conf_path, text).unwrap();
+        let c = Cluster { dir, port };
+        c.ctl("start");
+        c
+    }
+
     pub fn data(&self) -> String {
         self.dir.join("data").display().to_string()
     }

@@ -636,3 +636,65 @@ fn without_preload_the_api_works_and_process_pending_does_the_work() {
         "1"
     );
 }
+
+#[test]
+fn idle_on_a_hot_standby_and_serving_after_promotion() {
+    let primary = Cluster::start("primary", &[]);
+    let mut p = primary.client();
+    let done = enqueue(&mut p, "c1", "confirmed: a = 1");
+    let status = wait(&mut p, &done);
+    assert_eq!(
+        status,
+        "complete",
+        "{}\n{}",
+        primary.diagnostics(&mut p),
+        primary.log()
+    );
+    let standby = Cluster::standby_of(&primary, "standby");
+    let mut s = standby.client();
+    // Replicated memory is readable on the standby; no worker runs there.
+    standby.eventually(
+        &mut s,
+        "SELECT user_confirmed->>'a' = '1' FROM memory.get('c1')",
+        "memory replicated",
+        T,
+    );
+    let st = s
+        .query_one("SELECT running, state FROM memory.worker_status()", &[])
+        .unwrap();
+    assert!(!st.get::<_, bool>(0));
+    assert!(
+        st.get::<_, String>(1).contains("hot standby"),
+        "{}",
+        st.get::<_, String>(1)
+    );
+    assert_eq!(standby.worker_pid(&mut s), None);
+    // Read-only calls work on a standby (they assign no transaction id).
+    assert_eq!(wait(&mut s, &done), "complete");
+    // The primary crashes while its worker is summarizing a snippet; the standby has replicated
+    // that lease. After promotion the new worker takes the lease over (its holder is gone, even if
+    // its pid is in use again) and applies the snippet once.
+    let id = enqueue(&mut p, "c1", "mock_sleep_ms: 3000\nconfirmed: a = 2");
+    standby.eventually(
+        &mut s,
+        &format!("SELECT status = 'processing' FROM memory.status('{id}')"),
+        "lease replicated",
+        T,
+    );
+    primary.ctl_args(&["-m", "immediate", "stop"]);
+    standby.ctl("promote");
+    let mut s = standby.client();
+    let status = wait(&mut s, &id);
+    assert_eq!(
+        status,
+        "complete",
+        "{}\n{}",
+        standby.diagnostics(&mut s),
+        standby.log()
+    );
+    assert_eq!(
+        text(&mut s, "SELECT user_confirmed->>'a' FROM memory.get('c1')"),
+        "2"
+    );
+    assert_applied_once_in_order(&mut s, "c1");
+}
