@@ -78,6 +78,28 @@ pending=$(psql_b -d bench_api -c "SELECT count(*) FROM memory.chat_context_queue
 psql_b -d bench_api -c "VACUUM ANALYZE" >/dev/null
 read -r select_tps get_tps < <(runs bench_api "$W/select.sql" "$W/get.sql")
 
+# Claim cost as the queue grows: one _claim of the same work (200 chats, one snippet each; rolled
+# back) at 10k and at 1M pending rows. An index-driven claim stays near 1x; a scan would grow ~100x.
+psql_b -d bench_api <<'SQL'
+TRUNCATE memory.chat_metadata CASCADE;
+INSERT INTO memory.chat_metadata (chat_id, owner) SELECT 'c' || g, 'postgres' FROM generate_series(0, 9999) g;
+INSERT INTO memory.chat_context_queue (chat_id, new_context_snippet, enqueued_by)
+SELECT 'c' || (g % 10000), 'snippet ' || g, 'postgres' FROM generate_series(1, 10000) g;
+VACUUM ANALYZE memory.chat_metadata, memory.chat_context_queue;
+CREATE FUNCTION public.claim_ms() RETURNS float8 LANGUAGE plpgsql AS $$
+DECLARE t0 timestamptz := clock_timestamp();
+BEGIN
+  PERFORM count(*) FROM memory._claim(200, 1, 300);
+  RETURN extract(epoch FROM clock_timestamp() - t0) * 1000;
+END $$;
+SQL
+claim_ms() { # median of 5 rolled-back claims
+    for _ in 1 2 3 4 5; do psql_b -d bench_api -c "BEGIN" -c "SELECT public.claim_ms()" -c "ROLLBACK" | sed -n 1p; done | sort -n | sed -n 3p
+}
+claim_small=$(claim_ms)
+psql_b -d bench_api -c "INSERT INTO memory.chat_context_queue (chat_id, new_context_snippet, enqueued_by) SELECT 'c' || (g % 10000), 'snippet ' || g, 'postgres' FROM generate_series(10001, 1000000) g" -c "VACUUM ANALYZE memory.chat_context_queue" >/dev/null
+claim_large=$(claim_ms)
+
 # Latency on an idle server: enqueue, commit, then memory.wait() until the worker applied it.
 psql_b -d postgres <<'SQL'
 CREATE EXTENSION memory_ext;
@@ -124,5 +146,6 @@ memory_ext benchmark — $(date -u +%Y-%m-%d), $(nproc) cores, $(awk '/MemTotal/
 | enqueue, tx/s ($CLIENTS clients) | $enqueue_tps | plain INSERT: $insert_tps | $(ratio "$enqueue_tps" "$insert_tps") | >= 0.80 |
 | get(), tx/s ($CLIENTS clients) | $get_tps | plain PK SELECT: $select_tps | $(ratio "$get_tps" "$select_tps") | >= 0.80 |
 | enqueue -> memory visible, p50 / p99 ms (idle, 300 runs) | $p50 / $p99 | | | <= 20 / <= 100 |
+| one claim (200 chats × 1 snippet), ms: 1M pending rows vs 10k | $claim_large | 10k pending: $claim_small | $(ratio "$claim_large" "$claim_small") | ~1 (O(log n)) |
 | drain 100k snippets / 10k chats | $drain_rate snippets/s (${drain_s}s; $failed failed) | enqueue of the batch: ${enqueue_s}s | $(ratio "$drain_rate" 5000) of target | >= 5000/s |
 REPORT

@@ -84,9 +84,12 @@ DECLARE
     v_next timestamptz;
     v_max int := memory._max_snippet_bytes();
 BEGIN
-    -- The hot write path: checks are plain expressions, and two statements touch tables.
-    IF p_chat_id IS NULL OR btrim(p_chat_id) = '' OR length(p_chat_id) > 256 THEN
-        RAISE EXCEPTION 'chat_id must be 1 to 256 characters and not blank' USING ERRCODE = '22023';
+    -- The hot write path: checks inlined as plain expressions (the same as _check_chat_id).
+    IF p_chat_id IS NULL OR btrim(p_chat_id) = '' THEN
+        RAISE EXCEPTION 'chat_id must not be null or blank' USING ERRCODE = '22023';
+    END IF;
+    IF length(p_chat_id) > 256 THEN
+        RAISE EXCEPTION 'chat_id is longer than 256 characters' USING ERRCODE = '22023';
     END IF;
     IF p_snippet IS NULL OR btrim(p_snippet, E' \t\r\n') = '' THEN
         RAISE EXCEPTION 'snippet must not be null or blank' USING ERRCODE = '22023';
@@ -136,10 +139,13 @@ AS $$
 DECLARE
     v_owner text;
 BEGIN
+    -- Checks inlined (not _check_chat_id) and one query: this is the hot read path.
     IF p_chat_id IS NULL OR btrim(p_chat_id) = '' THEN
         RAISE EXCEPTION 'chat_id must not be null or blank' USING ERRCODE = '22023';
     END IF;
-    -- One query: this is the hot read path.
+    IF length(p_chat_id) > 256 THEN
+        RAISE EXCEPTION 'chat_id is longer than 256 characters' USING ERRCODE = '22023';
+    END IF;
     SELECT m.chat_id, m.user_confirmed, m.llm_inferred, m.general_summary, m.token_count,
            m.needs_new_chat, m.version, m.last_updated, m.owner,
            (SELECT count(*)::int FROM memory.chat_context_queue q

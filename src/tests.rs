@@ -163,6 +163,7 @@ fn get_errors() {
     run("SELECT memory.create_chat('c1')");
     assert_eq!(sqlstate("SELECT * FROM memory.get('nope')"), "P0002");
     assert_eq!(sqlstate("SELECT * FROM memory.get(NULL)"), "22023");
+    assert_eq!(sqlstate(&format!("SELECT * FROM memory.get('{}')", "x".repeat(257))), "22023");
     become_app_role();
     as_user("bob");
     assert_eq!(sqlstate("SELECT * FROM memory.get('c1')"), "42501");

@@ -311,13 +311,15 @@ pub extern "C-unwind" fn memory_ext_worker_main(_arg: pg_sys::Datum) {
     if let Some(sh) = shmem::get() {
         sh.worker_pid
             .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+        sh.database_oid
+            .store(unsafe { pg_sys::MyDatabaseId }.to_u32(), Ordering::Release);
         sh.started_at.store(shmem::now(), Ordering::Relaxed);
         sh.set_text(Field::Database, &db);
     }
     // Load the tokenizer's vocabulary now, not in the first snippet's latency.
     crate::tokens::count("warm up");
     let mut was_ready = false;
-    let mut last_retention = Instant::now() - RETENTION_EVERY;
+    let mut last_retention: Option<Instant> = None;
 
     while !shutdown_requested() {
         reload_config_if_asked();
@@ -363,8 +365,10 @@ pub extern "C-unwind" fn memory_ext_worker_main(_arg: pg_sys::Datum) {
             }
         }
         let _ = in_transaction(|| queue::reclaim(policy.max_attempts, false));
-        if last_retention.elapsed() >= RETENTION_EVERY.min(settings::idle_timeout()) {
-            last_retention = Instant::now();
+        if last_retention
+            .is_none_or(|t| t.elapsed() >= RETENTION_EVERY.min(settings::idle_timeout()))
+        {
+            last_retention = Some(Instant::now());
             let retention = settings::RETENTION_S.get();
             let _ = in_transaction(|| queue::cleanup(retention, RETENTION_BATCH));
         }

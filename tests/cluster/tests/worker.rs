@@ -43,6 +43,15 @@ fn end_to_end_create_enqueue_worker_get() {
         "c1",
         "confirmed: plan = PPO\nThe user compares plans.",
     );
+    let estimate: bool = c
+        .query_one(
+            "SELECT estimated_completion BETWEEN now() AND now() + interval '1 minute' \
+             FROM memory.enqueue('c9', 'x')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(estimate, "a worker serves this database: a near estimate");
     let q2 = enqueue(
         &mut c,
         "c1",
