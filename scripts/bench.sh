@@ -4,11 +4,11 @@
 #   2. get() vs a plain primary-key SELECT of chat_metadata (pgbench; ratio)
 #   3. enqueue -> memory-visible latency p50/p99 on an idle server
 #   4. drain rate for 100k snippets over 10k chats
-# Usage: scripts/bench.sh [seconds per pgbench run, default 10]
+# Usage: scripts/bench.sh [seconds per pgbench run, default 15]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/cluster.sh
-DURATION=${1:-10}
+DURATION=${1:-15}
 CLIENTS=${BENCH_CLIENTS:-4}
 
 scripts/setup.sh
@@ -66,6 +66,7 @@ echo "bench: pgbench, $CLIENTS clients, ${DURATION}s per run, median of three in
 median3() { printf '%s\n' "$@" | sort -n | sed -n 2p; }
 runs() { # db scriptA scriptB -> "medianA medianB"
     local a=() b=()
+    psql_b -d "$1" -c "CHECKPOINT" >/dev/null
     for _ in 1 2 3; do a+=("$(pgbench_tps "$1" "$2")"); b+=("$(pgbench_tps "$1" "$3")"); done
     echo "$(median3 "${a[@]}") $(median3 "${b[@]}")"
 }
