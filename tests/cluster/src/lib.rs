@@ -22,6 +22,36 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A fresh directory for one test's cluster, owned by the postgres OS user.
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(format!(
+        "/var/tmp/memory_ext_cluster_tests/{name}-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    Command::new("chown")
+        .args([
+            "-R",
+            "postgres:postgres",
+            "/var/tmp/memory_ext_cluster_tests",
+        ])
+        .status()
+        .unwrap();
+    dir
+}
+
+/// Run a PostgreSQL program as the postgres OS user; panic with its stderr if it fails.
+fn run_as_postgres(args: &[&str]) {
+    let out = as_postgres(args);
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        args[0],
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn as_postgres(args: &[&str]) -> std::process::Output {
     Command::new("runuser")
         .args(["-u", "postgres", "--"])
@@ -38,22 +68,9 @@ impl Cluster {
 
     /// Like `start`, choosing whether memory_ext is in shared_preload_libraries.
     pub fn start_with(name: &str, conf: &[&str], preload: bool) -> Cluster {
-        let dir = PathBuf::from(format!(
-            "/var/tmp/memory_ext_cluster_tests/{name}-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Command::new("chown")
-            .args([
-                "-R",
-                "postgres:postgres",
-                "/var/tmp/memory_ext_cluster_tests",
-            ])
-            .status()
-            .unwrap();
+        let dir = scratch_dir(name);
         let data = dir.join("data");
-        let out = as_postgres(&[
+        run_as_postgres(&[
             &format!("{PG_BIN}/initdb"),
             "-D",
             data.to_str().unwrap(),
@@ -63,30 +80,15 @@ impl Cluster {
             "postgres",
             "--locale=C.UTF-8",
         ]);
-        assert!(
-            out.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let port = free_port();
+        let preload = if preload { "memory_ext" } else { "" };
         let mut lines = vec![
-            format!("port = {port}"),
-            "listen_addresses = ''".into(),
-            format!("unix_socket_directories = '{}'", dir.display()),
-            format!(
-                "shared_preload_libraries = '{}'",
-                if preload { "memory_ext" } else { "" }
-            ),
+            "listen_addresses = ''".to_string(),
+            format!("shared_preload_libraries = '{preload}'"),
             "memory_ext.database = 'postgres'".into(),
             "max_connections = 60".into(),
         ];
         lines.extend(conf.iter().map(|s| s.to_string()));
-        let conf_path = data.join("postgresql.conf");
-        let mut text = std::fs::read_to_string(&conf_path).unwrap();
-        text.push_str(&lines.join("\n"));
-        text.push('\n');
-        std::fs::write(&conf_path, text).unwrap();
-        let c = Cluster { dir, port };
+        let c = Cluster::configured(dir, &lines);
         c.ctl("start");
         c.client()
             .batch_execute("CREATE EXTENSION memory_ext")
@@ -96,19 +98,9 @@ impl Cluster {
 
     /// A streaming standby of `primary` (pg_basebackup -R), started.
     pub fn standby_of(primary: &Cluster, name: &str) -> Cluster {
-        let dir = PathBuf::from(format!(
-            "/var/tmp/memory_ext_cluster_tests/{name}-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Command::new("chown")
-            .args(["-R", "postgres:postgres", dir.to_str().unwrap()])
-            .status()
-            .unwrap();
+        let dir = scratch_dir(name);
         let data = dir.join("data");
-        let port = primary.port.to_string();
-        let out = as_postgres(&[
+        run_as_postgres(&[
             &format!("{PG_BIN}/pg_basebackup"),
             "-D",
             data.to_str().unwrap(),
@@ -118,26 +110,30 @@ impl Cluster {
             "-h",
             primary.dir.to_str().unwrap(),
             "-p",
-            &port,
+            &primary.port.to_string(),
             "-U",
             "postgres",
         ]);
-        assert!(
-            out.status.success(),
-            "pg_basebackup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let port = free_port();
-        let conf_path = data.join("postgresql.conf");
-        let mut text = std::fs::read_to_string(&conf_path).unwrap();
-        text.push_str(&format!(
-            "port = {port}\nunix_socket_directories = '{}'\nhot_standby = on\n",
-            dir.display()
-        ));
-        std::fs::write(&conf_path, text).unwrap();
-        let c = Cluster { dir, port };
+        let c = Cluster::configured(dir, &["hot_standby = on".into()]);
         c.ctl("start");
         c
+    }
+
+    /// Give the cluster in `dir` its own port and socket directory (later lines win), plus `lines`.
+    fn configured(dir: PathBuf, lines: &[String]) -> Cluster {
+        let port = free_port();
+        let conf_path = dir.join("data").join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path).unwrap();
+        text.push_str(&format!(
+            "port = {port}\nunix_socket_directories = '{}'\n",
+            dir.display()
+        ));
+        for line in lines {
+            text.push_str(line);
+            text.push('\n');
+        }
+        std::fs::write(&conf_path, text).unwrap();
+        Cluster { dir, port }
     }
 
     pub fn data(&self) -> String {
