@@ -17,9 +17,9 @@ pgdata=/var/tmp/memory_ext_pgrx_test
 rm -rf "$pgdata"; mkdir -p "$pgdata"; chown postgres:postgres "$pgdata"
 cargo pgrx test pg15 --runas postgres --pgdata "$pgdata" 2>&1 | tee -a "$log"
 
-echo "== worker tests against real clusters (tests/cluster)"
+echo "== worker and LLM summarizer tests against real clusters and a fake LLM (tests/cluster)"
 cargo pgrx install --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
-cargo test --manifest-path tests/cluster/Cargo.toml --test worker -- --test-threads=2 2>&1 | tee -a "$log"
+cargo test --manifest-path tests/cluster/Cargo.toml --test worker --test llm -- --test-threads=2 2>&1 | tee -a "$log"
 
 # One closing line for all suites.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

@@ -260,3 +260,17 @@ SELECT s.status,
   FROM unnest(ARRAY['pending_summarization', 'processing', 'complete', 'failed']) AS s(status)
   LEFT JOIN memory.chat_context_queue q ON q.status = s.status
  GROUP BY s.status;
+
+-- What memory costs: LLM requests and tokens per summarizer, all days summed (the daily figures
+-- are in memory.llm_usage_daily). Failed attempts count too: a bad answer costs tokens.
+CREATE VIEW memory.llm_usage AS
+SELECT u.summarizer,
+       min(u.day) AS since,
+       sum(u.batches_applied)::bigint AS batches_applied,
+       sum(u.attempts_failed)::bigint AS attempts_failed,
+       sum(u.llm_requests)::bigint AS llm_requests,
+       sum(u.prompt_tokens)::bigint AS prompt_tokens,
+       sum(u.completion_tokens)::bigint AS completion_tokens,
+       sum(u.rejected_ops)::bigint AS rejected_ops
+  FROM memory.llm_usage_daily u
+ GROUP BY u.summarizer;

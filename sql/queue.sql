@@ -91,9 +91,31 @@ BEGIN
 END
 $$;
 
+-- Add one batch's cost to the daily usage rollup.
+CREATE FUNCTION memory._record_usage(p_summarizer text, p_applied int, p_failed int,
+                                     p_requests bigint, p_prompt bigint, p_completion bigint,
+                                     p_rejected bigint)
+RETURNS void
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO memory.llm_usage_daily AS u (day, summarizer, batches_applied, attempts_failed,
+                                             llm_requests, prompt_tokens, completion_tokens,
+                                             rejected_ops)
+    VALUES (current_date, p_summarizer, p_applied, p_failed, p_requests, p_prompt, p_completion,
+            p_rejected)
+    ON CONFLICT (day, summarizer) DO UPDATE
+       SET batches_applied = u.batches_applied + excluded.batches_applied,
+           attempts_failed = u.attempts_failed + excluded.attempts_failed,
+           llm_requests = u.llm_requests + excluded.llm_requests,
+           prompt_tokens = u.prompt_tokens + excluded.prompt_tokens,
+           completion_tokens = u.completion_tokens + excluded.completion_tokens,
+           rejected_ops = u.rejected_ops + excluded.rejected_ops
+$$;
+
 -- Apply merged memories. p_results is a JSON array of
 -- {chat_id, lease_token, queue_ids, user_confirmed, llm_inferred, general_summary, token_count,
---  needs_new_chat}. A result whose lease is no longer held (expired and reclaimed, or the chat
+--  needs_new_chat, llm_requests, prompt_tokens, completion_tokens, rejected_ops}. A result whose lease is no longer held (expired and reclaimed, or the chat
 -- was forgotten) is skipped, so a snippet is never applied twice. Returns the number applied.
 CREATE FUNCTION memory._apply(p_results jsonb, p_summarizer text)
 RETURNS int
@@ -105,10 +127,15 @@ DECLARE
     old memory.chat_metadata%ROWTYPE;
     n_rows int;
     n_applied int := 0;
+    v_requests bigint := 0;
+    v_prompt bigint := 0;
+    v_completion bigint := 0;
+    v_rejected bigint := 0;
 BEGIN
     FOR r IN SELECT * FROM jsonb_to_recordset(p_results) AS x(
         chat_id text, lease_token uuid, queue_ids uuid[], user_confirmed jsonb, llm_inferred jsonb,
-        general_summary text, token_count int, needs_new_chat bool)
+        general_summary text, token_count int, needs_new_chat bool, llm_requests int,
+        prompt_tokens bigint, completion_tokens bigint, rejected_ops int)
     LOOP
         SELECT * INTO old FROM memory.chat_metadata c WHERE c.chat_id = r.chat_id FOR UPDATE;
         IF NOT FOUND OR old.lease_token IS DISTINCT FROM r.lease_token THEN
@@ -136,22 +163,35 @@ BEGIN
 
         INSERT INTO memory.chat_memory_history (chat_id, version, queue_ids, old_user_confirmed,
             old_llm_inferred, old_general_summary, user_confirmed, llm_inferred, general_summary,
-            token_count, summarizer)
+            token_count, summarizer, llm_requests, prompt_tokens, completion_tokens, rejected_ops)
         VALUES (r.chat_id, old.version + 1, r.queue_ids, old.user_confirmed, old.llm_inferred,
             old.general_summary, r.user_confirmed, r.llm_inferred, r.general_summary,
-            r.token_count, p_summarizer);
+            r.token_count, p_summarizer, coalesce(r.llm_requests, 0),
+            coalesce(r.prompt_tokens, 0), coalesce(r.completion_tokens, 0),
+            coalesce(r.rejected_ops, 0));
         n_applied := n_applied + 1;
+        v_requests := v_requests + coalesce(r.llm_requests, 0);
+        v_prompt := v_prompt + coalesce(r.prompt_tokens, 0);
+        v_completion := v_completion + coalesce(r.completion_tokens, 0);
+        v_rejected := v_rejected + coalesce(r.rejected_ops, 0);
     END LOOP;
+    IF n_applied > 0 THEN
+        PERFORM memory._record_usage(p_summarizer, n_applied, 0, v_requests, v_prompt,
+                                     v_completion, v_rejected);
+    END IF;
     RETURN n_applied;
 END
 $$;
 
 -- Record a failed attempt for a leased chat: every claimed row gets retry_count + 1 and the
 -- error; rows that reached p_max_attempts (or all of them, for a permanent error) become
--- 'failed', the others wait for the same backoff (exponential, capped, with jitter), which also
--- holds back the chat's newer snippets so order is kept. The memory is not touched.
+-- 'failed', the others wait for the same backoff (exponential, capped, with jitter; or exactly
+-- p_retry_after_ms when the endpoint said so), which also holds back the chat's newer snippets
+-- so order is kept. The memory is not touched; what the attempt cost is recorded.
 CREATE FUNCTION memory._fail(p_chat_id text, p_lease_token uuid, p_error text, p_permanent bool,
-                             p_max_attempts int, p_backoff_base_ms int, p_backoff_max_ms int)
+                             p_max_attempts int, p_backoff_base_ms int, p_backoff_max_ms int,
+                             p_retry_after_ms int DEFAULT NULL, p_summarizer text DEFAULT NULL,
+                             p_usage jsonb DEFAULT NULL)
 RETURNS int
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -168,9 +208,9 @@ BEGIN
     END IF;
     SELECT max(q.retry_count) + 1 INTO v_attempt FROM memory.chat_context_queue q
      WHERE q.chat_id = p_chat_id AND q.claim_token = p_lease_token AND q.status = 'processing';
-    v_retry_at := now() + make_interval(secs =>
+    v_retry_at := now() + make_interval(secs => coalesce(p_retry_after_ms::float8,
         least(p_backoff_max_ms::float8, p_backoff_base_ms * power(2.0, coalesce(v_attempt, 1) - 1))
-        * (0.5 + random() / 2) / 1000.0);
+        * (0.5 + random() / 2)) / 1000.0);
 
     UPDATE memory.chat_context_queue q
        SET retry_count = q.retry_count + 1,
@@ -193,6 +233,39 @@ BEGIN
                                          WHERE q.chat_id = c.chat_id
                                            AND q.status = 'pending_summarization')
                            THEN v_retry_at END
+     WHERE c.chat_id = p_chat_id;
+    IF p_summarizer IS NOT NULL THEN
+        PERFORM memory._record_usage(p_summarizer, 0, 1,
+            coalesce((p_usage->>'llm_requests')::bigint, 0),
+            coalesce((p_usage->>'prompt_tokens')::bigint, 0),
+            coalesce((p_usage->>'completion_tokens')::bigint, 0),
+            coalesce((p_usage->>'rejected_ops')::bigint, 0));
+    END IF;
+    RETURN v_n;
+END
+$$;
+
+-- Give a lease back without counting an attempt: the worker is stopping while the chat's LLM
+-- request is still in flight. Its snippets are pending again, due at once.
+CREATE FUNCTION memory._release(p_chat_id text, p_lease_token uuid)
+RETURNS int
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_n int;
+BEGIN
+    PERFORM 1 FROM memory.chat_metadata c
+     WHERE c.chat_id = p_chat_id AND c.lease_token = p_lease_token FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    UPDATE memory.chat_context_queue q
+       SET status = 'pending_summarization', claim_token = NULL, lease_expires_at = NULL
+     WHERE q.chat_id = p_chat_id AND q.claim_token = p_lease_token AND q.status = 'processing';
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    UPDATE memory.chat_metadata c
+       SET lease_token = NULL, lease_owner = NULL, lease_until = NULL
      WHERE c.chat_id = p_chat_id;
     RETURN v_n;
 END
@@ -274,5 +347,7 @@ AS $$
 $$;
 
 REVOKE ALL ON FUNCTION memory._claim(int, int, int, text[]), memory._apply(jsonb, text),
-    memory._fail(text, uuid, text, bool, int, int, int), memory._reclaim(int, bool),
+    memory._fail(text, uuid, text, bool, int, int, int, int, text, jsonb),
+    memory._release(text, uuid), memory._reclaim(int, bool),
+    memory._record_usage(text, int, int, bigint, bigint, bigint, bigint),
     memory._cleanup(int, int), memory._next_due() FROM PUBLIC;

@@ -80,8 +80,29 @@ CREATE TABLE memory.chat_memory_history (
     general_summary     text NOT NULL,
     token_count         int NOT NULL,
     summarizer          text NOT NULL,
+    -- what producing this version cost, as the LLM provider reported it (0 for the mock)
+    llm_requests        int NOT NULL DEFAULT 0,
+    prompt_tokens       bigint NOT NULL DEFAULT 0,
+    completion_tokens   bigint NOT NULL DEFAULT 0,
+    -- model operations refused by the extension (e.g. a confirmation quoting nothing it was given)
+    rejected_ops        int NOT NULL DEFAULT 0,
     changed_at          timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (chat_id, version)
+);
+
+-- What summarizing costs, per day and summarizer (e.g. 'openai:gpt-4o-mini'), failed attempts
+-- included: written by the worker in the same transaction as the applied or failed batch, so
+-- each attempt is counted exactly once. memory.llm_usage sums it.
+CREATE TABLE memory.llm_usage_daily (
+    day                 date NOT NULL,
+    summarizer          text NOT NULL,
+    batches_applied     bigint NOT NULL DEFAULT 0,
+    attempts_failed     bigint NOT NULL DEFAULT 0,
+    llm_requests        bigint NOT NULL DEFAULT 0,
+    prompt_tokens       bigint NOT NULL DEFAULT 0,
+    completion_tokens   bigint NOT NULL DEFAULT 0,
+    rejected_ops        bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, summarizer)
 );
 
 -- pg_dump keeps the data of extension tables only when they are registered.
@@ -89,3 +110,4 @@ SELECT pg_catalog.pg_extension_config_dump('memory.chat_metadata', '');
 SELECT pg_catalog.pg_extension_config_dump('memory.chat_context_queue', '');
 SELECT pg_catalog.pg_extension_config_dump('memory.chat_memory_history', '');
 SELECT pg_catalog.pg_extension_config_dump('memory.chat_context_queue_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('memory.llm_usage_daily', '');

@@ -131,7 +131,9 @@ fn process_pending_impl(p_max: i32) -> ApiResult<i32> {
         ));
     }
     let mut policy = QueuePolicy::current();
-    let summarizer = summarizer::by_name(&settings::string(&settings::SUMMARIZER))?;
+    let config = settings::LlmConfig::current().map_err(ApiError::InvalidParameter)?;
+    let summarizer = summarizer::from_config(&config)?;
+    let label = summarizer.label();
     queue::reclaim(policy.max_attempts, true)?;
     let mut chats_left = p_max;
     let mut applied_snippets = 0;
@@ -144,13 +146,13 @@ fn process_pending_impl(p_max: i32) -> ApiResult<i32> {
         }
         chats_left -= claims.len() as i32;
         let (applied, failed) = batch::process_all(claims, summarizer.as_ref(), policy.token_limit);
-        queue::apply(&applied, summarizer.name())?;
+        queue::apply(&applied, &label)?;
         applied_snippets += applied
             .iter()
             .map(|a| a.queue_ids.len() as i32)
             .sum::<i32>();
         for f in &failed {
-            queue::fail(f, &policy)?;
+            queue::fail(f, &policy, &label)?;
             failed_chats.push(f.chat_id.clone());
         }
     }

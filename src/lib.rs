@@ -6,7 +6,8 @@
 //! - `api`: SQL functions written in Rust (the rest of the API is `sql/api.sql`);
 //! - `queue`: claiming and applying (wrappers over `sql/queue.sql`);
 //! - `batch`: summarize → validate → merge → count tokens for claimed chats;
-//! - `summarizer`: the trait and its implementations (`summarizer::mock`);
+//! - `summarizer`: the trait and its implementations (`mock`, and `openai`/`anthropic` over
+//!   `llm`, `http` and `contract`); `pipeline`: concurrent LLM requests for the worker;
 //! - `merge`: the merge rules; `tokens`: BPE token counting;
 //! - `worker`: the launcher and the queue-draining background worker.
 
@@ -18,6 +19,7 @@ mod api;
 mod batch;
 mod error;
 mod merge;
+mod pipeline;
 mod queue;
 mod settings;
 mod shmem;

@@ -2,11 +2,12 @@
 //! Every call here must run inside a transaction on the main thread.
 
 use crate::settings::QueuePolicy;
-use crate::summarizer::{Memory, Snippet};
+use crate::summarizer::{Memory, Snippet, Usage};
 use pgrx::datum::JsonB;
 use pgrx::prelude::*;
 use pgrx::spi::SpiError;
 use serde_json::Value;
+use std::time::Duration;
 
 /// One leased chat with its current memory and claimed snippets (in order).
 #[derive(Clone, Debug)]
@@ -26,6 +27,7 @@ pub struct Applied {
     pub memory: Memory,
     pub token_count: i32,
     pub needs_new_chat: bool,
+    pub usage: Usage,
 }
 
 /// A failed attempt to record.
@@ -35,6 +37,9 @@ pub struct Failed {
     pub lease_token: pgrx::Uuid,
     pub error: String,
     pub permanent: bool,
+    /// The endpoint's Retry-After: the delay to use instead of the backoff.
+    pub retry_after: Option<Duration>,
+    pub usage: Usage,
 }
 
 fn object(v: Option<JsonB>) -> serde_json::Map<String, Value> {
@@ -91,6 +96,10 @@ pub fn apply(results: &[Applied], summarizer: &str) -> Result<i32, SpiError> {
                 "general_summary": a.memory.general_summary,
                 "token_count": a.token_count,
                 "needs_new_chat": a.needs_new_chat,
+                "llm_requests": a.usage.requests,
+                "prompt_tokens": a.usage.prompt_tokens,
+                "completion_tokens": a.usage.completion_tokens,
+                "rejected_ops": a.usage.rejected_ops,
             })
         })
         .collect();
@@ -101,9 +110,18 @@ pub fn apply(results: &[Applied], summarizer: &str) -> Result<i32, SpiError> {
     .map(|n| n.unwrap_or(0))
 }
 
-pub fn fail(f: &Failed, policy: &QueuePolicy) -> Result<i32, SpiError> {
+pub fn fail(f: &Failed, policy: &QueuePolicy, summarizer: &str) -> Result<i32, SpiError> {
+    let usage = serde_json::json!({
+        "llm_requests": f.usage.requests,
+        "prompt_tokens": f.usage.prompt_tokens,
+        "completion_tokens": f.usage.completion_tokens,
+        "rejected_ops": f.usage.rejected_ops,
+    });
+    let retry_after_ms = f
+        .retry_after
+        .map(|d| i32::try_from(d.as_millis()).unwrap_or(i32::MAX));
     Spi::get_one_with_args::<i32>(
-        "SELECT memory._fail($1, $2, $3, $4, $5, $6, $7)",
+        "SELECT memory._fail($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         &[
             f.chat_id.as_str().into(),
             f.lease_token.into(),
@@ -112,7 +130,20 @@ pub fn fail(f: &Failed, policy: &QueuePolicy) -> Result<i32, SpiError> {
             policy.max_attempts.into(),
             policy.backoff_base_ms.into(),
             policy.backoff_max_ms.into(),
+            retry_after_ms.into(),
+            summarizer.into(),
+            JsonB(usage).into(),
         ],
+    )
+    .map(|n| n.unwrap_or(0))
+}
+
+/// Give a lease back untouched (the worker is stopping with the request still in flight): the
+/// snippets become pending again without counting an attempt.
+pub fn release(chat_id: &str, lease_token: pgrx::Uuid) -> Result<i32, SpiError> {
+    Spi::get_one_with_args::<i32>(
+        "SELECT memory._release($1, $2)",
+        &[chat_id.into(), lease_token.into()],
     )
     .map(|n| n.unwrap_or(0))
 }

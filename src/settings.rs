@@ -21,6 +21,14 @@ pub static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
 pub static BATCH_CHATS: GucSetting<i32> = GucSetting::<i32>::new(200);
 pub static BATCH_SNIPPETS: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static IDLE_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(60);
+pub static LLM_ENDPOINT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static LLM_MODEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static LLM_API_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static LLM_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
+pub static LLM_MAX_OUTPUT_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(2048);
+pub static LLM_CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(8);
+pub static LLM_STRUCTURED_OUTPUT: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"json_schema"));
 
 pub fn init(preloading: bool) {
     // A postmaster-context setting can only be defined at server start; it matters only to the
@@ -37,8 +45,10 @@ pub fn init(preloading: bool) {
     }
     GucRegistry::define_string_guc(
         c"memory_ext.summarizer",
-        c"Summarizer that merges snippets into memory: mock.",
-        c"mock is deterministic and needs no network; see the README for its contract.",
+        c"Summarizer that merges snippets into memory: mock, openai or anthropic.",
+        c"mock is deterministic and needs no network; openai speaks the OpenAI-compatible \
+          chat completions format (OpenAI, vLLM, Ollama, llama.cpp, LiteLLM); anthropic the \
+          Messages API.",
         &SUMMARIZER,
         GucContext::Suset,
         GucFlags::SUPERUSER_ONLY,
@@ -143,6 +153,71 @@ pub fn init(preloading: bool) {
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );
+    // Where the worker sends snippets and with which credentials: superuser only, so no
+    // application role can point the worker at an internal address or read the key.
+    GucRegistry::define_string_guc(
+        c"memory_ext.llm_endpoint",
+        c"Base URL of the LLM API, e.g. https://api.openai.com/v1 or https://api.anthropic.com.",
+        c"openai posts to {endpoint}/chat/completions, anthropic to {endpoint}/v1/messages.",
+        &LLM_ENDPOINT,
+        GucContext::Suset,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"memory_ext.llm_model",
+        c"Model name sent with every LLM request.",
+        c"",
+        &LLM_MODEL,
+        GucContext::Suset,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_string_guc(
+        c"memory_ext.llm_api_key",
+        c"API key for the LLM endpoint, or file:/path or env:NAME to read it from there.",
+        c"Prefer file: or env:: a literal key set in postgresql.conf is printed by the \
+          postmaster's own 'parameter changed' message on reload.",
+        &LLM_API_KEY,
+        GucContext::Suset,
+        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+    );
+    GucRegistry::define_int_guc(
+        c"memory_ext.llm_timeout_ms",
+        c"Time limit of one LLM request, connecting included.",
+        c"",
+        &LLM_TIMEOUT_MS,
+        100,
+        3_600_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"memory_ext.llm_max_output_tokens",
+        c"Output token limit sent with each LLM request (0 sends none).",
+        c"",
+        &LLM_MAX_OUTPUT_TOKENS,
+        0,
+        1_000_000,
+        GucContext::Suset,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"memory_ext.llm_concurrency",
+        c"LLM requests the worker keeps in flight at once (different chats).",
+        c"",
+        &LLM_CONCURRENCY,
+        1,
+        256,
+        GucContext::Suset,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_string_guc(
+        c"memory_ext.llm_structured_output",
+        c"How openai asks for JSON: json_schema (strict), json_object, or none (prompt only).",
+        c"Use json_object or none for servers without JSON-schema support.",
+        &LLM_STRUCTURED_OUTPUT,
+        GucContext::Suset,
+        GucFlags::empty(),
+    );
     // Unknown memory_ext.* names are typos: make SET refuse them.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"memory_ext".as_ptr()) };
 }
@@ -182,4 +257,127 @@ impl QueuePolicy {
 
 pub fn idle_timeout() -> Duration {
     Duration::from_secs(IDLE_TIMEOUT_S.get().max(1) as u64)
+}
+
+/// How `openai` asks for structured output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StructuredOutput {
+    JsonSchema,
+    JsonObject,
+    None,
+}
+
+/// A snapshot of the summarizer settings, owned, so helper threads can use it.
+#[derive(Clone, PartialEq)]
+pub struct LlmConfig {
+    pub summarizer: String,
+    pub endpoint: String,
+    pub model: String,
+    /// The resolved key (after `file:`/`env:`); never printed (see the Debug impl).
+    pub api_key: String,
+    pub timeout: Duration,
+    pub max_output_tokens: u32,
+    pub concurrency: usize,
+    pub structured_output: StructuredOutput,
+}
+
+impl std::fmt::Debug for LlmConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlmConfig")
+            .field("summarizer", &self.summarizer)
+            .field("endpoint", &self.endpoint)
+            .field("model", &self.model)
+            .field("api_key", &"[redacted]")
+            .finish_non_exhaustive()
+    }
+}
+
+impl LlmConfig {
+    /// Read the settings (main thread only). A key that cannot be resolved, or an unknown
+    /// structured-output mode, is an error message that names the setting, never the key.
+    pub fn current() -> Result<Self, String> {
+        let structured = string(&LLM_STRUCTURED_OUTPUT);
+        let structured_output = match structured.trim().to_ascii_lowercase().as_str() {
+            "json_schema" | "" => StructuredOutput::JsonSchema,
+            "json_object" => StructuredOutput::JsonObject,
+            "none" | "text" => StructuredOutput::None,
+            other => {
+                return Err(format!(
+                    "memory_ext.llm_structured_output \"{other}\" is not one of json_schema, \
+                     json_object, none"
+                ));
+            }
+        };
+        Ok(Self {
+            summarizer: string(&SUMMARIZER),
+            endpoint: string(&LLM_ENDPOINT)
+                .trim()
+                .trim_end_matches('/')
+                .to_string(),
+            model: string(&LLM_MODEL).trim().to_string(),
+            api_key: resolve_key(&string(&LLM_API_KEY))?,
+            timeout: Duration::from_millis(LLM_TIMEOUT_MS.get().max(1) as u64),
+            max_output_tokens: LLM_MAX_OUTPUT_TOKENS.get().max(0) as u32,
+            concurrency: LLM_CONCURRENCY.get().max(1) as usize,
+            structured_output,
+        })
+    }
+}
+
+/// `file:/path` reads the key from a file (trimmed), `env:NAME` from the server's environment,
+/// anything else is the key itself.
+pub fn resolve_key(raw: &str) -> Result<String, String> {
+    let raw = raw.trim();
+    if let Some(path) = raw.strip_prefix("file:") {
+        std::fs::read_to_string(path.trim())
+            .map(|k| k.trim().to_string())
+            .map_err(|e| format!("memory_ext.llm_api_key: cannot read key file: {e}"))
+    } else if let Some(name) = raw.strip_prefix("env:") {
+        std::env::var(name.trim())
+            .map(|k| k.trim().to_string())
+            .map_err(|_| {
+                format!(
+                    "memory_ext.llm_api_key: environment variable {} is not set",
+                    name.trim()
+                )
+            })
+    } else {
+        Ok(raw.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resolve_key;
+
+    #[test]
+    fn key_indirection() {
+        let dir = std::env::temp_dir().join(format!("memory_ext_key_{}", std::process::id()));
+        std::fs::write(&dir, "  sk-from-file\n").unwrap();
+        let path = dir.display().to_string();
+        let path_env = std::env::var("PATH").unwrap();
+        // (setting, resolved key or the start of the error)
+        let cases = [
+            ("sk-literal", Ok("sk-literal".to_string())),
+            ("", Ok(String::new())),
+            (&*format!("file:{path}"), Ok("sk-from-file".to_string())),
+            (
+                "file:/no/such/file",
+                Err("memory_ext.llm_api_key: cannot read key file"),
+            ),
+            ("env:PATH", Ok(path_env)),
+            (
+                "env:MEMORY_EXT_NO_SUCH_VARIABLE",
+                Err("memory_ext.llm_api_key: environment variable MEMORY_EXT_NO_SUCH_VARIABLE"),
+            ),
+        ];
+        for (raw, expected) in cases {
+            match (resolve_key(raw), expected) {
+                (Ok(k), Ok(e)) => assert_eq!(k, e, "{raw}"),
+                (Err(m), Err(e)) => assert!(m.starts_with(e), "{raw}: {m}"),
+                (got, e) => panic!("{raw}: got {got:?}, expected {e:?}"),
+            }
+        }
+        std::fs::remove_file(dir).unwrap();
+    }
 }

@@ -352,12 +352,71 @@ fn tables_are_dumped_and_settings_guarded() {
     assert_eq!(
         text("SELECT string_agg(c::regclass::text, ',' ORDER BY c::regclass::text) \
               FROM pg_extension, unnest(extconfig) c WHERE extname = 'memory_ext'"),
-        "memory.chat_context_queue,memory.chat_context_queue_seq,memory.chat_memory_history,memory.chat_metadata"
+        "memory.chat_context_queue,memory.chat_context_queue_seq,memory.chat_memory_history,\
+         memory.chat_metadata,memory.llm_usage_daily"
     );
     assert_eq!(sqlstate("SET memory_ext.no_such_setting = 1"), "42602");
+    run("SET LOCAL memory_ext.llm_api_key = 'sk-test-secret-4242'");
+    // SHOW ALL never lists the key, not even for a superuser.
+    assert_eq!(count("SELECT 1 FROM pg_settings WHERE setting LIKE '%sk-test-secret%'"), 0);
     become_app_role();
-    for s in ["summarizer = 'mock'", "max_snippet_bytes = 1000000", "token_limit = 1"] {
+    for s in [
+        "summarizer = 'mock'",
+        "max_snippet_bytes = 1000000",
+        "token_limit = 1",
+        "llm_endpoint = 'http://169.254.169.254'",
+        "llm_api_key = 'mine'",
+        "llm_model = 'x'",
+        "llm_concurrency = 100",
+        "llm_timeout_ms = 1000",
+        "llm_structured_output = 'none'",
+    ] {
         assert_eq!(sqlstate(&format!("SET memory_ext.{s}")), "42501", "{s}");
+    }
+    // An application role can neither read the key nor see the endpoint.
+    assert_eq!(sqlstate("SHOW memory_ext.llm_api_key"), "42501");
+    assert_eq!(sqlstate("SELECT current_setting('memory_ext.llm_api_key')"), "42501");
+    assert_eq!(sqlstate("SHOW memory_ext.llm_endpoint"), "42501");
+    assert_eq!(
+        count("SELECT 1 FROM pg_settings WHERE name IN ('memory_ext.llm_api_key', 'memory_ext.llm_endpoint')"),
+        0
+    );
+}
+
+#[pg_test]
+fn llm_usage_counts_applied_batches_and_failed_attempts() {
+    run("SELECT memory.enqueue('c1', 'confirmed: a = 1')");
+    run("SELECT memory.enqueue('c2', 'mock_fatal: nope')");
+    run("SELECT memory.process_pending()");
+    assert_eq!(
+        text("SELECT summarizer || '/' || batches_applied || '/' || attempts_failed || '/' || llm_requests \
+              FROM memory.llm_usage"),
+        "mock/1/1/0"
+    );
+    assert_eq!(
+        one::<i32>("SELECT llm_requests FROM memory.chat_memory_history WHERE chat_id = 'c1'"),
+        Some(0)
+    );
+}
+
+#[pg_test]
+fn an_unconfigured_llm_summarizer_is_a_clear_error() {
+    run("SELECT memory.enqueue('c1', 'hello')");
+    let cases = [
+        ("SET LOCAL memory_ext.summarizer = 'openai'", "22023"),
+        ("SET LOCAL memory_ext.summarizer = 'gpt'", "22023"),
+        ("SET LOCAL memory_ext.llm_structured_output = 'yaml'", "22023"),
+    ];
+    for (set, state) in cases {
+        run("RESET memory_ext.summarizer");
+        run("RESET memory_ext.llm_structured_output");
+        run(set);
+        assert_eq!(sqlstate("SELECT memory.process_pending()"), state, "{set}");
+        assert_eq!(
+            text("SELECT status FROM memory.chat_context_queue"),
+            "pending_summarization",
+            "{set}: nothing changed"
+        );
     }
 }
 

@@ -13,14 +13,18 @@
 //! `memory_ext.idle_timeout` as a safety net, and wakes early for scheduled retries.
 
 use crate::batch;
+use crate::pipeline::{self, Pipeline};
 use crate::queue;
+use crate::settings::LlmConfig;
 use crate::settings::{self, QueuePolicy};
 use crate::shmem::{self, Field};
-use crate::summarizer;
+use crate::summarizer::{self, Summarizer, Usage};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -28,6 +32,8 @@ const LAUNCHER: &str = "memory_ext launcher";
 const WORKER: &str = "memory_ext worker";
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 const RETENTION_BATCH: i32 = 1000;
+const RECLAIM_EVERY: Duration = Duration::from_secs(1);
+const BUSY_POLL: Duration = Duration::from_secs(1);
 
 pub fn register_launcher() {
     BackgroundWorkerBuilder::new(LAUNCHER)
@@ -220,19 +226,47 @@ fn extension_ready() -> bool {
     .unwrap_or(false)
 }
 
-/// Claim, summarize and apply one batch. Returns the number of chats claimed.
-pub(crate) fn drain_once(policy: &QueuePolicy) -> Result<usize, String> {
+/// The summarizer for the current settings, rebuilt only when they change (so an HTTP client
+/// keeps its connections). A configuration error is kept as its message: claimed snippets fail
+/// (transiently) with it until the settings are fixed.
+#[derive(Default)]
+struct SummarizerCache {
+    config: Option<LlmConfig>,
+    summarizer: Option<Result<Arc<dyn Summarizer>, String>>,
+}
+
+impl SummarizerCache {
+    fn current(&mut self) -> Result<Arc<dyn Summarizer>, String> {
+        let config = LlmConfig::current()?;
+        if self.config.as_ref() != Some(&config) || self.summarizer.is_none() {
+            self.summarizer = Some(summarizer::from_config(&config).map_err(|e| e.to_string()));
+            self.config = Some(config);
+        }
+        self.summarizer.clone().expect("set above")
+    }
+}
+
+fn claim_in_transaction(policy: &QueuePolicy) -> Result<Vec<queue::Claim>, String> {
+    in_transaction(|| queue::claim(policy, &[]))?.map_err(|e| e.to_string())
+}
+
+/// Claim, summarize inline and apply one batch. Returns the number of chats claimed.
+pub(crate) fn drain_once(
+    policy: &QueuePolicy,
+    summarizer: &Result<Arc<dyn Summarizer>, String>,
+) -> Result<usize, String> {
     let started = Instant::now();
-    let summarizer_name = settings::string(&settings::SUMMARIZER);
-    let claims = in_transaction(|| queue::claim(policy, &[]))?.map_err(|e| e.to_string())?;
+    let claims = claim_in_transaction(policy)?;
     if claims.is_empty() {
         return Ok(0);
     }
     let n = claims.len();
     set_state(&format!("summarizing {n} chat(s)"));
-    let summarizer = summarizer::by_name(&summarizer_name);
-    let (applied, mut failed) = match &summarizer {
-        Ok(s) => batch::process_all(claims, s.as_ref(), policy.token_limit),
+    let (applied, failed, label) = match summarizer {
+        Ok(s) => {
+            let (a, f) = batch::process_all(claims, s.as_ref(), policy.token_limit);
+            (a, f, s.label())
+        }
         Err(e) => (
             Vec::new(),
             claims
@@ -240,14 +274,28 @@ pub(crate) fn drain_once(policy: &QueuePolicy) -> Result<usize, String> {
                 .map(|c| queue::Failed {
                     chat_id: c.chat_id,
                     lease_token: c.lease_token,
-                    error: e.to_string(),
+                    error: e.clone(),
                     permanent: false,
+                    retry_after: None,
+                    usage: Usage::default(),
                 })
                 .collect(),
+            settings::string(&settings::SUMMARIZER),
         ),
     };
-    let label = summarizer.as_ref().map(|s| s.name()).unwrap_or("unknown");
+    if record(applied, failed, policy, &label) > 0 {
+        note_latency(started.elapsed());
+    }
+    Ok(n)
+}
 
+/// Apply what was summarized and record what failed. Returns the number of chats applied.
+pub(crate) fn record(
+    applied: Vec<queue::Applied>,
+    mut failed: Vec<queue::Failed>,
+    policy: &QueuePolicy,
+    label: &str,
+) -> usize {
     // Results whose lease was lost meanwhile are skipped by _apply and not counted.
     let mut ok = 0usize;
     if !applied.is_empty() {
@@ -269,7 +317,7 @@ pub(crate) fn drain_once(policy: &QueuePolicy) -> Result<usize, String> {
     }
     for f in &failed {
         record_error(&format!("chat \"{}\": {}", f.chat_id, f.error));
-        if let Err(e) = in_transaction(|| queue::fail(f, policy)) {
+        if let Err(e) = in_transaction(|| queue::fail(f, policy, label)) {
             record_error(&format!(
                 "could not record failure of chat \"{}\": {e}",
                 f.chat_id
@@ -281,16 +329,41 @@ pub(crate) fn drain_once(policy: &QueuePolicy) -> Result<usize, String> {
         sh.failed.fetch_add(failed.len() as u64, Ordering::Relaxed);
         if ok > 0 {
             sh.broadcast_applied();
-            // moving average of claim-to-applied time, the basis of estimated_completion
-            let us = started.elapsed().as_micros() as u64;
-            let old = sh.latency_us.load(Ordering::Relaxed);
-            sh.latency_us.store(
-                if old == 0 { us } else { (old * 7 + us) / 8 },
-                Ordering::Relaxed,
-            );
         }
     }
-    Ok(n)
+    ok
+}
+
+/// Moving average of claim-to-applied time, the basis of enqueue's estimated_completion.
+fn note_latency(d: Duration) {
+    if let Some(sh) = shmem::get() {
+        let us = d.as_micros() as u64;
+        let old = sh.latency_us.load(Ordering::Relaxed);
+        sh.latency_us.store(
+            if old == 0 { us } else { (old * 7 + us) / 8 },
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// Apply and record the answers the pipeline's threads delivered.
+fn record_done(done: Vec<pipeline::Done>, policy: &QueuePolicy) {
+    // Grouped by summarizer: a reload may have changed it while requests were in flight.
+    let mut by_label: HashMap<String, (Vec<queue::Applied>, Vec<queue::Failed>)> = HashMap::new();
+    let mut slowest = Duration::ZERO;
+    for d in done {
+        slowest = slowest.max(d.started.elapsed());
+        let entry = by_label.entry(d.label).or_default();
+        match d.outcome {
+            batch::Outcome::Applied(a) => entry.0.push(a),
+            batch::Outcome::Failed(f) => entry.1.push(f),
+        }
+    }
+    for (label, (applied, failed)) in by_label {
+        if record(applied, failed, policy, &label) > 0 {
+            note_latency(slowest);
+        }
+    }
 }
 
 fn apply_failure(a: &queue::Applied, error: String) -> queue::Failed {
@@ -299,6 +372,8 @@ fn apply_failure(a: &queue::Applied, error: String) -> queue::Failed {
         lease_token: a.lease_token,
         error: format!("could not apply memory: {error}"),
         permanent: false,
+        retry_after: None,
+        usage: a.usage,
     }
 }
 
@@ -320,6 +395,10 @@ pub extern "C-unwind" fn memory_ext_worker_main(_arg: pg_sys::Datum) {
     crate::tokens::count("warm up");
     let mut was_ready = false;
     let mut last_retention: Option<Instant> = None;
+    let mut last_reclaim: Option<Instant> = None;
+    let mut cache = SummarizerCache::default();
+    // Created on first use of a remote summarizer.
+    let mut pipeline: Option<Pipeline> = None;
 
     while !shutdown_requested() {
         reload_config_if_asked();
@@ -350,21 +429,66 @@ pub extern "C-unwind" fn memory_ext_worker_main(_arg: pg_sys::Datum) {
             was_ready = true;
         }
 
+        let summarizer = cache.current();
+        let remote = matches!(&summarizer, Ok(s) if s.is_remote());
         let mut claimed = 0;
-        loop {
-            match drain_once(&policy) {
-                Ok(0) => break,
-                Ok(n) => claimed += n,
-                Err(e) => {
-                    record_error(&e);
+        // More chats could be claimed right away (the batch size capped the last claim).
+        let mut more = false;
+        if remote && pipeline.is_none() {
+            match Pipeline::new() {
+                Ok(p) => pipeline = Some(p),
+                Err(e) => record_error(&format!("cannot start LLM request threads: {e}")),
+            }
+        }
+        if let Some(p) = pipeline.as_mut() {
+            // Answers first: they free slots, and a rate limit pauses new requests.
+            let done = p.finished();
+            if !done.is_empty() {
+                record_done(done, &policy);
+            }
+            if let (true, Ok(s)) = (remote, &summarizer) {
+                match p.start_more(&policy, s, settings::LLM_CONCURRENCY.get() as usize, |p| {
+                    claim_in_transaction(p)
+                }) {
+                    Ok((n, m)) => {
+                        claimed = n;
+                        more = m;
+                    }
+                    Err(e) => record_error(&e),
+                }
+                let in_flight = p.in_flight();
+                match p.paused() {
+                    Some(d) => set_state(&format!(
+                        "rate limited: {in_flight} LLM request(s) in flight, new ones in {:.1} s",
+                        d.as_secs_f64()
+                    )),
+                    None if in_flight > 0 => set_state(&format!(
+                        "summarizing: {in_flight} LLM request(s) in flight"
+                    )),
+                    None => {}
+                }
+            }
+        }
+        if !remote {
+            loop {
+                match drain_once(&policy, &summarizer) {
+                    Ok(0) => break,
+                    Ok(n) => claimed += n,
+                    Err(e) => {
+                        record_error(&e);
+                        break;
+                    }
+                }
+                if shutdown_requested() {
                     break;
                 }
             }
-            if shutdown_requested() {
-                break;
-            }
         }
-        let _ = in_transaction(|| queue::reclaim(policy.max_attempts, false));
+        let busy = pipeline.as_ref().is_some_and(|p| p.in_flight() > 0);
+        if last_reclaim.is_none_or(|t| t.elapsed() >= RECLAIM_EVERY) {
+            last_reclaim = Some(Instant::now());
+            let _ = in_transaction(|| queue::reclaim(policy.max_attempts, false));
+        }
         if last_retention
             .is_none_or(|t| t.elapsed() >= RETENTION_EVERY.min(settings::idle_timeout()))
         {
@@ -373,28 +497,61 @@ pub extern "C-unwind" fn memory_ext_worker_main(_arg: pg_sys::Datum) {
             let _ = in_transaction(|| queue::cleanup(retention, RETENTION_BATCH));
         }
         unsafe { pg_sys::pgstat_report_stat(false) };
-        set_state("idle");
+        if !busy {
+            set_state("idle");
+        }
 
-        // Sleep until woken by a commit, the next scheduled retry, or the safety timeout.
+        // Sleep until woken by a commit, a finished LLM request, the next scheduled retry, or
+        // the safety timeout.
         let idle = settings::idle_timeout();
-        let due = in_transaction(queue::seconds_until_due)
-            .ok()
-            .and_then(|r| r.ok())
-            .flatten();
-        let timeout = match due {
-            // Overdue work that could not be claimed (its chat is busy elsewhere): look again soon.
-            Some(s) if s <= 0.0 => {
-                if claimed > 0 {
-                    Duration::ZERO
-                } else {
-                    Duration::from_millis(500)
+        let timeout = if more {
+            Duration::ZERO
+        } else if busy {
+            // Finished requests and commits wake us; retries coming due are seen within BUSY_POLL.
+            BUSY_POLL
+        } else {
+            let due = in_transaction(queue::seconds_until_due)
+                .ok()
+                .and_then(|r| r.ok())
+                .flatten();
+            match due {
+                // Overdue work that could not be claimed (its chat is busy elsewhere): look
+                // again soon.
+                Some(s) if s <= 0.0 => {
+                    if claimed > 0 {
+                        Duration::ZERO
+                    } else {
+                        Duration::from_millis(500)
+                    }
+                }
+                Some(s) => Duration::from_secs_f64(s).min(idle),
+                None => idle,
+            }
+        };
+        // While rate limited nothing can be claimed before the pause ends.
+        let timeout = match pipeline.as_ref().and_then(Pipeline::paused) {
+            Some(p) if !busy => timeout.max(p.min(idle)),
+            _ => timeout,
+        };
+        if timeout > Duration::ZERO {
+            match pipeline.as_mut() {
+                Some(p) => p.wait(timeout),
+                None => {
+                    if !BackgroundWorker::wait_latch(Some(timeout)) {
+                        break;
+                    }
                 }
             }
-            Some(s) => Duration::from_secs_f64(s).min(idle),
-            None => idle,
-        };
-        if timeout > Duration::ZERO && !BackgroundWorker::wait_latch(Some(timeout)) {
-            break;
+        }
+    }
+    if let Some(p) = pipeline.as_mut() {
+        // Keep the answers that arrived; give the rest back without spending an attempt.
+        let done = p.finished();
+        if !done.is_empty() {
+            record_done(done, &QueuePolicy::current());
+        }
+        for (chat_id, lease) in p.abandon() {
+            let _ = in_transaction(|| queue::release(&chat_id, lease));
         }
     }
     if let Some(sh) = shmem::get() {

@@ -10,7 +10,7 @@
 //! - every other non-blank line feeds a rolling `general_summary`, lines joined with " | ",
 //!   keeping the last [`SUMMARY_MAX_CHARS`] characters.
 
-use super::{Fact, Memory, Snippet, Summarizer, SummarizerError, SummaryUpdate};
+use super::{Fact, Memory, Snippet, Summarizer, SummarizerError, SummaryUpdate, Usage};
 use serde_json::Value;
 
 pub const SUMMARY_MAX_CHARS: usize = 2000;
@@ -43,14 +43,15 @@ fn tail(s: &str, max: usize) -> String {
 }
 
 impl Summarizer for Mock {
-    fn name(&self) -> &'static str {
-        "mock"
+    fn label(&self) -> String {
+        "mock".to_string()
     }
 
     fn summarize(
         &self,
         memory: &Memory,
         snippets: &[Snippet],
+        _usage: &mut Usage,
     ) -> Result<SummaryUpdate, SummarizerError> {
         let mut update = SummaryUpdate::default();
         let mut summary_lines: Vec<&str> = Vec::new();
@@ -125,7 +126,7 @@ mod tests {
                 text: t.to_string(),
             })
             .collect();
-        Mock.summarize(memory, &snippets)
+        Mock.summarize(memory, &snippets, &mut Usage::default())
     }
 
     #[test]

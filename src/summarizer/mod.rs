@@ -6,11 +6,20 @@
 //! Implementations must be `Send + Sync` and work on owned data only: HTTP summarizers may run
 //! off the main thread, where nothing may touch Postgres.
 
+pub mod anthropic;
+pub mod contract;
+pub mod http;
+pub mod llm;
 pub mod mock;
+pub mod openai;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::sync::Arc;
+use std::time::Duration;
 use thiserror::Error;
+
+pub use crate::settings::LlmConfig;
 
 /// A chat's memory as the summarizer sees it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -46,37 +55,86 @@ pub struct SummaryUpdate {
     pub general_summary: Option<String>,
 }
 
+/// What the provider reported an attempt cost, summed over every request it took (a repair
+/// request, the halves of a split batch). Recorded per applied batch and per failed attempt.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub requests: u32,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Operations refused by the extension (an ungrounded confirmation, for one).
+    pub rejected_ops: u32,
+}
+
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum SummarizerError {
     /// Worth retrying with backoff (network trouble, overload, a bad answer).
     #[error("{0}")]
     Transient(String),
+    /// The endpoint asked us to slow down; retry no sooner than `retry_after` when it said.
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// The request did not fit the model's context window: split the batch, do not retry it.
+    #[error("{0}")]
+    ContextLength(String),
     /// Retrying cannot help (bad credentials, unknown model): mark the snippets failed now.
     #[error("{0}")]
     Permanent(String),
-    #[error("unknown summarizer \"{0}\" (memory_ext.summarizer accepts: mock)")]
-    Unknown(String),
+    /// A misconfiguration (unknown summarizer, missing endpoint): retried, so fixing the
+    /// setting and reloading resumes the work.
+    #[error("{0}")]
+    Config(String),
 }
 
 impl SummarizerError {
     pub fn is_permanent(&self) -> bool {
-        !matches!(self, SummarizerError::Transient(_))
+        matches!(
+            self,
+            SummarizerError::Permanent(_) | SummarizerError::ContextLength(_)
+        )
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            SummarizerError::RateLimited { retry_after, .. } => *retry_after,
+            _ => None,
+        }
     }
 }
 
 pub trait Summarizer: Send + Sync {
-    fn name(&self) -> &'static str;
+    /// Recorded with every applied batch, e.g. `mock` or `openai:gpt-4o-mini`.
+    fn label(&self) -> String;
+
+    /// Does a call leave the process (and so belong on a helper thread)? The mock answers in
+    /// microseconds and is run inline.
+    fn is_remote(&self) -> bool {
+        false
+    }
+
+    /// Propose an update. `usage` accumulates what the calls cost, also when they fail.
     fn summarize(
         &self,
         memory: &Memory,
         snippets: &[Snippet],
+        usage: &mut Usage,
     ) -> Result<SummaryUpdate, SummarizerError>;
 }
 
-/// The implementation named by `memory_ext.summarizer`.
-pub fn by_name(name: &str) -> Result<Box<dyn Summarizer>, SummarizerError> {
-    match name.trim().to_ascii_lowercase().as_str() {
-        "mock" => Ok(Box::new(mock::Mock)),
-        other => Err(SummarizerError::Unknown(other.to_string())),
+/// The implementation named by `memory_ext.summarizer`, configured from a settings snapshot.
+pub fn from_config(config: &LlmConfig) -> Result<Arc<dyn Summarizer>, SummarizerError> {
+    match config.summarizer.trim().to_ascii_lowercase().as_str() {
+        "mock" => Ok(Arc::new(mock::Mock)),
+        "openai" => Ok(Arc::new(llm::Llm::new(openai::OpenAi, config.clone())?)),
+        "anthropic" => Ok(Arc::new(llm::Llm::new(
+            anthropic::Anthropic,
+            config.clone(),
+        )?)),
+        other => Err(SummarizerError::Config(format!(
+            "unknown summarizer \"{other}\" (memory_ext.summarizer accepts: mock, openai, anthropic)"
+        ))),
     }
 }

@@ -1,6 +1,8 @@
 //! A scratch PostgreSQL 15 cluster per test, run as the `postgres` OS user with memory_ext
 //! preloaded, and helpers to talk to it over ordinary autocommit connections.
 
+pub mod fake_llm;
+
 use postgres::{Client, NoTls};
 use std::net::TcpListener;
 use std::path::PathBuf;

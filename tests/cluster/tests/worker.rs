@@ -511,7 +511,7 @@ fn settings_reload_on_sighup() {
                 .get(0);
             assert_eq!(
                 err,
-                "unknown summarizer \"nope\" (memory_ext.summarizer accepts: mock)"
+                "unknown summarizer \"nope\" (memory_ext.summarizer accepts: mock, openai, anthropic)"
             );
             break;
         }

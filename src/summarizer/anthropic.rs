@@ -1,0 +1,104 @@
+//! The Anthropic Messages API (`POST {endpoint}/v1/messages`). Structured output through a
+//! forced tool call whose `input_schema` is the contract's schema.
+
+use super::LlmConfig;
+use super::contract;
+use super::llm::{Answer, Content, Provider, Role, Turn};
+use serde_json::{Value, json};
+
+pub struct Anthropic;
+
+pub const API_VERSION: &str = "2023-06-01";
+
+/// The Messages API requires a limit; used when memory_ext.llm_max_output_tokens is 0.
+const DEFAULT_MAX_TOKENS: u32 = 4096;
+
+impl Provider for Anthropic {
+    fn name(&self) -> &'static str {
+        "anthropic"
+    }
+
+    fn url(&self, endpoint: &str) -> String {
+        // Accept the base URL with or without the version segment.
+        match endpoint.strip_suffix("/v1") {
+            Some(base) => format!("{base}/v1/messages"),
+            None => format!("{endpoint}/v1/messages"),
+        }
+    }
+
+    fn headers(&self, api_key: &str) -> Vec<(&'static str, String)> {
+        let mut h = vec![("anthropic-version", API_VERSION.to_string())];
+        if !api_key.is_empty() {
+            h.push(("x-api-key", api_key.to_string()));
+        }
+        h
+    }
+
+    fn request(&self, config: &LlmConfig, turns: &[Turn]) -> Value {
+        let messages: Vec<Value> = turns
+            .iter()
+            .map(|t| {
+                json!({
+                    "role": if t.role == Role::User { "user" } else { "assistant" },
+                    "content": t.text,
+                })
+            })
+            .collect();
+        let max_tokens = if config.max_output_tokens > 0 {
+            config.max_output_tokens
+        } else {
+            DEFAULT_MAX_TOKENS
+        };
+        json!({
+            "model": config.model,
+            "max_tokens": max_tokens,
+            "system": contract::SYSTEM_PROMPT,
+            "messages": messages,
+            "tools": [{
+                "name": contract::TOOL_NAME,
+                "description": "Record the memory update for the new snippets.",
+                "input_schema": contract::schema(),
+            }],
+            "tool_choice": {"type": "tool", "name": contract::TOOL_NAME},
+        })
+    }
+
+    fn answer(&self, response: &Value) -> Result<Answer, String> {
+        let blocks = response
+            .get("content")
+            .and_then(Value::as_array)
+            .ok_or("no content in the answer")?;
+        let tool_input = blocks.iter().find_map(|b| {
+            (b.get("type").and_then(Value::as_str) == Some("tool_use")
+                && b.get("name").and_then(Value::as_str) == Some(contract::TOOL_NAME))
+            .then(|| b.get("input").cloned())
+            .flatten()
+        });
+        let content = match tool_input {
+            Some(input) => Content::Json(input),
+            // A model (or proxy) that ignored the tool: read its text like any other.
+            None => Content::Text(
+                blocks
+                    .iter()
+                    .filter(|b| b.get("type").and_then(Value::as_str) == Some("text"))
+                    .filter_map(|b| b.get("text").and_then(Value::as_str))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            ),
+        };
+        let usage = |name: &str| {
+            response
+                .pointer(&format!("/usage/{name}"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        };
+        Ok(Answer {
+            content,
+            prompt_tokens: usage("input_tokens")
+                + usage("cache_read_input_tokens")
+                + usage("cache_creation_input_tokens"),
+            completion_tokens: usage("output_tokens"),
+            truncated: response.get("stop_reason").and_then(Value::as_str) == Some("max_tokens"),
+        })
+    }
+}

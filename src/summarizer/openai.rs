@@ -1,0 +1,95 @@
+//! The OpenAI-compatible chat completions format (`POST {endpoint}/chat/completions`), served
+//! by OpenAI, vLLM, Ollama, llama.cpp server and LiteLLM. Structured output through
+//! `response_format` (`json_schema`, strict), or `json_object`, or the prompt alone.
+
+use super::LlmConfig;
+use super::contract;
+use super::llm::{Answer, Content, Provider, Role, Turn};
+use crate::settings::StructuredOutput;
+use serde_json::{Value, json};
+
+pub struct OpenAi;
+
+impl Provider for OpenAi {
+    fn name(&self) -> &'static str {
+        "openai"
+    }
+
+    fn url(&self, endpoint: &str) -> String {
+        format!("{endpoint}/chat/completions")
+    }
+
+    fn headers(&self, api_key: &str) -> Vec<(&'static str, String)> {
+        // Local servers (Ollama, llama.cpp) need no key; send none rather than an empty one.
+        if api_key.is_empty() {
+            Vec::new()
+        } else {
+            vec![("authorization", format!("Bearer {api_key}"))]
+        }
+    }
+
+    fn request(&self, config: &LlmConfig, turns: &[Turn]) -> Value {
+        let mut messages = vec![json!({"role": "system", "content": contract::SYSTEM_PROMPT})];
+        messages.extend(turns.iter().map(|t| {
+            json!({
+                "role": if t.role == Role::User { "user" } else { "assistant" },
+                "content": t.text,
+            })
+        }));
+        let mut body = json!({"model": config.model, "messages": messages});
+        match config.structured_output {
+            StructuredOutput::JsonSchema => {
+                body["response_format"] = json!({
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": contract::TOOL_NAME,
+                        "strict": true,
+                        "schema": contract::schema(),
+                    }
+                });
+            }
+            StructuredOutput::JsonObject => {
+                body["response_format"] = json!({"type": "json_object"});
+            }
+            StructuredOutput::None => {}
+        }
+        if config.max_output_tokens > 0 {
+            body["max_tokens"] = json!(config.max_output_tokens);
+        }
+        body
+    }
+
+    fn answer(&self, response: &Value) -> Result<Answer, String> {
+        let choice = response
+            .pointer("/choices/0")
+            .ok_or("no choices in the answer")?;
+        let message = choice
+            .get("message")
+            .ok_or("no message in the first choice")?;
+        let text = match message.get("content") {
+            Some(Value::String(s)) => s.clone(),
+            // some servers send content parts
+            Some(Value::Array(parts)) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join(""),
+            _ => match message.get("refusal").and_then(Value::as_str) {
+                Some(r) => format!("(refused: {r})"),
+                None => String::new(),
+            },
+        };
+        let usage = |name: &str| {
+            response
+                .pointer(&format!("/usage/{name}"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        };
+        Ok(Answer {
+            content: Content::Text(text),
+            prompt_tokens: usage("prompt_tokens"),
+            completion_tokens: usage("completion_tokens"),
+            truncated: choice.get("finish_reason").and_then(Value::as_str) == Some("length"),
+        })
+    }
+}

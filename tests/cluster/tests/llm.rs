@@ -1,0 +1,537 @@
+//! The HTTP summarizers against a fake LLM server (both wire formats), through the real worker:
+//! valid, fenced, prose-wrapped and think-prefixed answers; repair; schema violations; ungrounded
+//! confirmations; 429 with Retry-After; 500 then OK; 401; timeouts; connection refused;
+//! context-length splitting; concurrency; responsiveness while requests hang. Each test checks
+//! the final memory, the queue rows, and that the API key leaked nowhere.
+
+use memory_ext_cluster_tests::fake_llm::{COMPLETION_TOKENS, FakeLlm, Mode, PROMPT_TOKENS};
+use memory_ext_cluster_tests::{Cluster, enqueue};
+use postgres::Client;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+const KEY: &str = "sk-fake-secret-key-7d41c9";
+
+fn wait(c: &mut Client, id: &str) -> String {
+    c.query_one("SELECT memory.wait($1::text::uuid, '30 seconds')", &[&id])
+        .unwrap()
+        .get(0)
+}
+
+fn text(c: &mut Client, sql: &str) -> String {
+    c.query_one(sql, &[]).unwrap().get(0)
+}
+
+/// A cluster whose worker talks to `fake` with `provider`, fast backoff, 3 attempts.
+fn start(name: &str, fake: &FakeLlm, provider: &str, extra: &[&str]) -> (Cluster, Client) {
+    let endpoint = if provider == "anthropic" {
+        fake.anthropic_endpoint()
+    } else {
+        fake.openai_endpoint()
+    };
+    let mut conf = vec![
+        format!("memory_ext.summarizer = '{provider}'"),
+        format!("memory_ext.llm_endpoint = '{endpoint}'"),
+        "memory_ext.llm_model = 'fake-model'".to_string(),
+        format!("memory_ext.llm_api_key = '{KEY}'"),
+        "memory_ext.llm_timeout_ms = 5000".to_string(),
+        "memory_ext.backoff_base_ms = 50".to_string(),
+        "memory_ext.backoff_max_ms = 200".to_string(),
+        "memory_ext.max_attempts = 3".to_string(),
+    ];
+    conf.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = conf.iter().map(String::as_str).collect();
+    let pg = Cluster::start(name, &refs);
+    let c = pg.client();
+    (pg, c)
+}
+
+/// status/retry_count of a queue row, and its error message.
+fn row(c: &mut Client, id: &str) -> (String, i32, String) {
+    let r = c
+        .query_one(
+            "SELECT status, retry_count, coalesce(error_message, '') FROM memory.status($1::text::uuid)",
+            &[&id],
+        )
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
+fn memory(c: &mut Client, chat: &str) -> (String, String, String) {
+    let r = c
+        .query_one(
+            "SELECT user_confirmed::text, llm_inferred::text, general_summary FROM memory.get($1)",
+            &[&chat],
+        )
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
+/// The key is in no stored row, no worker status, no server log line.
+fn assert_no_key_leak(pg: &Cluster, c: &mut Client) {
+    let stored: i64 = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM memory.chat_context_queue WHERE error_message LIKE '%' || $1 || '%') \
+                  + (SELECT count(*) FROM memory.chat_memory_history h WHERE h::text LIKE '%' || $1 || '%') \
+                  + (SELECT count(*) FROM memory.worker_status() w WHERE w::text LIKE '%' || $1 || '%') \
+                  + (SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid())",
+            &[&KEY],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0, "the API key was stored somewhere");
+    assert!(!pg.log().contains(KEY), "the API key is in the server log");
+}
+
+#[test]
+fn openai_valid_answer_end_to_end() {
+    let fake = FakeLlm::start(Mode::Valid);
+    let (pg, mut c) = start("llm_openai", &fake, "openai", &[]);
+    let id = enqueue(
+        &mut c,
+        "c1",
+        "confirmed: zip = 94110\ninferred: budget = tight\nThe user wants to move.",
+    );
+    assert_eq!(wait(&mut c, &id), "complete");
+    assert_eq!(
+        memory(&mut c, "c1"),
+        (
+            r#"{"zip": "94110"}"#.into(),
+            r#"{"budget": "tight"}"#.into(),
+            "The user wants to move.".into()
+        )
+    );
+    let reqs = fake.requests();
+    assert_eq!(reqs.len(), 1);
+    let r = &reqs[0];
+    assert_eq!(r.path, "/v1/chat/completions");
+    assert_eq!(r.header("authorization"), Some(&*format!("Bearer {KEY}")));
+    assert_eq!(r.body["model"], "fake-model");
+    assert_eq!(r.body["response_format"]["type"], "json_schema");
+    assert_eq!(r.body["response_format"]["json_schema"]["strict"], true);
+    assert_eq!(r.body["messages"][0]["role"], "system");
+    assert!(r.last_user_text().contains(&id), "snippet ids are sent");
+    // what it cost, per batch and summed
+    assert_eq!(
+        text(
+            &mut c,
+            "SELECT summarizer || '/' || llm_requests || '/' || prompt_tokens || '/' || completion_tokens \
+             FROM memory.chat_memory_history WHERE chat_id = 'c1'"
+        ),
+        format!("openai:fake-model/1/{PROMPT_TOKENS}/{COMPLETION_TOKENS}")
+    );
+    assert_eq!(
+        text(
+            &mut c,
+            "SELECT batches_applied || '/' || llm_requests || '/' || prompt_tokens FROM memory.llm_usage \
+             WHERE summarizer = 'openai:fake-model'"
+        ),
+        format!("1/1/{PROMPT_TOKENS}")
+    );
+    assert_no_key_leak(&pg, &mut c);
+}
+
+#[test]
+fn anthropic_tool_use_end_to_end() {
+    let fake = FakeLlm::start(Mode::Valid);
+    let (pg, mut c) = start("llm_anthropic", &fake, "anthropic", &[]);
+    let id = enqueue(&mut c, "c1", "confirmed: plan = PPO\nComparing plans.");
+    assert_eq!(wait(&mut c, &id), "complete");
+    assert_eq!(
+        memory(&mut c, "c1"),
+        (
+            r#"{"plan": "PPO"}"#.into(),
+            "{}".into(),
+            "Comparing plans.".into()
+        )
+    );
+    let r = &fake.requests()[0];
+    assert_eq!(r.path, "/v1/messages");
+    assert_eq!(r.header("x-api-key"), Some(KEY));
+    assert_eq!(r.header("anthropic-version"), Some("2023-06-01"));
+    assert_eq!(r.header("authorization"), None);
+    assert_eq!(r.body["tool_choice"]["name"], "update_memory");
+    assert_eq!(r.body["tools"][0]["input_schema"]["type"], "object");
+    assert!(r.body["max_tokens"].as_u64().unwrap() > 0);
+    assert_no_key_leak(&pg, &mut c);
+}
+
+#[test]
+fn wrapped_answers_are_read_without_a_repair() {
+    let fake = FakeLlm::start(Mode::Valid);
+    for provider in ["openai", "anthropic"] {
+        let (pg, mut c) = start(&format!("llm_wrapped_{provider}"), &fake, provider, &[]);
+        for (i, mode) in [Mode::Fenced, Mode::Prose, Mode::Think]
+            .into_iter()
+            .enumerate()
+        {
+            fake.set_mode(mode.clone());
+            let before = fake.request_count();
+            let chat = format!("c{i}");
+            let id = enqueue(&mut c, &chat, "confirmed: zip = 94110\nMoving soon.");
+            assert_eq!(wait(&mut c, &id), "complete", "{provider} {mode:?}");
+            assert_eq!(
+                memory(&mut c, &chat).0,
+                r#"{"zip": "94110"}"#,
+                "{provider} {mode:?}"
+            );
+            assert_eq!(
+                fake.request_count() - before,
+                1,
+                "{provider} {mode:?}: no repair needed"
+            );
+        }
+        assert_no_key_leak(&pg, &mut c);
+    }
+}
+
+#[test]
+fn invalid_answer_is_repaired_once() {
+    let fake = FakeLlm::start(Mode::InvalidThenValid);
+    let (pg, mut c) = start("llm_repair", &fake, "openai", &[]);
+    let id = enqueue(&mut c, "c1", "confirmed: zip = 94110\nMoving soon.");
+    assert_eq!(wait(&mut c, &id), "complete");
+    assert_eq!(
+        row(&mut c, &id).1,
+        0,
+        "a repaired answer is not a failed attempt"
+    );
+    assert_eq!(memory(&mut c, "c1").0, r#"{"zip": "94110"}"#);
+    let reqs = fake.requests();
+    assert_eq!(reqs.len(), 2);
+    let repair = &reqs[1];
+    assert_eq!(repair.body["messages"].as_array().unwrap().len(), 4);
+    assert_eq!(repair.body["messages"][2]["role"], "assistant");
+    assert!(
+        repair.last_user_text().contains("no JSON object found"),
+        "the repair request quotes the validation error: {}",
+        repair.last_user_text()
+    );
+    assert_eq!(
+        text(
+            &mut c,
+            "SELECT llm_requests::text FROM memory.chat_memory_history WHERE chat_id = 'c1'"
+        ),
+        "2"
+    );
+    assert_no_key_leak(&pg, &mut c);
+}
+
+#[test]
+fn schema_violations_fail_the_attempt_and_never_touch_memory() {
+    let fake = FakeLlm::start(Mode::Valid);
+    let (pg, mut c) = start("llm_schema", &fake, "openai", &[]);
+    let first = enqueue(&mut c, "c1", "confirmed: zip = 94110\nMoving soon.");
+    assert_eq!(wait(&mut c, &first), "complete");
+    let before = memory(&mut c, "c1");
+    fake.set_mode(Mode::SchemaViolating);
+    let requests_before = fake.request_count();
+    let id = enqueue(&mut c, "c1", "confirmed: zip = 10001\nChanged plans.");
+    assert_eq!(wait(&mut c, &id), "failed");
+    let (status, retries, error) = row(&mut c, &id);
+    assert_eq!((status.as_str(), retries), ("failed", 3));
+    assert!(
+        error.contains("also after a repair request") && error.contains("\"ops\""),
+        "{error}"
+    );
+    assert_eq!(memory(&mut c, "c1"), before, "memory unchanged");
+    assert_eq!(
+        fake.request_count() - requests_before,
+        6,
+        "each attempt: one request and one repair"
+    );
+    assert_eq!(
+        text(
+            &mut c,
+            "SELECT attempts_failed || '/' || llm_requests FROM memory.llm_usage"
+        ),
+        "3/7",
+        "failed attempts' requests are counted too"
+    );
+    assert_no_key_leak(&pg, &mut c);
+}
+
+#[test]
+fn ungrounded_confirmations_are_rejected_and_counted() {
+    let fake = FakeLlm::start(Mode::Ungrounded);
+    let (pg, mut c) = start("llm_ground", &fake, "openai", &[]);
+    let id = enqueue(
+        &mut c,
+        "c1",
+        "confirmed: zip = 94110\nconfirmed: plan = PPO\ninferred: budget = tight\nHello.",
+    );
+    assert_eq!(wait(&mut c, &id), "complete");
+    let (confirmed, inferred, _) = memory(&mut c, "c1");
+    assert_eq!(confirmed, "{}", "no invented user-confirmed facts");
+    assert_eq!(
+        inferred, r#"{"budget": "tight"}"#,
+        "the rest of the answer applies"
+    );
+    assert_eq!(
+        text(
+            &mut c,
+            "SELECT rejected_ops || '/' || (SELECT rejected_ops FROM memory.llm_usage) \
+             FROM memory.chat_memory_history WHERE chat_id = 'c1'"
+        ),
+        "2/2"
+    );
+    assert_no_key_leak(&pg, &mut c);
+}
+
+#[test]
+fn rate_limit_honours_retry_after() {
+    let fake = FakeLlm::start(Mode::RateLimited {
+        times: 1,
+        retry_after_s: 2,
+    });
+    let (pg, mut c) = start("llm_429", &fake, "openai", &[]);
+    let id = enqueue(&mut c, "c1", "confirmed: zip = 94110");
+    assert_eq!(wait(&mut c, &id), "complete");
+    let (_, retries, error) = row(&mut c, &id);
+    assert_eq!(retries, 1);
+    assert!(error.contains("429"), "{error}");
+    let reqs = fake.requests();
+    assert_eq!(reqs.len(), 2);
+    let gap = reqs[1].at - reqs[0].at;
+    // A lower bound only: the retry may come later, never sooner than the server asked.
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "retried after {gap:?}, before Retry-After (2 s) passed"
+    );
+    assert_eq!(memory(&mut c, "c1").0, r#"{"zip": "94110"}"#);
+    assert_no_key_leak(&pg, &mut c);
+}
+
+#[test]
+fn server_error_then_ok_is_retried() {
+    let fake = FakeLlm::start(Mode::ServerError { times: 1 });
+    let (pg, mut c) = start("llm_500", &fake, "anthropic", &[]);
+    let id = enqueue(&mut c, "c1", "confirmed: zip = 94110");
+    assert_eq!(wait(&mut c, &id), "complete");
+    let (_, retries, error) = row(&mut c, &id);
+    assert_eq!(retries, 1);
+    assert!(
+        error.contains("500") && error.contains("The server had an error"),
+        "{error}"
+    );
+    assert_eq!(fake.request_count(), 2);
+    assert_eq!(memory(&mut c, "c1").0, r#"{"zip": "94110"}"#);
+    assert_no_key_leak(&pg, &mut c);
+}
+
+#[test]
+fn unauthorized_fails_at_once_without_leaking_the_key() {
+    let fake = FakeLlm::start(Mode::Unauthorized);
+    let (pg, mut c) = start("llm_401", &fake, "openai", &[]);
+    let id = enqueue(&mut c, "c1", "confirmed: zip = 94110");
+    assert_eq!(wait(&mut c, &id), "failed");
+    let (_, retries, error) = row(&mut c, &id);
+    assert_eq!(retries, 1, "permanent: no retries");
+    assert_eq!(
+        error,
+        "LLM endpoint answered 401: Incorrect API key provided: [redacted] (invalid_api_key)"
+    );
+    assert_eq!(fake.request_count(), 1);
+    assert_eq!(memory(&mut c, "c1").0, "{}");
+    let last_error = text(&mut c, "SELECT last_error FROM memory.worker_status()");
+    assert!(last_error.contains("[redacted]"), "{last_error}");
+    assert_no_key_leak(&pg, &mut c);
+}
+
+#[test]
+fn a_slow_endpoint_times_out_and_is_retried() {
+    let fake = FakeLlm::start(Mode::Valid);
+    let (pg, mut c) = start(
+        "llm_timeout",
+        &fake,
+        "openai",
+        &["memory_ext.llm_timeout_ms = 300"],
+    );
+    let id = enqueue(&mut c, "c1", "fake_sleep_ms: 3000\nconfirmed: zip = 94110");
+    assert_eq!(wait(&mut c, &id), "failed");
+    let (_, retries, error) = row(&mut c, &id);
+    assert_eq!(retries, 3);
+    assert_eq!(error, "LLM request timed out after 300 ms");
+    assert_eq!(memory(&mut c, "c1").0, "{}");
+    assert_no_key_leak(&pg, &mut c);
+}
+
+#[test]
+fn connection_refused_is_retried_then_failed() {
+    // A port nothing listens on: bind, note it, close.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let pg = Cluster::start(
+        "llm_refused",
+        &[
+            "memory_ext.summarizer = 'openai'",
+            &format!("memory_ext.llm_endpoint = 'http://127.0.0.1:{port}/v1'"),
+            "memory_ext.llm_model = 'm'",
+            &format!("memory_ext.llm_api_key = '{KEY}'"),
+            "memory_ext.backoff_base_ms = 50",
+            "memory_ext.max_attempts = 2",
+        ],
+    );
+    let mut c = pg.client();
+    let id = enqueue(&mut c, "c1", "confirmed: zip = 94110");
+    assert_eq!(wait(&mut c, &id), "failed");
+    let (_, retries, error) = row(&mut c, &id);
+    assert_eq!(retries, 2);
+    assert!(
+        error.starts_with("could not connect to the LLM endpoint"),
+        "{error}"
+    );
+    assert_no_key_leak(&pg, &mut c);
+}
+
+#[test]
+fn a_batch_too_long_for_the_context_is_split() {
+    let fake = FakeLlm::start(Mode::ContextWindow { max_snippets: 1 });
+    let (pg, mut c) = start("llm_split", &fake, "openai", &[]);
+    // committed together, so claimed as one batch of three
+    let mut tx = c.transaction().unwrap();
+    for i in 0..3 {
+        tx.execute(
+            "SELECT memory.enqueue('c1', $1)",
+            &[&format!("confirmed: k{i} = v{i}\nstep {i}")],
+        )
+        .unwrap();
+    }
+    tx.commit().unwrap();
+    pg.eventually(
+        &mut c,
+        "SELECT count(*) = 3 FROM memory.chat_context_queue WHERE status = 'complete'",
+        "all three applied",
+        T,
+    );
+    let (confirmed, _, summary) = memory(&mut c, "c1");
+    assert_eq!(confirmed, r#"{"k0": "v0", "k1": "v1", "k2": "v2"}"#);
+    assert_eq!(
+        summary, "step 0 | step 1 | step 2",
+        "halves applied in order"
+    );
+    assert_eq!(
+        text(
+            &mut c,
+            "SELECT count(*) || '/' || sum(llm_requests) || '/' || sum(cardinality(queue_ids)) \
+             FROM memory.chat_memory_history WHERE chat_id = 'c1'"
+        ),
+        // [3] too long -> [1] ok, [2] too long -> [1] ok, [1] ok: one version, five requests
+        "1/5/3"
+    );
+    // a single snippet that does not fit fails for good
+    fake.set_mode(Mode::ContextWindow { max_snippets: 0 });
+    let id = enqueue(&mut c, "c2", "far too long");
+    assert_eq!(wait(&mut c, &id), "failed");
+    let (_, retries, error) = row(&mut c, &id);
+    assert_eq!(retries, 1);
+    assert!(error.contains("does not fit"), "{error}");
+    assert_no_key_leak(&pg, &mut c);
+}
+
+#[test]
+fn requests_run_concurrently_up_to_the_limit_one_per_chat() {
+    let fake = FakeLlm::start(Mode::Valid);
+    let (pg, mut c) = start(
+        "llm_concurrency",
+        &fake,
+        "openai",
+        &["memory_ext.llm_concurrency = 4"],
+    );
+    let mut tx = c.transaction().unwrap();
+    for i in 0..8 {
+        tx.execute(
+            "SELECT memory.enqueue($1, 'fake_sleep_ms: 500\nconfirmed: n = 1')",
+            &[&format!("c{i}")],
+        )
+        .unwrap();
+    }
+    tx.commit().unwrap();
+    pg.eventually(
+        &mut c,
+        "SELECT count(*) = 8 FROM memory.chat_context_queue WHERE status = 'complete'",
+        "all applied",
+        T,
+    );
+    assert_eq!(fake.max_in_flight(), 4, "never more than llm_concurrency");
+    assert_eq!(fake.request_count(), 8);
+    assert_no_key_leak(&pg, &mut c);
+}
+
+#[test]
+fn a_hanging_request_never_blocks_signals_or_other_chats() {
+    let fake = FakeLlm::start(Mode::Valid);
+    // The key comes from a file: a reload must not print it either.
+    let key_file = std::env::temp_dir().join(format!("memory_ext_key_{}", std::process::id()));
+    std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
+    let (pg, mut c) = start(
+        "llm_hang",
+        &fake,
+        "openai",
+        &[
+            "memory_ext.llm_timeout_ms = 120000",
+            &format!("memory_ext.llm_api_key = 'file:{}'", key_file.display()),
+        ],
+    );
+    let slow = enqueue(&mut c, "slow", "fake_sleep_ms: 60000\nconfirmed: a = 1");
+    pg.eventually(
+        &mut c,
+        "SELECT state LIKE 'summarizing: 1 LLM request(s) in flight%' FROM memory.worker_status()",
+        "the slow request is in flight",
+        T,
+    );
+    // Other chats are served meanwhile.
+    let fast = enqueue(&mut c, "fast", "confirmed: b = 2");
+    assert_eq!(wait(&mut c, &fast), "complete");
+    assert_eq!(
+        fake.requests()[1].header("authorization"),
+        Some(&*format!("Bearer {KEY}")),
+        "key read from the file"
+    );
+    // SIGHUP is handled while the request hangs: the next request uses the new model.
+    c.batch_execute("ALTER SYSTEM SET memory_ext.llm_model = 'fake-model-2'")
+        .unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").unwrap();
+    let mut n = 0;
+    loop {
+        n += 1;
+        let id = enqueue(&mut c, &format!("after{n}"), "hello");
+        assert_eq!(wait(&mut c, &id), "complete");
+        if fake.requests().last().unwrap().body["model"] == "fake-model-2" {
+            break;
+        }
+        assert!(n < 100, "the reload never reached the worker");
+    }
+    // SIGTERM is answered while the slow request still hangs: the worker exits, gives the lease
+    // back without spending an attempt, and its successor (started by the launcher) finishes
+    // the chat once the endpoint answers quickly.
+    // The successor will send the slow snippet again: make it quick first (the request in
+    // flight already has the old text).
+    c.batch_execute(
+        "UPDATE memory.chat_context_queue SET new_context_snippet = 'confirmed: a = 1' \
+         WHERE chat_id = 'slow'",
+    )
+    .unwrap();
+    let pid = pg.worker_pid(&mut c).expect("worker running");
+    c.batch_execute(&format!("SELECT pg_terminate_backend({pid})"))
+        .unwrap();
+    pg.eventually(
+        &mut c,
+        &format!("SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = {pid})"),
+        "the worker exits while its request hangs",
+        Duration::from_secs(10),
+    );
+    let (status, retries, _) = row(&mut c, &slow);
+    assert!(
+        status == "pending_summarization" || status == "processing",
+        "{status}"
+    );
+    assert_eq!(retries, 0, "a released lease is not a failed attempt");
+    assert_eq!(wait(&mut c, &slow), "complete");
+    assert_eq!(memory(&mut c, "slow").0, r#"{"a": "1"}"#);
+    assert_no_key_leak(&pg, &mut c);
+    let _ = std::fs::remove_file(key_file);
+}
