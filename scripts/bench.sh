@@ -4,6 +4,7 @@
 #   2. get() vs a plain primary-key SELECT of chat_metadata (pgbench; ratio)
 #   3. enqueue -> memory-visible latency p50/p99 on an idle server
 #   4. drain rate for 100k snippets over 10k chats
+#   5. LLM summarizer throughput at llm_concurrency 1, 4, 16 against a fake LLM (200 ms answers)
 # Usage: scripts/bench.sh [seconds per pgbench run, default 15]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -139,6 +140,36 @@ drain_s=$(awk -v a="$enqueued" -v b="$done_at" 'BEGIN { printf "%.2f", b - a }')
 drain_rate=$(awk -v s="$drain_s" 'BEGIN { printf "%d", 100000 / s }')
 enqueue_s=$(awk -v a="$start" -v b="$enqueued" 'BEGIN { printf "%.2f", b - a }')
 
+# LLM concurrency: the openai summarizer against the fake LLM server answering after a fixed
+# 200 ms. 1,000 chats with one pending snippet each; chats applied per second over a window
+# that starts once the worker is in steady state, at llm_concurrency 1, 4 and 16.
+cargo build --quiet --release --manifest-path tests/cluster/Cargo.toml --bin fake_llm
+tests/cluster/target/release/fake_llm 0 200 > "$W/fake_llm.out" &
+FAKE_PID=$!
+until LLM_PORT=$(sed -n 's/^fake LLM listening on 127.0.0.1://p' "$W/fake_llm.out") && [[ -n $LLM_PORT ]]; do sleep 0.1; done
+trap 'kill $FAKE_PID 2>/dev/null || true; cluster_ctl "$DIR/data" stop || true' EXIT
+psql_b -d postgres -c "ALTER SYSTEM SET memory_ext.summarizer = 'openai'" \
+    -c "ALTER SYSTEM SET memory_ext.llm_endpoint = 'http://127.0.0.1:$LLM_PORT/v1'" \
+    -c "ALTER SYSTEM SET memory_ext.llm_model = 'fake'" >/dev/null
+done_count() { psql_b -d postgres -c "SELECT count(*) FROM memory.chat_context_queue WHERE status = 'complete'"; }
+declare -A llm_rate
+for conc in 1 4 16; do
+    psql_b -d postgres -c "TRUNCATE memory.chat_metadata CASCADE" \
+        -c "ALTER SYSTEM SET memory_ext.llm_concurrency = $conc" -c "SELECT pg_reload_conf()" >/dev/null
+    sleep 1 # the reload reaches the worker asynchronously
+    psql_b -d postgres -c "SELECT count(*) FROM (SELECT memory.enqueue('llm' || g, 'confirmed: n = ' || g || E'\nline ' || g) FROM generate_series(0, 999) g) x" >/dev/null
+    sleep 1
+    a=$(done_count); t0=$(date +%s.%N)
+    sleep 8
+    b=$(done_count); t1=$(date +%s.%N)
+    llm_rate[$conc]=$(awk -v a="$a" -v b="$b" -v t0="$t0" -v t1="$t1" 'BEGIN { printf "%.1f", (b - a) / (t1 - t0) }')
+    llm_failed=$(psql_b -d postgres -c "SELECT count(*) FROM memory.chat_context_queue WHERE status = 'failed'")
+    [[ $llm_failed == 0 ]] || { echo "bench: $llm_failed snippets failed at concurrency $conc" >&2; exit 1; }
+done
+psql_b -d postgres -c "ALTER SYSTEM RESET memory_ext.summarizer" -c "ALTER SYSTEM RESET memory_ext.llm_endpoint" \
+    -c "ALTER SYSTEM RESET memory_ext.llm_model" -c "ALTER SYSTEM RESET memory_ext.llm_concurrency" \
+    -c "SELECT pg_reload_conf()" >/dev/null
+
 cat <<REPORT
 
 memory_ext benchmark — $(date -u +%Y-%m-%d), $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), PostgreSQL $(psql_b -d postgres -c "SHOW server_version"), release build
@@ -149,4 +180,6 @@ memory_ext benchmark — $(date -u +%Y-%m-%d), $(nproc) cores, $(awk '/MemTotal/
 | enqueue -> memory visible, p50 / p99 ms (idle, 300 runs) | $p50 / $p99 | | | <= 20 / <= 100 |
 | one claim (200 chats × 1 snippet), ms: 1M pending rows vs 10k | $claim_large | 10k pending: $claim_small | $(ratio "$claim_large" "$claim_small") | ~1 (O(log n)) |
 | drain 100k snippets / 10k chats | $drain_rate snippets/s (${drain_s}s; $failed failed) | enqueue of the batch: ${enqueue_s}s | $(ratio "$drain_rate" 5000) of target | >= 5000/s |
+| LLM summarizer (fake, 200 ms/answer), chats/s: concurrency 4 | ${llm_rate[4]} | concurrency 1: ${llm_rate[1]} | $(ratio "${llm_rate[4]}" "${llm_rate[1]}") | ~4 |
+| LLM summarizer (fake, 200 ms/answer), chats/s: concurrency 16 | ${llm_rate[16]} | concurrency 1: ${llm_rate[1]} | $(ratio "${llm_rate[16]}" "${llm_rate[1]}") | >= 12 |
 REPORT

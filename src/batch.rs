@@ -14,10 +14,10 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn chat_id(&self) -> &str {
+    pub fn lease_token(&self) -> pgrx::Uuid {
         match self {
-            Outcome::Applied(a) => &a.chat_id,
-            Outcome::Failed(f) => &f.chat_id,
+            Outcome::Applied(a) => a.lease_token,
+            Outcome::Failed(f) => f.lease_token,
         }
     }
 }

@@ -36,8 +36,9 @@ pub struct Pipeline {
     wake_rx: UnixStream,
     wake_tx: UnixStream,
     set: *mut pg_sys::WaitEventSet,
-    /// Chats whose request is in flight, with their lease (released if we stop first).
-    in_flight: HashMap<String, pgrx::Uuid>,
+    /// Leases whose request is in flight, with their chat (released if we stop first). Keyed
+    /// by lease: a chat whose lease expired may be claimed again while its old request runs.
+    in_flight: HashMap<pgrx::Uuid, String>,
     /// After a 429 the endpoint is rate limited for every chat: no new requests before this.
     paused_until: Option<Instant>,
 }
@@ -135,7 +136,7 @@ impl Pipeline {
     pub fn finished(&mut self) -> Vec<Done> {
         let done: Vec<Done> = self.rx.try_iter().collect();
         for d in &done {
-            self.in_flight.remove(d.outcome.chat_id());
+            self.in_flight.remove(&d.outcome.lease_token());
             // Only a rate limit carries a Retry-After.
             if let Outcome::Failed(f) = &d.outcome
                 && let Some(after) = f.retry_after
@@ -167,14 +168,14 @@ impl Pipeline {
         let n = claims.len();
         let label = summarizer.label();
         for c in claims {
-            self.in_flight.insert(c.chat_id.clone(), c.lease_token);
+            self.in_flight.insert(c.lease_token, c.chat_id.clone());
             let tx = self.tx.clone();
             let mut wake = self.wake_tx.try_clone().map_err(|e| e.to_string())?;
             let summarizer = Arc::clone(summarizer);
             let label = label.clone();
             let token_limit = policy.token_limit;
             let started = Instant::now();
-            let chat_id = c.chat_id.clone();
+            let lease = c.lease_token;
             if let Err(e) = spawn_without_signals(move || {
                 let outcome = batch::process(c, summarizer.as_ref(), token_limit);
                 let _ = tx.send(Done {
@@ -186,7 +187,7 @@ impl Pipeline {
                 let _ = wake.write(&[1]);
             }) {
                 // Could not start a thread (resource limits): the lease expires and is retried.
-                self.in_flight.remove(&chat_id);
+                self.in_flight.remove(&lease);
                 return Err(format!("could not start an LLM request thread: {e}"));
             }
         }
@@ -195,7 +196,10 @@ impl Pipeline {
 
     /// The leases of requests still in flight, to give back when stopping.
     pub fn abandon(&mut self) -> Vec<(String, pgrx::Uuid)> {
-        self.in_flight.drain().collect()
+        self.in_flight
+            .drain()
+            .map(|(lease, chat)| (chat, lease))
+            .collect()
     }
 }
 

@@ -3,7 +3,7 @@
 //! Settings that change what the worker does or what a caller may store are `SUSET`: an
 //! application role must not be able to raise its own snippet limit or pick the summarizer.
 
-use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use std::ffi::CString;
 use std::time::Duration;
 
@@ -27,8 +27,8 @@ pub static LLM_API_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CStrin
 pub static LLM_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 pub static LLM_MAX_OUTPUT_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(2048);
 pub static LLM_CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(8);
-pub static LLM_STRUCTURED_OUTPUT: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"json_schema"));
+pub static LLM_STRUCTURED_OUTPUT: GucSetting<StructuredOutput> =
+    GucSetting::<StructuredOutput>::new(StructuredOutput::JsonSchema);
 
 pub fn init(preloading: bool) {
     // A postmaster-context setting can only be defined at server start; it matters only to the
@@ -210,7 +210,7 @@ pub fn init(preloading: bool) {
         GucContext::Suset,
         GucFlags::empty(),
     );
-    GucRegistry::define_string_guc(
+    GucRegistry::define_enum_guc(
         c"memory_ext.llm_structured_output",
         c"How openai asks for JSON: json_schema (strict), json_object, or none (prompt only).",
         c"Use json_object or none for servers without JSON-schema support.",
@@ -260,10 +260,13 @@ pub fn idle_timeout() -> Duration {
 }
 
 /// How `openai` asks for structured output.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(PostgresGucEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StructuredOutput {
+    #[name = c"json_schema"]
     JsonSchema,
+    #[name = c"json_object"]
     JsonObject,
+    #[name = c"none"]
     None,
 }
 
@@ -293,33 +296,27 @@ impl std::fmt::Debug for LlmConfig {
 }
 
 impl LlmConfig {
-    /// Read the settings (main thread only). A key that cannot be resolved, or an unknown
-    /// structured-output mode, is an error message that names the setting, never the key.
+    /// Read the settings (main thread only). A key that cannot be resolved is an error message
+    /// that names the setting, never the key; the mock needs no key, so it is not read then.
     pub fn current() -> Result<Self, String> {
-        let structured = string(&LLM_STRUCTURED_OUTPUT);
-        let structured_output = match structured.trim().to_ascii_lowercase().as_str() {
-            "json_schema" | "" => StructuredOutput::JsonSchema,
-            "json_object" => StructuredOutput::JsonObject,
-            "none" | "text" => StructuredOutput::None,
-            other => {
-                return Err(format!(
-                    "memory_ext.llm_structured_output \"{other}\" is not one of json_schema, \
-                     json_object, none"
-                ));
-            }
+        let summarizer = string(&SUMMARIZER);
+        let api_key = if summarizer.trim().eq_ignore_ascii_case("mock") {
+            String::new()
+        } else {
+            resolve_key(&string(&LLM_API_KEY))?
         };
         Ok(Self {
-            summarizer: string(&SUMMARIZER),
+            summarizer,
             endpoint: string(&LLM_ENDPOINT)
                 .trim()
                 .trim_end_matches('/')
                 .to_string(),
             model: string(&LLM_MODEL).trim().to_string(),
-            api_key: resolve_key(&string(&LLM_API_KEY))?,
+            api_key,
             timeout: Duration::from_millis(LLM_TIMEOUT_MS.get().max(1) as u64),
             max_output_tokens: LLM_MAX_OUTPUT_TOKENS.get().max(0) as u32,
             concurrency: LLM_CONCURRENCY.get().max(1) as usize,
-            structured_output,
+            structured_output: LLM_STRUCTURED_OUTPUT.get(),
         })
     }
 }

@@ -35,6 +35,20 @@ fn sqlstate(sql: &str) -> String {
     .unwrap()
 }
 
+/// "SQLSTATE: message" of the error `sql` raises ("ok" if it succeeds), in a subtransaction.
+fn error_of(sql: &str) -> String {
+    if one::<bool>("SELECT to_regprocedure('pg_temp.error_of(text)') IS NULL").unwrap() {
+        run("CREATE FUNCTION pg_temp.error_of(q text) RETURNS text LANGUAGE plpgsql AS \
+             $$ BEGIN EXECUTE q; RETURN 'ok'; \
+                EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE || ': ' || SQLERRM; END $$");
+    }
+    one::<String>(&format!(
+        "SELECT pg_temp.error_of({})",
+        pgrx::spi::quote_literal(sql)
+    ))
+    .unwrap()
+}
+
 /// Act as another identity, the way PostgREST does.
 fn as_user(sub: &str) {
     run(&format!(
@@ -402,22 +416,35 @@ fn llm_usage_counts_applied_batches_and_failed_attempts() {
 #[pg_test]
 fn an_unconfigured_llm_summarizer_is_a_clear_error() {
     run("SELECT memory.enqueue('c1', 'hello')");
+    let llm = "SET LOCAL memory_ext.llm_endpoint = 'http://127.0.0.1:9/v1'; \
+               SET LOCAL memory_ext.llm_model = 'm'";
+    // (settings, process_pending's SQLSTATE, error message start)
     let cases = [
-        ("SET LOCAL memory_ext.summarizer = 'openai'", "22023"),
-        ("SET LOCAL memory_ext.summarizer = 'gpt'", "22023"),
-        ("SET LOCAL memory_ext.llm_structured_output = 'yaml'", "22023"),
+        ("SET LOCAL memory_ext.summarizer = 'openai'".to_string(), "22023", "memory_ext.summarizer is openai but memory_ext.llm_endpoint is not set"),
+        ("SET LOCAL memory_ext.summarizer = 'gpt'".to_string(), "22023", "unknown summarizer \"gpt\""),
+        (
+            format!("SET LOCAL memory_ext.summarizer = 'anthropic'; {llm}; SET LOCAL memory_ext.llm_api_key = 'file:/no/such/key'"),
+            "22023",
+            "memory_ext.llm_api_key: cannot read key file",
+        ),
     ];
-    for (set, state) in cases {
-        run("RESET memory_ext.summarizer");
-        run("RESET memory_ext.llm_structured_output");
-        run(set);
-        assert_eq!(sqlstate("SELECT memory.process_pending()"), state, "{set}");
+    for (set, state, message) in cases {
+        run("RESET ALL");
+        run(&set);
+        let err = error_of("SELECT memory.process_pending()");
+        assert!(err.starts_with(&format!("{state}: {message}")), "{set}: {err}");
         assert_eq!(
             text("SELECT status FROM memory.chat_context_queue"),
             "pending_summarization",
             "{set}: nothing changed"
         );
     }
+    // A bad value is refused when it is set, not at the next summarization.
+    assert_eq!(sqlstate("SET memory_ext.llm_structured_output = 'yaml'"), "22023");
+    // The mock needs no key: a broken key setting does not stop it.
+    run("RESET ALL");
+    run("SET LOCAL memory_ext.llm_api_key = 'file:/no/such/key'");
+    assert_eq!(one::<i32>("SELECT memory.process_pending()"), Some(1));
 }
 
 #[pg_test]

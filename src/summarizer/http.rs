@@ -82,8 +82,7 @@ fn is_context_length(detail: &str) -> bool {
     .any(|p| d.contains(p))
 }
 
-/// Replace every occurrence of the key (and the key URL-encoded, were it in a URL) with
-/// `[redacted]`.
+/// Replace every occurrence of the key with `[redacted]` (providers echo a wrong key back).
 pub fn scrub(text: &str, key: &str) -> String {
     if key.len() < 4 {
         return text.to_string();

@@ -535,3 +535,37 @@ fn a_hanging_request_never_blocks_signals_or_other_chats() {
     assert_no_key_leak(&pg, &mut c);
     let _ = std::fs::remove_file(key_file);
 }
+
+#[test]
+fn process_pending_calls_the_llm_without_a_worker() {
+    let fake = FakeLlm::start(Mode::Valid);
+    let endpoint = format!("memory_ext.llm_endpoint = '{}'", fake.anthropic_endpoint());
+    let key = format!("memory_ext.llm_api_key = '{KEY}'");
+    let pg = Cluster::start_with(
+        "llm_no_preload",
+        &[
+            "memory_ext.summarizer = 'anthropic'",
+            &endpoint,
+            "memory_ext.llm_model = 'fake-model'",
+            &key,
+        ],
+        false,
+    );
+    let mut c = pg.client();
+    let id = enqueue(&mut c, "c1", "confirmed: zip = 94110\nMoving soon.");
+    let applied: i32 = c
+        .query_one("SELECT memory.process_pending()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, 1);
+    assert_eq!(row(&mut c, &id).0, "complete");
+    assert_eq!(memory(&mut c, "c1").0, r#"{"zip": "94110"}"#);
+    assert_eq!(
+        text(
+            &mut c,
+            "SELECT summarizer || '/' || llm_requests FROM memory.chat_memory_history"
+        ),
+        "anthropic:fake-model/1"
+    );
+    assert_no_key_leak(&pg, &mut c);
+}
