@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what building and testing memory_ext needs, skipping whatever is already there:
-# Debian's PostgreSQL 15 (+ server headers, pgTAP), clang for bindgen, sudo (pgrx runs initdb
+# Debian's PostgreSQL 15 (+ server headers, pgTAP and pg_prove), clang for bindgen, sudo (pgrx runs initdb
 # through it), cargo-pgrx 0.18.1, and `cargo pgrx init` against the system PostgreSQL.
 set -euo pipefail
 
@@ -8,7 +8,8 @@ PGRX_VERSION=0.18.1
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO=sudo
 
-packages=(postgresql-15 postgresql-server-dev-15 postgresql-15-pgtap libclang-dev clang sudo)
+packages=(postgresql-15 postgresql-server-dev-15 postgresql-15-pgtap libtap-parser-sourcehandler-pgtap-perl
+          libclang-dev clang sudo)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -21,6 +21,14 @@ echo "== worker and LLM summarizer tests against real clusters and a fake LLM (t
 cargo pgrx install --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
 cargo test --manifest-path tests/cluster/Cargo.toml --test worker --test llm -- --test-threads=2 2>&1 | tee -a "$log"
 
+echo "== pgTAP: grants, ownership, RLS, search_path, secrets, rate limit, audit (pg_prove)"
+pgtap_out=$(mktemp)
+scripts/pgtap.sh 2>&1 | tee "$pgtap_out"
+# pg_prove's summary in the same shape as cargo's, for the closing line
+awk '/^Files=[0-9]+, Tests=/ { sub(/^Files=[0-9]+, Tests=/, ""); sub(/,.*/, ""); t = $0 }
+     /^Result: PASS/ { printf "test result: ok. %d passed; 0 failed (pgTAP)\n", t }' "$pgtap_out" >> "$log"
+rm -f "$pgtap_out"
+
 # One closing line for all suites.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "total: %d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' "$log"

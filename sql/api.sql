@@ -1,29 +1,96 @@
 -- The public SQL API. Names and signatures are a contract (README, tests, clients).
--- Errors: 22023 invalid input, 42501 another identity's chat, P0002 unknown chat or queue id.
+-- Errors: 22023 invalid input, 42501 another identity's chat, P0002 unknown chat or queue id,
+-- PGRST (HTTP 429 through PostgREST) over the rate limit.
+--
+-- Functions that touch the tables are SECURITY DEFINER (callers get no table privileges) with a
+-- fixed search_path and schema-qualified names, so a caller's objects cannot hijack them. Inside
+-- them current_user is the definer: the caller is memory._invoker(), and identity comes from it
+-- or the JWT.
 
--- The caller: the JWT `sub` claim when PostgREST/Supabase set request.jwt.claims, else the role.
+-- The role the caller acts as: SET ROLE's role (PostgREST's SET LOCAL ROLE from the JWT), else
+-- the session user. Not current_user, which is the definer inside SECURITY DEFINER functions.
+CREATE FUNCTION memory._invoker()
+RETURNS name
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(nullif(pg_catalog.current_setting('role'), 'none'), session_user)::name
+$$;
+
+-- The caller: the JWT `sub` claim when PostgREST/Supabase set request.jwt.claims, else the
+-- invoking role.
 CREATE FUNCTION memory.current_identity()
 RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT coalesce(
         nullif(nullif(pg_catalog.current_setting('request.jwt.claims', true), '')::jsonb
                ->> 'sub', ''),
-        current_user::text)
+        memory._invoker()::text)
 $$;
 
--- Admins see and act on every chat: superusers for now (the security layer widens this).
+-- Admins see and act on every chat: superusers, the extension owner, members of
+-- memory_ext.admin_role (default service_role) when it exists, and members of roles given
+-- memory.grant_admin(). Definer rights so RLS policies can call it without table grants.
 CREATE FUNCTION memory._is_admin()
 RETURNS bool
 LANGUAGE sql STABLE PARALLEL SAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user),
-                    false)
+    SELECT coalesce((
+        SELECT r.rolsuper
+            OR pg_catalog.pg_has_role(r.oid, e.extowner, 'MEMBER')
+            OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles a
+                        WHERE a.rolname = pg_catalog.current_setting('memory_ext.admin_role', true)
+                          AND pg_catalog.pg_has_role(r.oid, a.oid, 'MEMBER'))
+            OR EXISTS (SELECT 1 FROM memory.admin_roles g
+                        WHERE pg_catalog.pg_has_role(r.oid, g.role::oid, 'MEMBER'))
+          FROM pg_catalog.pg_roles r, pg_catalog.pg_extension e
+         WHERE r.rolname = memory._invoker() AND e.extname = 'memory_ext'), false)
+$$;
+
+-- Record an action in the audit log (callers are definer functions; see audit_log in schema.sql).
+CREATE FUNCTION memory._audit(p_action text, p_chat_id text DEFAULT NULL,
+                              p_queue_id uuid DEFAULT NULL, p_detail text DEFAULT NULL)
+RETURNS void
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO memory.audit_log (identity, role, action, chat_id, queue_id, detail)
+    VALUES (memory.current_identity(), memory._invoker(), p_action, p_chat_id, p_queue_id,
+            p_detail)
+$$;
+
+-- The owner of a chat (NULL when unknown), for RLS policies of tables without an owner column.
+CREATE FUNCTION memory._chat_owner(p_chat_id text)
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT m.owner FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id
+$$;
+
+-- 42501 unless the caller is an admin.
+CREATE FUNCTION memory._require_admin(p_what text)
+RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT memory._is_admin() THEN
+        RAISE EXCEPTION '% is for memory_ext admins only', p_what USING ERRCODE = '42501';
+    END IF;
+END
 $$;
 
 CREATE FUNCTION memory._check_chat_id(p_chat_id text)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF p_chat_id IS NULL OR btrim(p_chat_id) = '' THEN
@@ -39,6 +106,8 @@ $$;
 CREATE FUNCTION memory._owned_chat(p_chat_id text)
 RETURNS memory.chat_metadata
 LANGUAGE plpgsql STABLE PARALLEL SAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     c memory.chat_metadata%ROWTYPE;
@@ -49,7 +118,7 @@ BEGIN
         RAISE EXCEPTION 'chat "%" not found', p_chat_id USING ERRCODE = 'P0002';
     END IF;
     IF c.owner <> memory.current_identity() AND NOT memory._is_admin() THEN
-        RAISE EXCEPTION 'chat "%" belongs to another user', p_chat_id USING ERRCODE = '42501';
+        RAISE EXCEPTION 'permission denied for chat "%"', p_chat_id USING ERRCODE = '42501';
     END IF;
     RETURN c;
 END
@@ -58,6 +127,8 @@ $$;
 CREATE FUNCTION memory.create_chat(p_chat_id text)
 RETURNS text
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_identity text := memory.current_identity();
@@ -68,8 +139,9 @@ BEGIN
     ON CONFLICT (chat_id) DO NOTHING;
     SELECT m.owner INTO v_owner FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
     IF v_owner <> v_identity THEN
-        RAISE EXCEPTION 'chat "%" belongs to another user', p_chat_id USING ERRCODE = '42501';
+        RAISE EXCEPTION 'permission denied for chat "%"', p_chat_id USING ERRCODE = '42501';
     END IF;
+    PERFORM memory._audit('create_chat', p_chat_id);
     RETURN p_chat_id;
 END
 $$;
@@ -77,12 +149,15 @@ $$;
 CREATE FUNCTION memory.enqueue(p_chat_id text, p_snippet text, p_trigger_source text DEFAULT 'api')
 RETURNS TABLE (queue_id uuid, status text, estimated_completion timestamptz)
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_identity text := memory.current_identity();
     v_owner text;
     v_next timestamptz;
     v_max int := memory._max_snippet_bytes();
+    v_wait int;
 BEGIN
     -- The hot write path: checks inlined as plain expressions (the same as _check_chat_id).
     IF p_chat_id IS NULL OR btrim(p_chat_id) = '' THEN
@@ -101,6 +176,20 @@ BEGIN
     IF p_trigger_source IS NULL OR btrim(p_trigger_source) = '' OR length(p_trigger_source) > 64 THEN
         RAISE EXCEPTION 'trigger_source must be 1 to 64 characters' USING ERRCODE = '22023';
     END IF;
+    -- Over the limit: PostgREST's custom-status convention turns this into HTTP 429 with
+    -- Retry-After. Nothing is enqueued. Admins (bulk loads, the service role) are exempt; asked
+    -- only when the bucket is empty, to keep the common path cheap.
+    v_wait := memory._rate_limit(v_identity);
+    IF v_wait > 0 AND NOT memory._is_admin() THEN
+        RAISE SQLSTATE 'PGRST' USING
+            MESSAGE = json_build_object('code', 'MX429',
+                'message', 'rate limit exceeded',
+                'details', format('at most %s snippets per minute per identity',
+                                  current_setting('memory_ext.rate_limit_per_minute')),
+                'hint', format('retry after %s seconds', v_wait))::text,
+            DETAIL = json_build_object('status', 429,
+                'headers', json_build_object('Retry-After', v_wait::text))::text;
+    END IF;
 
     -- Common case, one statement: the chat exists and is the caller's. A chat in backoff holds its
     -- new snippets back too, so they stay behind the failed ones.
@@ -116,7 +205,7 @@ BEGIN
         ON CONFLICT (chat_id) DO NOTHING;
         SELECT m.owner INTO v_owner FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
         IF v_owner <> v_identity THEN
-            RAISE EXCEPTION 'chat "%" belongs to another user', p_chat_id USING ERRCODE = '42501';
+            RAISE EXCEPTION 'permission denied for chat "%"', p_chat_id USING ERRCODE = '42501';
         END IF;
         INSERT INTO memory.chat_context_queue (chat_id, new_context_snippet, trigger_source,
                                                enqueued_by)
@@ -124,17 +213,23 @@ BEGIN
         RETURNING id, next_attempt_at INTO queue_id, v_next;
     END IF;
 
+    INSERT INTO memory.audit_log (identity, role, action, chat_id, queue_id)
+    VALUES (v_identity, memory._invoker(), 'enqueue', p_chat_id, queue_id);
     status := 'pending_summarization';
     estimated_completion := v_next + memory._wake_at_commit();
     RETURN NEXT;
 END
 $$;
 
+-- VOLATILE because it may write the audit log (memory_ext.audit_reads): call it with POST
+-- through PostgREST, which runs STABLE functions in read-only transactions.
 CREATE FUNCTION memory.get(p_chat_id text)
 RETURNS TABLE (chat_id text, user_confirmed jsonb, llm_inferred jsonb, general_summary text,
                token_count int, needs_new_chat bool, guidance text, version bigint,
                last_updated timestamptz, pending int)
-LANGUAGE plpgsql STABLE PARALLEL SAFE
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_owner text;
@@ -157,7 +252,10 @@ BEGIN
         RAISE EXCEPTION 'chat "%" not found', p_chat_id USING ERRCODE = 'P0002';
     END IF;
     IF v_owner <> memory.current_identity() AND NOT memory._is_admin() THEN
-        RAISE EXCEPTION 'chat "%" belongs to another user', p_chat_id USING ERRCODE = '42501';
+        RAISE EXCEPTION 'permission denied for chat "%"', p_chat_id USING ERRCODE = '42501';
+    END IF;
+    IF pg_catalog.current_setting('memory_ext.audit_reads')::bool THEN
+        PERFORM memory._audit('get', p_chat_id);
     END IF;
     IF needs_new_chat THEN
         guidance := format('This chat''s memory is %s tokens, over the limit of %s: start a new '
@@ -172,6 +270,8 @@ CREATE FUNCTION memory.status(p_queue_id uuid)
 RETURNS TABLE (status text, retry_count int, error_message text, created_at timestamptz,
                processed_at timestamptz)
 LANGUAGE plpgsql STABLE PARALLEL SAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -187,7 +287,7 @@ BEGIN
     END IF;
     SELECT m.owner INTO v_owner FROM memory.chat_metadata m WHERE m.chat_id = q.chat_id;
     IF v_owner <> memory.current_identity() AND NOT memory._is_admin() THEN
-        RAISE EXCEPTION 'queue row % belongs to another user', p_queue_id USING ERRCODE = '42501';
+        RAISE EXCEPTION 'permission denied for queue row %', p_queue_id USING ERRCODE = '42501';
     END IF;
     RETURN QUERY SELECT q.status, q.retry_count, q.error_message, q.created_at, q.processed_at;
 END
@@ -196,11 +296,16 @@ $$;
 CREATE FUNCTION memory.history(p_chat_id text)
 RETURNS TABLE (version bigint, queue_ids uuid[], user_confirmed jsonb, llm_inferred jsonb,
                general_summary text, changed_at timestamptz)
-LANGUAGE plpgsql STABLE PARALLEL SAFE
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
     PERFORM memory._owned_chat(p_chat_id);
+    IF pg_catalog.current_setting('memory_ext.audit_reads')::bool THEN
+        PERFORM memory._audit('history', p_chat_id);
+    END IF;
     RETURN QUERY SELECT h.version, h.queue_ids, h.user_confirmed, h.llm_inferred,
                         h.general_summary, h.changed_at
                    FROM memory.chat_memory_history h
@@ -212,9 +317,12 @@ $$;
 CREATE FUNCTION memory.forget(p_chat_id text)
 RETURNS void
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM memory._owned_chat(p_chat_id);
+    PERFORM memory._audit('forget', p_chat_id);
     -- Lock the chat like the worker does, so a summarization in flight cannot apply after this.
     PERFORM 1 FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id FOR UPDATE;
     DELETE FROM memory.chat_context_queue q WHERE q.chat_id = p_chat_id;
@@ -228,6 +336,8 @@ $$;
 CREATE FUNCTION memory.retry_failed(p_chat_id text DEFAULT NULL)
 RETURNS int
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_n int;
@@ -248,6 +358,7 @@ BEGIN
     IF v_n > 0 THEN
         PERFORM memory._wake_at_commit();
     END IF;
+    PERFORM memory._audit('retry', p_chat_id, NULL, format('%s snippet(s) re-queued', v_n));
     RETURN v_n;
 END
 $$;

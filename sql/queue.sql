@@ -314,8 +314,10 @@ BEGIN
 END
 $$;
 
--- Delete up to p_batch complete rows older than the retention period; returns how many.
-CREATE FUNCTION memory._cleanup(p_retention_seconds int, p_batch int)
+-- Delete up to p_batch complete rows older than the retention period, and up to p_batch audit
+-- rows older than the audit retention; returns how many rows were deleted.
+CREATE FUNCTION memory._cleanup(p_retention_seconds int, p_batch int,
+                                p_audit_retention_seconds int DEFAULT NULL)
 RETURNS int
 LANGUAGE sql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -328,8 +330,15 @@ AS $$
            FOR UPDATE SKIP LOCKED
     ), gone AS (
         DELETE FROM memory.chat_context_queue q USING old WHERE q.id = old.id RETURNING 1
+    ), old_audit AS (
+        SELECT a.ctid FROM memory.audit_log a
+         WHERE p_audit_retention_seconds IS NOT NULL
+           AND a.at < now() - make_interval(secs => p_audit_retention_seconds)
+         LIMIT p_batch
+    ), gone_audit AS (
+        DELETE FROM memory.audit_log a USING old_audit WHERE a.ctid = old_audit.ctid RETURNING 1
     )
-    SELECT count(*)::int FROM gone
+    SELECT ((SELECT count(*) FROM gone) + (SELECT count(*) FROM gone_audit))::int
 $$;
 
 -- When the worker must look again even if nobody wakes it: the next backoff expiry or lease
@@ -350,4 +359,4 @@ REVOKE ALL ON FUNCTION memory._claim(int, int, int, text[]), memory._apply(jsonb
     memory._fail(text, uuid, text, bool, int, int, int, int, text, jsonb),
     memory._release(text, uuid), memory._reclaim(int, bool),
     memory._record_usage(text, int, int, bigint, bigint, bigint, bigint),
-    memory._cleanup(int, int), memory._next_due() FROM PUBLIC;
+    memory._cleanup(int, int, int), memory._next_due() FROM PUBLIC;

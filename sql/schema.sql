@@ -105,9 +105,35 @@ CREATE TABLE memory.llm_usage_daily (
     PRIMARY KEY (day, summarizer)
 );
 
+-- Who did what: append-only for everyone but superusers (a trigger in security.sql), readable
+-- by admins, trimmed by the worker after memory_ext.audit_retention. Writes are always logged;
+-- reads (get, history) when memory_ext.audit_reads is on.
+CREATE TABLE memory.audit_log (
+    -- clock time, not transaction time: the actions of one transaction keep their order
+    at          timestamptz NOT NULL DEFAULT clock_timestamp(),
+    identity    text NOT NULL,
+    -- the database role the call ran as (PostgREST: the JWT's role)
+    role        name NOT NULL,
+    action      text NOT NULL,
+    chat_id     text,
+    queue_id    uuid,
+    detail      text
+);
+-- Append-only and time-ordered: BRIN keeps the retention delete and time-range reads cheap at
+-- almost no cost per insert.
+CREATE INDEX audit_log_at_idx ON memory.audit_log USING brin (at);
+
+-- Roles given memory.grant_admin(): their members may act on every chat.
+CREATE TABLE memory.admin_roles (
+    role        regrole PRIMARY KEY,
+    granted_at  timestamptz NOT NULL DEFAULT now()
+);
+
 -- pg_dump keeps the data of extension tables only when they are registered.
 SELECT pg_catalog.pg_extension_config_dump('memory.chat_metadata', '');
 SELECT pg_catalog.pg_extension_config_dump('memory.chat_context_queue', '');
 SELECT pg_catalog.pg_extension_config_dump('memory.chat_memory_history', '');
 SELECT pg_catalog.pg_extension_config_dump('memory.chat_context_queue_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('memory.llm_usage_daily', '');
+SELECT pg_catalog.pg_extension_config_dump('memory.audit_log', '');
+SELECT pg_catalog.pg_extension_config_dump('memory.admin_roles', '');

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 /// (nothing will process the snippet until `process_pending()` is called). One call, because
 /// enqueue's hot path needs both.
 #[pg_extern(volatile, parallel_unsafe, name = "_wake_at_commit")]
+#[search_path(pg_catalog, pg_temp)]
 fn wake_at_commit() -> Option<Interval> {
     shmem::wake_at_commit();
     let sh = shmem::get()?;
@@ -50,6 +51,7 @@ fn queue_status(queue_id: pgrx::Uuid) -> String {
 /// Sleeps on a condition variable the worker broadcasts after each apply (polling every 100 ms
 /// when the library is not preloaded), so waiting costs next to nothing.
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn wait(p_queue_id: pgrx::Uuid, p_timeout: default!(Interval, "'10 seconds'")) -> String {
     or_raise(wait_impl(p_queue_id, p_timeout))
 }
@@ -114,7 +116,9 @@ fn wait_impl(p_queue_id: pgrx::Uuid, p_timeout: Interval) -> ApiResult<String> {
 
 /// Summarize and apply pending work in the calling backend and transaction, for servers that
 /// cannot preload the library. Handles up to `p_max` chats; returns the snippets applied.
-#[pg_extern(volatile, parallel_unsafe)]
+// Definer rights: admins other than superusers (service_role) need no table privileges.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
 fn process_pending(p_max: default!(i32, 100)) -> i32 {
     or_raise(process_pending_impl(p_max))
 }
@@ -156,6 +160,10 @@ fn process_pending_impl(p_max: i32) -> ApiResult<i32> {
             failed_chats.push(f.chat_id.clone());
         }
     }
+    Spi::run_with_args(
+        "SELECT memory._audit('process_pending', NULL, NULL, $1)",
+        &[format!("{applied_snippets} snippet(s) applied").into()],
+    )?;
     if applied_snippets > 0 {
         // waiters re-check once this commits
         shmem::wake_at_commit();
@@ -166,6 +174,7 @@ fn process_pending_impl(p_max: i32) -> ApiResult<i32> {
 /// The health check: is a worker serving this database, and how is it doing.
 #[allow(clippy::type_complexity)] // pgrx reads the column names from this signature
 #[pg_extern(volatile, parallel_safe)]
+#[search_path(pg_catalog, pg_temp)]
 fn worker_status() -> TableIterator<
     'static,
     (
@@ -229,12 +238,14 @@ fn worker_status() -> TableIterator<
 
 /// Tokens in `text` under cl100k_base, the tokenizer behind `token_count`.
 #[pg_extern(immutable, strict, parallel_safe)]
+#[search_path(pg_catalog, pg_temp)]
 fn count_tokens(text: &str) -> i32 {
     i32::try_from(tokens::count(text)).unwrap_or(i32::MAX)
 }
 
 /// `memory_ext.max_snippet_bytes` as a number (`current_setting` would say "64kB").
 #[pg_extern(stable, parallel_safe, name = "_max_snippet_bytes")]
+#[search_path(pg_catalog, pg_temp)]
 fn max_snippet_bytes() -> i32 {
     settings::MAX_SNIPPET_BYTES.get()
 }

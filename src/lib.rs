@@ -9,6 +9,7 @@
 //! - `summarizer`: the trait and its implementations (`mock`, and `openai`/`anthropic` over
 //!   `llm`, `http` and `contract`); `pipeline`: concurrent LLM requests for the worker;
 //! - `merge`: the merge rules; `tokens`: BPE token counting;
+//! - `rate_limit`: the per-identity enqueue limit (shared memory);
 //! - `worker`: the launcher and the queue-draining background worker.
 
 use pgrx::prelude::*;
@@ -21,6 +22,7 @@ mod error;
 mod merge;
 mod pipeline;
 mod queue;
+mod rate_limit;
 mod settings;
 mod shmem;
 mod spi;
@@ -31,6 +33,8 @@ mod worker;
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/queue.sql", name = "queue");
 extension_sql_file!("../sql/api.sql", name = "api");
+// Grants, RLS and revokes: after every function (SQL and Rust) exists.
+extension_sql_file!("../sql/security.sql", name = "security", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
@@ -39,6 +43,7 @@ pub extern "C-unwind" fn _PG_init() {
     // Without preloading, the SQL API still works; worker_status() explains why no worker runs.
     if preloading {
         shmem::init();
+        rate_limit::init();
         worker::register_launcher();
     }
 }

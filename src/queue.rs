@@ -156,10 +156,18 @@ pub fn reclaim(max_attempts: i32, dead_owners: bool) -> Result<i32, SpiError> {
     .map(|n| n.unwrap_or(0))
 }
 
-pub fn cleanup(retention_seconds: i32, batch: i32) -> Result<i32, SpiError> {
+pub fn cleanup(
+    retention_seconds: i32,
+    batch: i32,
+    audit_retention_seconds: i32,
+) -> Result<i32, SpiError> {
     Spi::get_one_with_args::<i32>(
-        "SELECT memory._cleanup($1, $2)",
-        &[retention_seconds.into(), batch.into()],
+        "SELECT memory._cleanup($1, $2, $3)",
+        &[
+            retention_seconds.into(),
+            batch.into(),
+            audit_retention_seconds.into(),
+        ],
     )
     .map(|n| n.unwrap_or(0))
 }

@@ -27,6 +27,11 @@ pub static LLM_API_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CStrin
 pub static LLM_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 pub static LLM_MAX_OUTPUT_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(2048);
 pub static LLM_CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(8);
+pub static ADMIN_ROLE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"service_role"));
+pub static RATE_LIMIT_PER_MINUTE: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static AUDIT_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(30 * 24 * 3600);
+pub static AUDIT_READS: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static LLM_STRUCTURED_OUTPUT: GucSetting<StructuredOutput> =
     GucSetting::<StructuredOutput>::new(StructuredOutput::JsonSchema);
 
@@ -215,6 +220,45 @@ pub fn init(preloading: bool) {
         c"How openai asks for JSON: json_schema (strict), json_object, or none (prompt only).",
         c"Use json_object or none for servers without JSON-schema support.",
         &LLM_STRUCTURED_OUTPUT,
+        GucContext::Suset,
+        GucFlags::empty(),
+    );
+    // Security (sql/security.sql): who is an admin, how fast an identity may enqueue, what is
+    // audited and for how long. All superuser-only: an application role must not widen them.
+    GucRegistry::define_string_guc(
+        c"memory_ext.admin_role",
+        c"Members of this role (when it exists) may act on every chat.",
+        c"Supabase's service_role by default; superusers, the extension owner and roles given \
+          memory.grant_admin() are admins too.",
+        &ADMIN_ROLE,
+        GucContext::Suset,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"memory_ext.rate_limit_per_minute",
+        c"Snippets one identity may enqueue per minute (0 = no limit).",
+        c"A token bucket per identity in shared memory: bursts up to the limit, refilled evenly.",
+        &RATE_LIMIT_PER_MINUTE,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"memory_ext.audit_retention",
+        c"Age after which memory.audit_log rows are deleted.",
+        c"",
+        &AUDIT_RETENTION_S,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"memory_ext.audit_reads",
+        c"Whether get() and history() calls are written to memory.audit_log.",
+        c"Writes are always audited.",
+        &AUDIT_READS,
         GucContext::Suset,
         GucFlags::empty(),
     );

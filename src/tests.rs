@@ -56,12 +56,10 @@ fn as_user(sub: &str) {
     ));
 }
 
-/// A non-superuser role with table access, so ownership checks apply to it.
+/// A non-superuser role allowed to call the API, so ownership checks apply to it.
 fn become_app_role() {
     run("CREATE ROLE memory_test_app");
-    run("GRANT USAGE ON SCHEMA memory TO memory_test_app");
-    run("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA memory TO memory_test_app");
-    run("GRANT USAGE ON ALL SEQUENCES IN SCHEMA memory TO memory_test_app");
+    run("SELECT memory.grant_usage('memory_test_app')");
     run("SET LOCAL ROLE memory_test_app");
 }
 
@@ -92,6 +90,9 @@ fn create_chat_is_idempotent_per_owner() {
     become_app_role();
     as_user("bob");
     assert_eq!(sqlstate("SELECT memory.create_chat('c1')"), "42501");
+    // the application role has no table privileges at all
+    assert_eq!(sqlstate("SELECT 1 FROM memory.chat_metadata"), "42501");
+    run("RESET ROLE");
     assert_eq!(text("SELECT owner FROM memory.chat_metadata WHERE chat_id = 'c1'"), "alice");
 }
 
@@ -366,8 +367,9 @@ fn tables_are_dumped_and_settings_guarded() {
     assert_eq!(
         text("SELECT string_agg(c::regclass::text, ',' ORDER BY c::regclass::text) \
               FROM pg_extension, unnest(extconfig) c WHERE extname = 'memory_ext'"),
-        "memory.chat_context_queue,memory.chat_context_queue_seq,memory.chat_memory_history,\
-         memory.chat_metadata,memory.llm_usage_daily"
+        "memory.admin_roles,memory.audit_log,memory.chat_context_queue,\
+         memory.chat_context_queue_seq,memory.chat_memory_history,memory.chat_metadata,\
+         memory.llm_usage_daily"
     );
     assert_eq!(sqlstate("SET memory_ext.no_such_setting = 1"), "42602");
     run("SET LOCAL memory_ext.llm_api_key = 'sk-test-secret-4242'");

@@ -494,7 +494,8 @@ pub extern "C-unwind" fn memory_ext_worker_main(_arg: pg_sys::Datum) {
         {
             last_retention = Some(Instant::now());
             let retention = settings::RETENTION_S.get();
-            let _ = in_transaction(|| queue::cleanup(retention, RETENTION_BATCH));
+            let audit = settings::AUDIT_RETENTION_S.get();
+            let _ = in_transaction(|| queue::cleanup(retention, RETENTION_BATCH, audit));
         }
         unsafe { pg_sys::pgstat_report_stat(false) };
         if !busy {

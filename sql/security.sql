@@ -1,0 +1,207 @@
+-- Least privilege (loaded last, once every function exists).
+--
+-- Nothing is granted to PUBLIC. Calling roles are enabled explicitly: memory.grant_usage(role)
+-- for the API functions, memory.grant_admin(role) for admins. Tables have row level security with
+-- owner policies, so a role given direct SELECT sees only its own rows; only the worker, the
+-- definer functions and admins write them.
+
+-- The API a calling role gets with grant_usage().
+CREATE FUNCTION memory._usage_functions()
+RETURNS regprocedure[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT ARRAY[
+        'memory.current_identity()', 'memory.create_chat(text)',
+        'memory.enqueue(text, text, text)', 'memory.get(text)', 'memory.status(uuid)',
+        'memory.wait(uuid, interval)', 'memory.history(text)', 'memory.forget(text)',
+        'memory.retry_failed(text)', 'memory.count_tokens(text)',
+        -- called by current_identity() and the RLS policies, with the caller's rights
+        'memory._invoker()', 'memory._is_admin()', 'memory._chat_owner(text)'
+    ]::regprocedure[]
+$$;
+
+-- What grant_admin() adds.
+CREATE FUNCTION memory._admin_functions()
+RETURNS regprocedure[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT ARRAY[
+        'memory.process_pending(integer)', 'memory.worker_status()',
+        'memory.grant_usage(regrole)', 'memory.revoke_usage(regrole)',
+        'memory.grant_admin(regrole)', 'memory.revoke_admin(regrole)'
+    ]::regprocedure[]
+$$;
+
+CREATE FUNCTION memory._grant_functions(p_grant bool, p_functions regprocedure[], p_role regrole)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOREACH f IN ARRAY p_functions LOOP
+        IF p_grant THEN
+            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, p_role);
+        ELSE
+            EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %s', f, p_role);
+        END IF;
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION memory._check_role(p_role regrole)
+RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_role IS NULL THEN
+        RAISE EXCEPTION 'role must not be null' USING ERRCODE = '22023';
+    END IF;
+END
+$$;
+
+-- Let a role call the API (its identity, or its users' JWT sub, owns what it creates).
+CREATE FUNCTION memory.grant_usage(p_role regrole)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM memory._require_admin('memory.grant_usage()');
+    PERFORM memory._check_role(p_role);
+    EXECUTE format('GRANT USAGE ON SCHEMA memory TO %s', p_role);
+    PERFORM memory._grant_functions(true, memory._usage_functions(), p_role);
+    PERFORM memory._audit('grant_usage', NULL, NULL, p_role::text);
+END
+$$;
+
+CREATE FUNCTION memory.revoke_usage(p_role regrole)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM memory._require_admin('memory.revoke_usage()');
+    PERFORM memory._check_role(p_role);
+    PERFORM memory._grant_functions(false, memory._usage_functions(), p_role);
+    IF NOT EXISTS (SELECT 1 FROM memory.admin_roles a WHERE a.role = p_role) THEN
+        EXECUTE format('REVOKE USAGE ON SCHEMA memory FROM %s', p_role);
+    END IF;
+    PERFORM memory._audit('revoke_usage', NULL, NULL, p_role::text);
+END
+$$;
+
+-- Make a role's members admins: every chat, the tables and views, the worker functions.
+CREATE FUNCTION memory.grant_admin(p_role regrole)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM memory._require_admin('memory.grant_admin()');
+    PERFORM memory._check_role(p_role);
+    EXECUTE format('GRANT USAGE ON SCHEMA memory TO %s', p_role);
+    PERFORM memory._grant_functions(true,
+        memory._usage_functions() || memory._admin_functions(), p_role);
+    EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA memory TO %s', p_role);
+    EXECUTE format('GRANT INSERT, UPDATE, DELETE ON memory.chat_metadata, '
+                   'memory.chat_context_queue, memory.chat_memory_history TO %s', p_role);
+    EXECUTE format('GRANT USAGE ON SEQUENCE memory.chat_context_queue_seq TO %s', p_role);
+    INSERT INTO memory.admin_roles (role) VALUES (p_role) ON CONFLICT DO NOTHING;
+    PERFORM memory._audit('grant_admin', NULL, NULL, p_role::text);
+END
+$$;
+
+CREATE FUNCTION memory.revoke_admin(p_role regrole)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM memory._require_admin('memory.revoke_admin()');
+    PERFORM memory._check_role(p_role);
+    DELETE FROM memory.admin_roles a WHERE a.role = p_role;
+    PERFORM memory._grant_functions(false, memory._admin_functions(), p_role);
+    EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA memory FROM %s', p_role);
+    EXECUTE format('REVOKE ALL ON SEQUENCE memory.chat_context_queue_seq FROM %s', p_role);
+    PERFORM memory._audit('revoke_admin', NULL, NULL, p_role::text);
+END
+$$;
+
+-- Row level security. The table owner (the definer functions, the worker as superuser)
+-- bypasses it; any role given direct access sees its own rows, admins all of them.
+ALTER TABLE memory.chat_metadata ENABLE ROW LEVEL SECURITY;
+CREATE POLICY owner_reads ON memory.chat_metadata FOR SELECT
+    USING (owner = memory.current_identity());
+CREATE POLICY admin_all ON memory.chat_metadata FOR ALL
+    USING (memory._is_admin()) WITH CHECK (memory._is_admin());
+
+-- Only a chat's owner enqueues into it, so enqueued_by is the chat's owner.
+ALTER TABLE memory.chat_context_queue ENABLE ROW LEVEL SECURITY;
+CREATE POLICY owner_reads ON memory.chat_context_queue FOR SELECT
+    USING (enqueued_by = memory.current_identity());
+CREATE POLICY admin_all ON memory.chat_context_queue FOR ALL
+    USING (memory._is_admin()) WITH CHECK (memory._is_admin());
+
+ALTER TABLE memory.chat_memory_history ENABLE ROW LEVEL SECURITY;
+CREATE POLICY owner_reads ON memory.chat_memory_history FOR SELECT
+    USING (memory._chat_owner(chat_id) = memory.current_identity());
+CREATE POLICY admin_all ON memory.chat_memory_history FOR ALL
+    USING (memory._is_admin()) WITH CHECK (memory._is_admin());
+
+ALTER TABLE memory.audit_log ENABLE ROW LEVEL SECURITY;
+CREATE POLICY admin_reads ON memory.audit_log FOR SELECT USING (memory._is_admin());
+
+ALTER TABLE memory.llm_usage_daily ENABLE ROW LEVEL SECURITY;
+CREATE POLICY admin_reads ON memory.llm_usage_daily FOR SELECT USING (memory._is_admin());
+
+ALTER TABLE memory.admin_roles ENABLE ROW LEVEL SECURITY;
+CREATE POLICY admin_reads ON memory.admin_roles FOR SELECT USING (memory._is_admin());
+
+-- The audit log is append-only for everyone but superusers (the worker's retention included),
+-- whatever privileges or ownership a role has.
+CREATE FUNCTION memory._audit_log_append_only()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r
+                      WHERE r.rolname = memory._invoker()), false) THEN
+        RAISE EXCEPTION 'memory.audit_log is append-only' USING ERRCODE = '42501';
+    END IF;
+    RETURN CASE TG_OP WHEN 'UPDATE' THEN NEW WHEN 'DELETE' THEN OLD END;
+END
+$$;
+CREATE TRIGGER append_only BEFORE UPDATE OR DELETE ON memory.audit_log
+    FOR EACH ROW EXECUTE FUNCTION memory._audit_log_append_only();
+CREATE TRIGGER append_only_truncate BEFORE TRUNCATE ON memory.audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION memory._audit_log_append_only();
+
+-- Nothing for PUBLIC: not the schema, not the tables, not the functions (revoking the default
+-- EXECUTE every new function gets).
+REVOKE ALL ON SCHEMA memory FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA memory FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA memory FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA memory FROM PUBLIC;
+
+-- Supabase: signed-in users get the API, the service role is admin, anon gets nothing.
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN
+        PERFORM memory.grant_usage('authenticated');
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'service_role') THEN
+        PERFORM memory.grant_admin('service_role');
+    END IF;
+END
+$$;

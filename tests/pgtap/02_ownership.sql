@@ -1,0 +1,68 @@
+-- Identity and ownership through PostgREST-style requests: user A's chat is invisible to user B
+-- in every function, anon can do nothing, admins can do everything.
+\ir _helpers.psql
+BEGIN;
+SELECT plan(24);
+
+SELECT is(pg_temp.req('authenticated', 'alice', $$SELECT memory.current_identity()$$), 'alice',
+          'identity is the JWT sub');
+SELECT is(pg_temp.req('service_role', NULL, $$SELECT memory.current_identity()$$), 'service_role',
+          'without a sub, the invoking role (not the definer)');
+SELECT is(pg_temp.req('authenticated', 'alice', $$SELECT memory.create_chat('a-chat')$$), 'a-chat',
+          'alice creates a chat');
+SELECT is(pg_temp.state('authenticated', 'alice',
+                        $$SELECT queue_id FROM memory.enqueue('a-chat', 'confirmed: zip = 94110')$$),
+          'ok', 'alice enqueues into it');
+SELECT is((SELECT owner FROM memory.chat_metadata WHERE chat_id = 'a-chat'), 'alice',
+          'the chat belongs to the identity that created it');
+SELECT id AS qid FROM memory.chat_context_queue WHERE chat_id = 'a-chat' \gset
+
+-- bob, another user of the same role
+SELECT is(pg_temp.req('authenticated', 'bob', $$SELECT user_confirmed FROM memory.get('a-chat')$$),
+          '42501: permission denied for chat "a-chat"', 'bob cannot read it');
+SELECT is(pg_temp.state('authenticated', 'bob', $$SELECT queue_id FROM memory.enqueue('a-chat', 'x')$$),
+          '42501', 'bob cannot enqueue into it');
+SELECT is(pg_temp.state('authenticated', 'bob', format($$SELECT memory.wait(%L, '0 s')$$, :'qid')),
+          '42501', 'bob cannot wait on its snippet');
+SELECT is(pg_temp.state('authenticated', 'bob', format($$SELECT status FROM memory.status(%L)$$, :'qid')),
+          '42501', 'bob cannot see its snippet''s status');
+SELECT is(pg_temp.state('authenticated', 'bob', $$SELECT count(*) FROM memory.history('a-chat')$$),
+          '42501', 'bob cannot read its history');
+SELECT is(pg_temp.state('authenticated', 'bob', $$SELECT memory.forget('a-chat')$$),
+          '42501', 'bob cannot forget it');
+SELECT is(pg_temp.state('authenticated', 'bob', $$SELECT memory.retry_failed('a-chat')$$),
+          '42501', 'bob cannot retry it');
+SELECT is(pg_temp.state('authenticated', 'bob', $$SELECT memory.create_chat('a-chat')$$),
+          '42501', 'bob cannot take it over');
+UPDATE memory.chat_context_queue SET status = 'failed' WHERE chat_id = 'a-chat';
+SELECT is(pg_temp.req('authenticated', 'bob', $$SELECT memory.retry_failed()$$), '0',
+          'bob''s retry of all his chats does not touch alice''s');
+SELECT is((SELECT status FROM memory.chat_context_queue WHERE chat_id = 'a-chat'), 'failed',
+          'still failed');
+SELECT is((SELECT count(*)::int FROM memory.chat_context_queue WHERE chat_id = 'a-chat'), 1,
+          'nothing was enqueued by bob');
+
+-- anon: nothing at all
+SELECT is(pg_temp.state('anon', NULL, $$SELECT user_confirmed FROM memory.get('a-chat')$$), '42501',
+          'anon cannot read');
+SELECT is(pg_temp.state('anon', NULL, $$SELECT queue_id FROM memory.enqueue('anon-chat', 'x')$$),
+          '42501', 'anon cannot enqueue');
+SELECT is(pg_temp.state('anon', 'alice', $$SELECT memory.create_chat('x')$$), '42501',
+          'anon cannot act even with a sub claim');
+
+-- errors PostgREST maps to 404 / 400
+SELECT is(pg_temp.state('authenticated', 'alice', $$SELECT version FROM memory.get('no-such-chat')$$),
+          'P0002', 'an unknown chat is P0002');
+SELECT is(pg_temp.state('authenticated', 'alice', $$SELECT queue_id FROM memory.enqueue('a-chat', '  ')$$),
+          '22023', 'invalid input is 22023');
+
+-- admins
+SELECT is(pg_temp.req('service_role', NULL, $$SELECT user_confirmed::text FROM memory.get('a-chat')$$),
+          '{}', 'the service role reads any chat');
+SELECT is(pg_temp.req('service_role', NULL, $$SELECT memory.retry_failed('a-chat')$$), '1',
+          'and retries it');
+SELECT is(pg_temp.state('authenticated', 'alice', $$SELECT memory.process_pending()$$), '42501',
+          'process_pending is for admins only');
+
+SELECT * FROM finish();
+ROLLBACK;

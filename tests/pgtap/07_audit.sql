@@ -1,0 +1,50 @@
+-- memory.audit_log: every write and admin action is logged, reads when audit_reads is on;
+-- readable by admins only; append-only for everyone but superusers; trimmed by retention.
+\ir _helpers.psql
+BEGIN;
+SELECT plan(10);
+
+SELECT 'au-' || gen_random_uuid() AS sub \gset
+SELECT pg_temp.req('authenticated', :'sub', $$SELECT memory.create_chat('au-chat')$$) AS s1,
+       pg_temp.req('authenticated', :'sub', $$SELECT queue_id FROM memory.enqueue('au-chat', 'hello')$$) AS qid,
+       pg_temp.req('authenticated', :'sub', $$SELECT version FROM memory.get('au-chat')$$) AS s2 \gset
+SET LOCAL memory_ext.audit_reads = on;
+SELECT pg_temp.req('authenticated', :'sub', $$SELECT version FROM memory.get('au-chat')$$) AS s3,
+       pg_temp.req('authenticated', :'sub', $$SELECT memory.retry_failed('au-chat')$$) AS s4,
+       pg_temp.req('authenticated', :'sub', $$SELECT memory.forget('au-chat')$$) AS s5,
+       pg_temp.req('authenticated', :'sub', $$SELECT version FROM memory.get('au-chat')$$) AS s6 \gset
+
+SELECT is((SELECT array_agg(action ORDER BY at, action) FROM memory.audit_log WHERE identity = :'sub'),
+          ARRAY['create_chat', 'enqueue', 'get', 'retry', 'forget'],
+          'create_chat, enqueue, get (once audit_reads is on), retry and forget are logged in order');
+SELECT is((SELECT queue_id::text FROM memory.audit_log WHERE identity = :'sub' AND action = 'enqueue'),
+          :'qid', 'the enqueue row names its queue id');
+SELECT is((SELECT DISTINCT role::text FROM memory.audit_log WHERE identity = :'sub'), 'authenticated',
+          'and the role the request ran as');
+SELECT pg_temp.req('service_role', NULL, $$SELECT memory.process_pending()$$) AS s7 \gset
+SELECT ok(EXISTS (SELECT 1 FROM memory.audit_log WHERE identity = 'service_role' AND action = 'process_pending'),
+          'admin actions are logged');
+
+SELECT is(pg_temp.state('authenticated', :'sub', $$SELECT count(*) FROM memory.audit_log$$), '42501',
+          'an API role cannot read the audit log');
+SELECT ok(pg_temp.req('service_role', NULL, $$SELECT count(*) FROM memory.audit_log$$)::int >= 5,
+          'an admin can');
+SELECT is(pg_temp.state('service_role', NULL, $$DELETE FROM memory.audit_log RETURNING 1$$), '42501',
+          'an admin cannot delete from it');
+-- BYPASSRLS, like Supabase's service_role: row security cannot be what stops it.
+CREATE ROLE pgtap_auditor NOLOGIN BYPASSRLS;
+GRANT USAGE ON SCHEMA memory TO pgtap_auditor;
+GRANT UPDATE, DELETE, TRUNCATE ON memory.audit_log TO pgtap_auditor;
+SELECT is(pg_temp.req('pgtap_auditor', NULL, $$UPDATE memory.audit_log SET detail = 'x' RETURNING 1$$),
+          '42501: memory.audit_log is append-only', 'even a role granted UPDATE and bypassing RLS cannot change it');
+SELECT is(pg_temp.state('pgtap_auditor', NULL, $$TRUNCATE memory.audit_log$$), '42501',
+          'nor TRUNCATE it');
+
+-- retention (what the worker runs): old rows go, recent ones stay
+INSERT INTO memory.audit_log (at, identity, role, action) VALUES (now() - interval '40 days', :'sub', 'x', 'old');
+SELECT memory._cleanup(3600, 1000, 30 * 86400) AS cleaned \gset
+SELECT is((SELECT array_agg(action ORDER BY at, action) FROM memory.audit_log WHERE identity = :'sub'),
+          ARRAY['create_chat', 'enqueue', 'get', 'retry', 'forget'], 'retention removed only the old row');
+
+SELECT * FROM finish();
+ROLLBACK;
