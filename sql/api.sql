@@ -9,26 +9,25 @@
 
 -- The role the caller acts as: SET ROLE's role (PostgREST's SET LOCAL ROLE from the JWT), else
 -- the session user. Not current_user, which is the definer inside SECURITY DEFINER functions.
+--
+-- current_identity() and _invoker() sit on every hot path, so they are SQL-standard bodies
+-- (BEGIN ATOMIC / RETURN): parsed and bound to their objects at CREATE time, so the caller's
+-- search_path cannot redirect them, and they need no SET clause (which would cost a
+-- search_path switch on every call).
 CREATE FUNCTION memory._invoker()
 RETURNS name
 LANGUAGE sql STABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT coalesce(nullif(pg_catalog.current_setting('role'), 'none'), session_user)::name
-$$;
+RETURN coalesce(nullif(pg_catalog.current_setting('role'), 'none'), session_user)::name;
 
 -- The caller: the JWT `sub` claim when PostgREST/Supabase set request.jwt.claims, else the
 -- invoking role.
 CREATE FUNCTION memory.current_identity()
 RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT coalesce(
-        nullif(nullif(pg_catalog.current_setting('request.jwt.claims', true), '')::jsonb
-               ->> 'sub', ''),
-        memory._invoker()::text)
-$$;
+RETURN coalesce(
+    nullif(nullif(pg_catalog.current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub',
+           ''),
+    memory._invoker()::text);
 
 -- Admins see and act on every chat: superusers, the extension owner, members of
 -- memory_ext.admin_role (default service_role) when it exists, and members of roles given
@@ -138,7 +137,7 @@ BEGIN
     INSERT INTO memory.chat_metadata (chat_id, owner) VALUES (p_chat_id, v_identity)
     ON CONFLICT (chat_id) DO NOTHING;
     SELECT m.owner INTO v_owner FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
-    IF v_owner <> v_identity THEN
+    IF v_owner <> v_identity AND NOT memory._is_admin() THEN
         RAISE EXCEPTION 'permission denied for chat "%"', p_chat_id USING ERRCODE = '42501';
     END IF;
     PERFORM memory._audit('create_chat', p_chat_id);
@@ -200,16 +199,18 @@ BEGIN
      WHERE m.chat_id = p_chat_id AND m.owner = v_identity
     RETURNING id, next_attempt_at INTO queue_id, v_next;
     IF NOT FOUND THEN
-        -- A new chat (create it for the caller) or someone else's (refuse).
+        -- A new chat (create it for the caller) or someone else's (refuse, unless an admin
+        -- enqueues on the owner's behalf, e.g. a backend with the service role).
         INSERT INTO memory.chat_metadata (chat_id, owner) VALUES (p_chat_id, v_identity)
         ON CONFLICT (chat_id) DO NOTHING;
         SELECT m.owner INTO v_owner FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
-        IF v_owner <> v_identity THEN
+        IF v_owner <> v_identity AND NOT memory._is_admin() THEN
             RAISE EXCEPTION 'permission denied for chat "%"', p_chat_id USING ERRCODE = '42501';
         END IF;
         INSERT INTO memory.chat_context_queue (chat_id, new_context_snippet, trigger_source,
-                                               enqueued_by)
-        VALUES (p_chat_id, p_snippet, p_trigger_source, v_identity)
+                                               enqueued_by, next_attempt_at)
+        SELECT m.chat_id, p_snippet, p_trigger_source, v_identity, greatest(now(), m.retry_at)
+          FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id
         RETURNING id, next_attempt_at INTO queue_id, v_next;
     END IF;
 

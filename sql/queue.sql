@@ -15,6 +15,8 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_chats text[];
+    v_ids uuid[];
+    v_with_rows text[];
 BEGIN
     -- Dynamic SQL throughout: a plan cached while the queue was small must never be reused at
     -- millions of rows (a generic nested-loop plan once made one claim take 45 s at 100k rows).
@@ -51,43 +53,47 @@ BEGIN
         RETURN;
     END IF;
 
-    -- Each chat's oldest pending snippets, through the (chat_id, seq) index.
+    -- Each chat's oldest pending snippets, through the (chat_id, seq) index; then mark them by
+    -- primary key and return them. Separate statements on purpose: as one UPDATE ... FROM with
+    -- the LATERAL, statistics taken before a bulk enqueue (autoanalyze lags it by up to a
+    -- minute) made the planner drive a nested loop from 100k "1-row" pending rows, and one
+    -- claim ran for minutes.
     EXECUTE $q$
-        UPDATE memory.chat_context_queue q
-           SET status = 'processing', claim_token = r.lease_token, claimed_at = now(),
-               lease_expires_at = r.lease_until
-          FROM (SELECT x.id, c.lease_token, c.lease_until
-                  FROM memory.chat_metadata c
-                  CROSS JOIN LATERAL (
-                      SELECT o.id FROM memory.chat_context_queue o
-                       WHERE o.chat_id = c.chat_id AND o.status = 'pending_summarization'
-                       ORDER BY o.seq LIMIT $2) x
-                 WHERE c.chat_id = ANY ($1)) r
-         WHERE q.id = r.id AND q.status = 'pending_summarization'
-    $q$ USING v_chats, p_max_snippets;
-
-    RETURN QUERY EXECUTE $q$
-        SELECT c.chat_id, c.lease_token, c.version, c.user_confirmed, c.llm_inferred,
-               c.general_summary, s.snippets
+        SELECT array_agg(x.id), array_agg(DISTINCT c.chat_id)
           FROM memory.chat_metadata c
-          JOIN LATERAL (
-              SELECT jsonb_agg(jsonb_build_object('id', q.id, 'text', q.new_context_snippet)
-                               ORDER BY q.seq) AS snippets
-                FROM memory.chat_context_queue q
-               WHERE q.chat_id = c.chat_id AND q.status = 'processing'
-                 AND q.claim_token = c.lease_token) s ON s.snippets IS NOT NULL
+          CROSS JOIN LATERAL (
+              SELECT o.id FROM memory.chat_context_queue o
+               WHERE o.chat_id = c.chat_id AND o.status = 'pending_summarization'
+               ORDER BY o.seq LIMIT $2) x
          WHERE c.chat_id = ANY ($1)
-    $q$ USING v_chats;
+    $q$ INTO v_ids, v_with_rows USING v_chats, p_max_snippets;
+
+    -- By primary key only: a status condition here would let the planner pick a partial
+    -- (status) index that stale statistics call empty. The rows are still pending: every
+    -- writer of a chat's open rows locks the chat row first, and we hold those locks.
+    RETURN QUERY EXECUTE $q$
+        WITH marked AS (
+            UPDATE memory.chat_context_queue q
+               SET status = 'processing', claim_token = c.lease_token, claimed_at = now(),
+                   lease_expires_at = c.lease_until
+              FROM memory.chat_metadata c
+             WHERE q.id = ANY ($1) AND c.chat_id = q.chat_id
+            RETURNING q.chat_id, q.id, q.seq, q.new_context_snippet
+        )
+        SELECT c.chat_id, c.lease_token, c.version, c.user_confirmed, c.llm_inferred,
+               c.general_summary,
+               jsonb_agg(jsonb_build_object('id', m.id, 'text', m.new_context_snippet)
+                         ORDER BY m.seq)
+          FROM marked m JOIN memory.chat_metadata c ON c.chat_id = m.chat_id
+         GROUP BY c.chat_id
+    $q$ USING v_ids;
 
     -- A chat whose rows vanished between the scan and the lease must not stay leased.
     EXECUTE $q$
         UPDATE memory.chat_metadata c
            SET lease_token = NULL, lease_owner = NULL, lease_until = NULL
-         WHERE c.chat_id = ANY ($1)
-           AND NOT EXISTS (SELECT 1 FROM memory.chat_context_queue q
-                            WHERE q.chat_id = c.chat_id AND q.status = 'processing'
-                              AND q.claim_token = c.lease_token)
-    $q$ USING v_chats;
+         WHERE c.chat_id = ANY ($1) AND NOT (c.chat_id = ANY (coalesce($2, '{}')))
+    $q$ USING v_chats, v_with_rows;
 END
 $$;
 

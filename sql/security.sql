@@ -144,10 +144,10 @@ CREATE POLICY owner_reads ON memory.chat_metadata FOR SELECT
 CREATE POLICY admin_all ON memory.chat_metadata FOR ALL
     USING (memory._is_admin()) WITH CHECK (memory._is_admin());
 
--- Only a chat's owner enqueues into it, so enqueued_by is the chat's owner.
+-- By the chat's owner, not enqueued_by: an admin may enqueue on the owner's behalf.
 ALTER TABLE memory.chat_context_queue ENABLE ROW LEVEL SECURITY;
 CREATE POLICY owner_reads ON memory.chat_context_queue FOR SELECT
-    USING (enqueued_by = memory.current_identity());
+    USING (memory._chat_owner(chat_id) = memory.current_identity());
 CREATE POLICY admin_all ON memory.chat_context_queue FOR ALL
     USING (memory._is_admin()) WITH CHECK (memory._is_admin());
 

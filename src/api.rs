@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 /// (nothing will process the snippet until `process_pending()` is called). One call, because
 /// enqueue's hot path needs both.
 #[pg_extern(volatile, parallel_unsafe, name = "_wake_at_commit")]
-#[search_path(pg_catalog, pg_temp)]
 fn wake_at_commit() -> Option<Interval> {
     shmem::wake_at_commit();
     let sh = shmem::get()?;
@@ -238,14 +237,12 @@ fn worker_status() -> TableIterator<
 
 /// Tokens in `text` under cl100k_base, the tokenizer behind `token_count`.
 #[pg_extern(immutable, strict, parallel_safe)]
-#[search_path(pg_catalog, pg_temp)]
 fn count_tokens(text: &str) -> i32 {
     i32::try_from(tokens::count(text)).unwrap_or(i32::MAX)
 }
 
 /// `memory_ext.max_snippet_bytes` as a number (`current_setting` would say "64kB").
 #[pg_extern(stable, parallel_safe, name = "_max_snippet_bytes")]
-#[search_path(pg_catalog, pg_temp)]
 fn max_snippet_bytes() -> i32 {
     settings::MAX_SNIPPET_BYTES.get()
 }

@@ -125,14 +125,28 @@ fn slot_for(slots: &mut [Slot; SLOTS], key: u64, now: i64, limit: f64) -> &mut S
     &mut slots[victim]
 }
 
+/// Superusers (bulk loads, maintenance) are never limited. The invoker is SET ROLE's role or
+/// the session user: inside enqueue (SECURITY DEFINER) the current user is the definer.
+fn invoker_is_superuser() -> bool {
+    unsafe {
+        let role = pg_sys::GetCurrentRoleId();
+        let invoker = if role == pg_sys::InvalidOid {
+            pg_sys::GetSessionUserId()
+        } else {
+            role
+        };
+        pg_sys::superuser_arg(invoker)
+    }
+}
+
 /// Seconds `identity` must wait before its next enqueue, or 0 when it may go ahead (and a token
 /// was taken). Always 0 when the limit is off or the library is not preloaded.
+// Runs no SQL, so no search_path to pin (and no per-call search_path switch on enqueue's path).
 #[pg_extern(volatile, parallel_unsafe, strict, name = "_rate_limit")]
-#[search_path(pg_catalog, pg_temp)]
 fn rate_limit(identity: &str) -> i32 {
     let limit = settings::RATE_LIMIT_PER_MINUTE.get();
     let table = TABLE.load(Ordering::Acquire);
-    if limit <= 0 || table.is_null() {
+    if limit <= 0 || table.is_null() || invoker_is_superuser() {
         return 0;
     }
     let key = key_of(identity);

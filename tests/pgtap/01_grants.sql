@@ -1,7 +1,7 @@
 -- Least privilege: nothing for PUBLIC, explicit grants, definer rights with a fixed search_path.
 \ir _helpers.psql
 BEGIN;
-SELECT plan(20);
+SELECT plan(21);
 
 SELECT is((SELECT count(*)::int FROM pg_proc p
             WHERE p.pronamespace = 'memory'::regnamespace
@@ -38,10 +38,18 @@ SELECT is(pg_temp.req('authenticated', 'alice', 'SELECT memory._is_admin()'), 'f
 
 -- Every function touching the tables runs with definer rights; every function has a fixed
 -- search_path.
-SELECT is((SELECT count(*)::int FROM pg_proc p
+-- Exempt: SQL-standard bodies (bound to their objects at CREATE time) and C functions that run
+-- no SQL at all.
+SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
             WHERE p.pronamespace = 'memory'::regnamespace
+              AND p.prosqlbody IS NULL
               AND NOT coalesce(p.proconfig @> ARRAY['search_path=pg_catalog, pg_temp'], false)),
-          0, 'every memory function pins search_path = pg_catalog, pg_temp');
+          ARRAY['_max_snippet_bytes', '_rate_limit', '_wake_at_commit', 'count_tokens'],
+          'every memory function pins search_path = pg_catalog, pg_temp, but the C ones running no SQL');
+SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
+            WHERE p.pronamespace = 'memory'::regnamespace AND p.prosqlbody IS NOT NULL),
+          ARRAY['_invoker', 'current_identity'],
+          'the hot-path identity functions have SQL-standard bodies instead');
 SELECT is((SELECT array_agg(f ORDER BY f) FROM unnest(ARRAY[
               'memory.create_chat(text)', 'memory.enqueue(text,text,text)', 'memory.get(text)',
               'memory.status(uuid)', 'memory.history(text)', 'memory.forget(text)',

@@ -2,7 +2,7 @@
 -- in every function, anon can do nothing, admins can do everything.
 \ir _helpers.psql
 BEGIN;
-SELECT plan(24);
+SELECT plan(26);
 
 SELECT is(pg_temp.req('authenticated', 'alice', $$SELECT memory.current_identity()$$), 'alice',
           'identity is the JWT sub');
@@ -63,6 +63,11 @@ SELECT is(pg_temp.req('service_role', NULL, $$SELECT memory.retry_failed('a-chat
           'and retries it');
 SELECT is(pg_temp.state('authenticated', 'alice', $$SELECT memory.process_pending()$$), '42501',
           'process_pending is for admins only');
+SELECT pg_temp.req('service_role', NULL, $$SELECT queue_id FROM memory.enqueue('a-chat', 'from the backend')$$) AS backend_qid \gset
+SELECT is(pg_temp.req('authenticated', 'alice', format($$SELECT status FROM memory.status(%L)$$, :'backend_qid')),
+          'pending_summarization', 'an admin enqueues on the owner''s behalf, and the owner sees it');
+SELECT is((SELECT owner FROM memory.chat_metadata WHERE chat_id = 'a-chat'), 'alice',
+          'the chat still belongs to alice');
 
 SELECT * FROM finish();
 ROLLBACK;
