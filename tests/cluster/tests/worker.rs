@@ -707,3 +707,27 @@ fn idle_on_a_hot_standby_and_serving_after_promotion() {
     );
     assert_applied_once_in_order(&mut s, "c1");
 }
+
+#[test]
+fn a_bulk_enqueue_drains_promptly_before_statistics_catch_up() {
+    // Autovacuum off: the planner sees the statistics of the nearly empty queue while 20k rows
+    // are pending. A claim planned as one UPDATE ... FROM once ran for minutes in this state.
+    let pg = Cluster::start("stale_stats", &["autovacuum = off"]);
+    let mut c = pg.client();
+    c.batch_execute(
+        "SELECT memory.enqueue('warm', 'x'); ANALYZE memory.chat_context_queue, memory.chat_metadata;",
+    )
+    .unwrap();
+    c.batch_execute(
+        "SELECT count(*) FROM (SELECT memory.enqueue('bulk' || (g % 2000), 'confirmed: n = ' || g) \
+         FROM generate_series(0, 19999) g) x",
+    )
+    .unwrap();
+    pg.eventually(
+        &mut c,
+        "SELECT count(*) = 0 FROM memory.chat_context_queue WHERE status <> 'complete'",
+        "20k snippets applied",
+        T,
+    );
+    assert_applied_once_in_order(&mut c, "bulk7");
+}
