@@ -102,3 +102,42 @@ impl Provider for Anthropic {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::StructuredOutput;
+    use std::time::Duration;
+
+    #[test]
+    fn url_and_limits() {
+        assert_eq!(
+            Anthropic.url("https://api.anthropic.com"),
+            "https://api.anthropic.com/v1/messages"
+        );
+        assert_eq!(
+            Anthropic.url("https://api.anthropic.com/v1"),
+            "https://api.anthropic.com/v1/messages"
+        );
+        let config = LlmConfig {
+            summarizer: "anthropic".into(),
+            endpoint: String::new(),
+            model: "m".into(),
+            api_key: String::new(),
+            timeout: Duration::from_secs(1),
+            max_output_tokens: 0,
+            concurrency: 1,
+            structured_output: StructuredOutput::None,
+        };
+        let body = Anthropic.request(&config, &[]);
+        assert_eq!(
+            body["max_tokens"], DEFAULT_MAX_TOKENS,
+            "the API requires a limit"
+        );
+        assert_eq!(
+            Anthropic.headers("").len(),
+            1,
+            "no key, no x-api-key header"
+        );
+    }
+}

@@ -93,3 +93,57 @@ impl Provider for OpenAi {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn config(structured_output: StructuredOutput, max_output_tokens: u32) -> LlmConfig {
+        LlmConfig {
+            summarizer: "openai".into(),
+            endpoint: "http://127.0.0.1:1/v1".into(),
+            model: "m".into(),
+            api_key: String::new(),
+            timeout: Duration::from_secs(1),
+            max_output_tokens,
+            concurrency: 1,
+            structured_output,
+        }
+    }
+
+    #[test]
+    fn request_options() {
+        let turns = [Turn {
+            role: Role::User,
+            text: "hi".into(),
+        }];
+        // (structured output, max tokens, response_format type, max_tokens)
+        let cases = [
+            (
+                StructuredOutput::JsonSchema,
+                100,
+                Some("json_schema"),
+                Some(100),
+            ),
+            (
+                StructuredOutput::JsonObject,
+                100,
+                Some("json_object"),
+                Some(100),
+            ),
+            (StructuredOutput::None, 0, None, None),
+        ];
+        for (mode, max, format, max_tokens) in cases {
+            let body = OpenAi.request(&config(mode, max), &turns);
+            assert_eq!(body["response_format"]["type"].as_str(), format, "{mode:?}");
+            assert_eq!(body["max_tokens"].as_u64(), max_tokens, "{mode:?}");
+            assert_eq!(body["messages"][0]["role"], "system");
+            assert_eq!(body["messages"][1]["content"], "hi");
+        }
+        assert!(
+            OpenAi.headers("").is_empty(),
+            "no key, no Authorization header"
+        );
+    }
+}

@@ -1,7 +1,7 @@
 -- Least privilege: nothing for PUBLIC, explicit grants, definer rights with a fixed search_path.
 \ir _helpers.psql
 BEGIN;
-SELECT plan(21);
+SELECT plan(27);
 
 SELECT is((SELECT count(*)::int FROM pg_proc p
             WHERE p.pronamespace = 'memory'::regnamespace
@@ -73,6 +73,23 @@ SELECT throws_ok($$SELECT memory.grant_usage(NULL)$$, '22023', 'role must not be
 SELECT lives_ok($$SELECT memory.revoke_usage('pgtap_app')$$, 'usage can be revoked');
 SELECT ok(NOT has_function_privilege('pgtap_app', 'memory.enqueue(text, text, text)', 'EXECUTE'),
           'revoked');
+
+-- grant_admin / revoke_admin, and memory_ext.admin_role.
+SELECT lives_ok($$SELECT memory.grant_admin('pgtap_app')$$, 'an admin grants admin');
+SELECT is(pg_temp.req('pgtap_app', NULL, 'SELECT memory._is_admin()'), 'true',
+          'members of a role given grant_admin are admins');
+SELECT ok(has_function_privilege('pgtap_app', 'memory.process_pending(integer)', 'EXECUTE')
+          AND has_table_privilege('pgtap_app', 'memory.audit_log', 'SELECT'),
+          'with the admin functions and tables');
+SELECT lives_ok($$SELECT memory.revoke_admin('pgtap_app')$$, 'admin can be revoked');
+SELECT is(pg_temp.req('pgtap_app', NULL, 'SELECT memory._is_admin()'), 'false',
+          'revoked: usage stays, admin is gone');
+CREATE ROLE pgtap_boss NOLOGIN;
+CREATE ROLE pgtap_ops NOLOGIN IN ROLE pgtap_boss;
+SELECT memory.grant_usage('pgtap_ops') AS granted \gset
+SET LOCAL memory_ext.admin_role = 'pgtap_boss';
+SELECT is(pg_temp.req('pgtap_ops', NULL, 'SELECT memory._is_admin()'), 'true',
+          'members of memory_ext.admin_role are admins');
 
 SELECT * FROM finish();
 ROLLBACK;

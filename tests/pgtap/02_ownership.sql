@@ -2,7 +2,7 @@
 -- in every function, anon can do nothing, admins can do everything.
 \ir _helpers.psql
 BEGIN;
-SELECT plan(26);
+SELECT plan(27);
 
 SELECT is(pg_temp.req('authenticated', 'alice', $$SELECT memory.current_identity()$$), 'alice',
           'identity is the JWT sub');
@@ -66,6 +66,8 @@ SELECT is(pg_temp.state('authenticated', 'alice', $$SELECT memory.process_pendin
 SELECT pg_temp.req('service_role', NULL, $$SELECT queue_id FROM memory.enqueue('a-chat', 'from the backend')$$) AS backend_qid \gset
 SELECT is(pg_temp.req('authenticated', 'alice', format($$SELECT status FROM memory.status(%L)$$, :'backend_qid')),
           'pending_summarization', 'an admin enqueues on the owner''s behalf, and the owner sees it');
+SELECT is(pg_temp.req('service_role', NULL, $$SELECT memory.create_chat('a-chat')$$), 'a-chat',
+          'create_chat is idempotent for an admin on someone else''s chat');
 SELECT is((SELECT owner FROM memory.chat_metadata WHERE chat_id = 'a-chat'), 'alice',
           'the chat still belongs to alice');
 

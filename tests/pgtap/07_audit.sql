@@ -10,13 +10,14 @@ SELECT pg_temp.req('authenticated', :'sub', $$SELECT memory.create_chat('au-chat
        pg_temp.req('authenticated', :'sub', $$SELECT version FROM memory.get('au-chat')$$) AS s2 \gset
 SET LOCAL memory_ext.audit_reads = on;
 SELECT pg_temp.req('authenticated', :'sub', $$SELECT version FROM memory.get('au-chat')$$) AS s3,
+       pg_temp.req('authenticated', :'sub', $$SELECT count(*) FROM memory.history('au-chat')$$) AS s3h,
        pg_temp.req('authenticated', :'sub', $$SELECT memory.retry_failed('au-chat')$$) AS s4,
        pg_temp.req('authenticated', :'sub', $$SELECT memory.forget('au-chat')$$) AS s5,
        pg_temp.req('authenticated', :'sub', $$SELECT version FROM memory.get('au-chat')$$) AS s6 \gset
 
 SELECT is((SELECT array_agg(action ORDER BY at, action) FROM memory.audit_log WHERE identity = :'sub'),
-          ARRAY['create_chat', 'enqueue', 'get', 'retry', 'forget'],
-          'create_chat, enqueue, get (once audit_reads is on), retry and forget are logged in order');
+          ARRAY['create_chat', 'enqueue', 'get', 'history', 'retry', 'forget'],
+          'create_chat, enqueue, get and history (once audit_reads is on), retry and forget are logged in order');
 SELECT is((SELECT queue_id::text FROM memory.audit_log WHERE identity = :'sub' AND action = 'enqueue'),
           :'qid', 'the enqueue row names its queue id');
 SELECT is((SELECT DISTINCT role::text FROM memory.audit_log WHERE identity = :'sub'), 'authenticated',
@@ -44,7 +45,7 @@ SELECT is(pg_temp.state('pgtap_auditor', NULL, $$TRUNCATE memory.audit_log$$), '
 INSERT INTO memory.audit_log (at, identity, role, action) VALUES (now() - interval '40 days', :'sub', 'x', 'old');
 SELECT memory._cleanup(3600, 1000, 30 * 86400) AS cleaned \gset
 SELECT is((SELECT array_agg(action ORDER BY at, action) FROM memory.audit_log WHERE identity = :'sub'),
-          ARRAY['create_chat', 'enqueue', 'get', 'retry', 'forget'], 'retention removed only the old row');
+          ARRAY['create_chat', 'enqueue', 'get', 'history', 'retry', 'forget'], 'retention removed only the old row');
 
 SELECT * FROM finish();
 ROLLBACK;

@@ -569,3 +569,37 @@ fn process_pending_calls_the_llm_without_a_worker() {
     );
     assert_no_key_leak(&pg, &mut c);
 }
+
+#[test]
+fn a_rate_limit_pauses_requests_for_every_chat() {
+    let fake = FakeLlm::start(Mode::RateLimited {
+        times: 1,
+        retry_after_s: 2,
+    });
+    let (pg, mut c) = start("llm_429_all", &fake, "openai", &[]);
+    let a = enqueue(&mut c, "a", "confirmed: k = 1");
+    // Once the 429 is recorded, a chat enqueued afterwards must wait for the Retry-After too.
+    pg.eventually(
+        &mut c,
+        &format!("SELECT retry_count = 1 FROM memory.status('{a}')"),
+        "the 429 recorded",
+        T,
+    );
+    let b = enqueue(&mut c, "b", "confirmed: k = 2");
+    assert_eq!(wait(&mut c, &b), "complete");
+    assert_eq!(wait(&mut c, &a), "complete");
+    let reqs = fake.requests();
+    let first = reqs[0].at;
+    let for_b = reqs
+        .iter()
+        .find(|r| r.last_user_text().contains(&b))
+        .expect("a request for chat b");
+    // A lower bound only: later is fine, sooner would hammer a rate-limited endpoint.
+    assert!(
+        for_b.at - first >= Duration::from_millis(1900),
+        "chat b was sent {:?} after the 429, before its Retry-After (2 s)",
+        for_b.at - first
+    );
+    assert_eq!(row(&mut c, &b).1, 0, "chat b spent no attempt");
+    assert_no_key_leak(&pg, &mut c);
+}
