@@ -64,6 +64,18 @@ BEGIN
 END
 $$;
 
+-- The privileges of grant_usage(), which grant_admin() includes.
+CREATE FUNCTION memory._grant_usage(p_role regrole)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    EXECUTE format('GRANT USAGE ON SCHEMA memory TO %s', p_role);
+    PERFORM memory._grant_functions(true, memory._usage_functions(), p_role);
+END
+$$;
+
 -- Let a role call the API (its identity, or its users' JWT sub, owns what it creates).
 CREATE FUNCTION memory.grant_usage(p_role regrole)
 RETURNS void
@@ -74,8 +86,7 @@ AS $$
 BEGIN
     PERFORM memory._require_admin('memory.grant_usage()');
     PERFORM memory._check_role(p_role);
-    EXECUTE format('GRANT USAGE ON SCHEMA memory TO %s', p_role);
-    PERFORM memory._grant_functions(true, memory._usage_functions(), p_role);
+    PERFORM memory._grant_usage(p_role);
     PERFORM memory._audit('grant_usage', NULL, NULL, p_role::text);
 END
 $$;
@@ -107,9 +118,8 @@ AS $$
 BEGIN
     PERFORM memory._require_admin('memory.grant_admin()');
     PERFORM memory._check_role(p_role);
-    EXECUTE format('GRANT USAGE ON SCHEMA memory TO %s', p_role);
-    PERFORM memory._grant_functions(true,
-        memory._usage_functions() || memory._admin_functions(), p_role);
+    PERFORM memory._grant_usage(p_role);
+    PERFORM memory._grant_functions(true, memory._admin_functions(), p_role);
     EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA memory TO %s', p_role);
     EXECUTE format('GRANT INSERT, UPDATE, DELETE ON memory.chat_metadata, '
                    'memory.chat_context_queue, memory.chat_memory_history TO %s', p_role);

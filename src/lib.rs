@@ -43,7 +43,6 @@ pub extern "C-unwind" fn _PG_init() {
     // Without preloading, the SQL API still works; worker_status() explains why no worker runs.
     if preloading {
         shmem::init();
-        rate_limit::init();
         worker::register_launcher();
     }
 }

@@ -13,7 +13,8 @@ use std::ffi::CStr;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicPtr, Ordering};
 
-const NAME: &CStr = c"memory_ext rate limit";
+pub const SHMEM_NAME: &CStr = c"memory_ext rate limit";
+pub const SHMEM_SIZE: usize = size_of::<Table>();
 const SLOTS: usize = 8192;
 const PROBE: usize = 16;
 
@@ -34,48 +35,14 @@ struct Table {
 }
 
 static TABLE: AtomicPtr<Table> = AtomicPtr::new(std::ptr::null_mut());
-static mut PREV_REQUEST_HOOK: pg_sys::shmem_request_hook_type = None;
-static mut PREV_STARTUP_HOOK: pg_sys::shmem_startup_hook_type = None;
 
-/// Called from `_PG_init` while preloading.
-pub fn init() {
-    unsafe {
-        PREV_REQUEST_HOOK = pg_sys::shmem_request_hook;
-        pg_sys::shmem_request_hook = Some(request);
-        PREV_STARTUP_HOOK = pg_sys::shmem_startup_hook;
-        pg_sys::shmem_startup_hook = Some(startup);
+/// The segment's attach function (registered in `crate::shmem`): zeroed memory is an empty table.
+pub unsafe fn attach(memory: *mut u8, lock: *mut pg_sys::LWLock, found: bool) {
+    let p = memory.cast::<Table>();
+    if !found {
+        unsafe { (*p).lock = lock };
     }
-}
-
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn request() {
-    unsafe {
-        if let Some(prev) = PREV_REQUEST_HOOK {
-            prev();
-        }
-        pg_sys::RequestAddinShmemSpace(size_of::<Table>());
-        pg_sys::RequestNamedLWLockTranche(NAME.as_ptr(), 1);
-    }
-}
-
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn startup() {
-    unsafe {
-        if let Some(prev) = PREV_STARTUP_HOOK {
-            prev();
-        }
-        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
-        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let mut found = false;
-        let p =
-            pg_sys::ShmemInitStruct(NAME.as_ptr(), size_of::<Table>(), &mut found).cast::<Table>();
-        if !found {
-            std::ptr::write_bytes(p, 0, 1);
-            (*p).lock = &raw mut (*pg_sys::GetNamedLWLockTranche(NAME.as_ptr())).lock;
-        }
-        TABLE.store(p, Ordering::Release);
-        pg_sys::LWLockRelease(init_lock);
-    }
+    TABLE.store(p, Ordering::Release);
 }
 
 fn key_of(identity: &str) -> u64 {

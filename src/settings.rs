@@ -324,7 +324,6 @@ pub struct LlmConfig {
     pub api_key: String,
     pub timeout: Duration,
     pub max_output_tokens: u32,
-    pub concurrency: usize,
     pub structured_output: StructuredOutput,
 }
 
@@ -359,7 +358,6 @@ impl LlmConfig {
             api_key,
             timeout: Duration::from_millis(LLM_TIMEOUT_MS.get().max(1) as u64),
             max_output_tokens: LLM_MAX_OUTPUT_TOKENS.get().max(0) as u32,
-            concurrency: LLM_CONCURRENCY.get().max(1) as usize,
             structured_output: LLM_STRUCTURED_OUTPUT.get(),
         })
     }

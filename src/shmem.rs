@@ -1,4 +1,5 @@
-//! Shared memory: how backends wake the worker at COMMIT, how `wait()` sleeps until the worker
+//! Shared memory (every segment of the extension is registered here): how backends wake the
+//! worker at COMMIT, how `wait()` sleeps until the worker
 //! applies something, and the worker's health record for `worker_status()`.
 //!
 //! It exists only when the library is in `shared_preload_libraries`; every accessor returns
@@ -38,6 +39,28 @@ static SHARED: AtomicPtr<Shared> = AtomicPtr::new(std::ptr::null_mut());
 static mut PREV_REQUEST_HOOK: pg_sys::shmem_request_hook_type = None;
 static mut PREV_STARTUP_HOOK: pg_sys::shmem_startup_hook_type = None;
 
+/// A named shared-memory segment with one LWLock of its own. `attach` runs in the postmaster
+/// (and in EXEC_BACKEND children) with the zeroed memory on first creation (`found` = false).
+struct Segment {
+    name: &'static CStr,
+    size: usize,
+    attach: unsafe fn(memory: *mut u8, lock: *mut pg_sys::LWLock, found: bool),
+}
+
+/// Every segment of the extension: this module's, and the rate limiter's buckets.
+const SEGMENTS: [Segment; 2] = [
+    Segment {
+        name: NAME,
+        size: size_of::<Shared>(),
+        attach: attach_shared,
+    },
+    Segment {
+        name: crate::rate_limit::SHMEM_NAME,
+        size: crate::rate_limit::SHMEM_SIZE,
+        attach: crate::rate_limit::attach,
+    },
+];
+
 /// Called from `_PG_init` while preloading.
 pub fn init() {
     unsafe {
@@ -54,8 +77,10 @@ unsafe extern "C-unwind" fn request() {
         if let Some(prev) = PREV_REQUEST_HOOK {
             prev();
         }
-        pg_sys::RequestAddinShmemSpace(size_of::<Shared>());
-        pg_sys::RequestNamedLWLockTranche(NAME.as_ptr(), 1);
+        for s in &SEGMENTS {
+            pg_sys::RequestAddinShmemSpace(s.size);
+            pg_sys::RequestNamedLWLockTranche(s.name.as_ptr(), 1);
+        }
     }
 }
 
@@ -68,17 +93,28 @@ unsafe extern "C-unwind" fn startup() {
         // AddinShmemInitLock is MainLWLockArray[21] (a macro in C).
         let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
         pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let mut found = false;
-        let p = pg_sys::ShmemInitStruct(NAME.as_ptr(), size_of::<Shared>(), &mut found)
-            .cast::<Shared>();
-        if !found {
-            std::ptr::write_bytes(p, 0, 1);
-            (*p).lock = &raw mut (*pg_sys::GetNamedLWLockTranche(NAME.as_ptr())).lock;
-            pg_sys::ConditionVariableInit(&raw mut (*p).applied_cv);
+        for s in &SEGMENTS {
+            let mut found = false;
+            let p = pg_sys::ShmemInitStruct(s.name.as_ptr(), s.size, &mut found).cast::<u8>();
+            if !found {
+                std::ptr::write_bytes(p, 0, s.size);
+            }
+            let lock = &raw mut (*pg_sys::GetNamedLWLockTranche(s.name.as_ptr())).lock;
+            (s.attach)(p, lock, found);
         }
-        SHARED.store(p, Ordering::Release);
         pg_sys::LWLockRelease(init_lock);
     }
+}
+
+unsafe fn attach_shared(memory: *mut u8, lock: *mut pg_sys::LWLock, found: bool) {
+    let p = memory.cast::<Shared>();
+    unsafe {
+        if !found {
+            (*p).lock = lock;
+            pg_sys::ConditionVariableInit(&raw mut (*p).applied_cv);
+        }
+    }
+    SHARED.store(p, Ordering::Release);
 }
 
 pub fn get() -> Option<&'static Shared> {

@@ -21,20 +21,6 @@ fn count(sql: &str) -> i64 {
     one::<i64>(&format!("SELECT count(*) FROM ({sql}) x")).unwrap()
 }
 
-/// The SQLSTATE `sql` fails with ("ok" if it succeeds). Runs in a subtransaction, like a client
-/// statement: a failed call must leave nothing behind, which the callers then check.
-fn sqlstate(sql: &str) -> String {
-    if one::<bool>("SELECT to_regprocedure('pg_temp.sqlstate_of(text)') IS NULL").unwrap() {
-        run("CREATE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS \
-             $$ BEGIN EXECUTE q; RETURN 'ok'; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$");
-    }
-    one::<String>(&format!(
-        "SELECT pg_temp.sqlstate_of({})",
-        pgrx::spi::quote_literal(sql)
-    ))
-    .unwrap()
-}
-
 /// "SQLSTATE: message" of the error `sql` raises ("ok" if it succeeds), in a subtransaction.
 fn error_of(sql: &str) -> String {
     if one::<bool>("SELECT to_regprocedure('pg_temp.error_of(text)') IS NULL").unwrap() {
@@ -47,6 +33,13 @@ fn error_of(sql: &str) -> String {
         pgrx::spi::quote_literal(sql)
     ))
     .unwrap()
+}
+
+/// The SQLSTATE `sql` fails with ("ok" if it succeeds). Runs in a subtransaction, like a client
+/// statement: a failed call must leave nothing behind, which the callers then check.
+fn sqlstate(sql: &str) -> String {
+    let e = error_of(sql);
+    if e == "ok" { e } else { e[..5].to_string() }
 }
 
 /// Act as another identity, the way PostgREST does.

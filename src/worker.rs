@@ -25,7 +25,7 @@ use pgrx::prelude::*;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const LAUNCHER: &str = "memory_ext launcher";
@@ -49,12 +49,16 @@ fn shutdown_requested() -> bool {
     unsafe { pg_sys::ShutdownRequestPending != 0 }
 }
 
+/// Bumped at every reload: settings of a background worker change only then.
+static CONFIG_GENERATION: AtomicU64 = AtomicU64::new(0);
+
 fn reload_config_if_asked() {
     if unsafe { pg_sys::ConfigReloadPending } != 0 {
         unsafe {
             pg_sys::ConfigReloadPending = 0;
             pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
         }
+        CONFIG_GENERATION.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -226,21 +230,37 @@ fn extension_ready() -> bool {
     .unwrap_or(false)
 }
 
-/// The summarizer for the current settings, rebuilt only when they change (so an HTTP client
-/// keeps its connections). A configuration error is kept as its message: claimed snippets fail
-/// (transiently) with it until the settings are fixed.
+/// The summarizer for the current settings. Settings (and a `file:`/`env:` key) are read at
+/// start and after each reload, not on every loop; the summarizer is rebuilt only when they
+/// changed (so an HTTP client keeps its connections). A configuration error is kept as its
+/// message: claimed snippets fail (transiently) with it until the settings are fixed and reloaded.
 #[derive(Default)]
 struct SummarizerCache {
+    generation: Option<u64>,
     config: Option<LlmConfig>,
     summarizer: Option<Result<Arc<dyn Summarizer>, String>>,
 }
 
 impl SummarizerCache {
     fn current(&mut self) -> Result<Arc<dyn Summarizer>, String> {
-        let config = LlmConfig::current()?;
-        if self.config.as_ref() != Some(&config) || self.summarizer.is_none() {
-            self.summarizer = Some(summarizer::from_config(&config).map_err(|e| e.to_string()));
-            self.config = Some(config);
+        let generation = CONFIG_GENERATION.load(Ordering::Relaxed);
+        if self.generation != Some(generation) {
+            self.generation = Some(generation);
+            match LlmConfig::current() {
+                Ok(config) => {
+                    let unchanged = self.config.as_ref() == Some(&config)
+                        && matches!(self.summarizer, Some(Ok(_)));
+                    if !unchanged {
+                        self.summarizer =
+                            Some(summarizer::from_config(&config).map_err(|e| e.to_string()));
+                        self.config = Some(config);
+                    }
+                }
+                Err(e) => {
+                    self.config = None;
+                    self.summarizer = Some(Err(e));
+                }
+            }
         }
         self.summarizer.clone().expect("set above")
     }

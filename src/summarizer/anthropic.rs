@@ -3,7 +3,7 @@
 
 use super::LlmConfig;
 use super::contract;
-use super::llm::{Answer, Content, Provider, Role, Turn};
+use super::llm::{Answer, Content, Provider, Role, Turn, usage_tokens};
 use serde_json::{Value, json};
 
 pub struct Anthropic;
@@ -86,12 +86,7 @@ impl Provider for Anthropic {
                     .join("\n"),
             ),
         };
-        let usage = |name: &str| {
-            response
-                .pointer(&format!("/usage/{name}"))
-                .and_then(Value::as_u64)
-                .unwrap_or(0)
-        };
+        let usage = |name: &str| usage_tokens(response, name);
         Ok(Answer {
             content,
             prompt_tokens: usage("input_tokens")
@@ -126,7 +121,6 @@ mod tests {
             api_key: String::new(),
             timeout: Duration::from_secs(1),
             max_output_tokens: 0,
-            concurrency: 1,
             structured_output: StructuredOutput::None,
         };
         let body = Anthropic.request(&config, &[]);

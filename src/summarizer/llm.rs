@@ -53,6 +53,15 @@ impl Answer {
     }
 }
 
+/// A token count from the response's `usage` object (0 when the provider sent none).
+pub fn usage_tokens(response: &Value, name: &str) -> u64 {
+    response
+        .get("usage")
+        .and_then(|u| u.get(name))
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+}
+
 /// A wire format: OpenAI-compatible chat completions or Anthropic messages.
 pub trait Provider: Send + Sync + 'static {
     fn name(&self) -> &'static str;

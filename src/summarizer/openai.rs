@@ -4,7 +4,7 @@
 
 use super::LlmConfig;
 use super::contract;
-use super::llm::{Answer, Content, Provider, Role, Turn};
+use super::llm::{Answer, Content, Provider, Role, Turn, usage_tokens};
 use crate::settings::StructuredOutput;
 use serde_json::{Value, json};
 
@@ -79,12 +79,7 @@ impl Provider for OpenAi {
                 None => String::new(),
             },
         };
-        let usage = |name: &str| {
-            response
-                .pointer(&format!("/usage/{name}"))
-                .and_then(Value::as_u64)
-                .unwrap_or(0)
-        };
+        let usage = |name: &str| usage_tokens(response, name);
         Ok(Answer {
             content: Content::Text(text),
             prompt_tokens: usage("prompt_tokens"),
@@ -107,7 +102,6 @@ mod tests {
             api_key: String::new(),
             timeout: Duration::from_secs(1),
             max_output_tokens,
-            concurrency: 1,
             structured_output,
         }
     }

@@ -267,6 +267,16 @@ pub fn enqueue(c: &mut Client, chat: &str, snippet: &str) -> String {
     .get(0)
 }
 
+/// Enqueue (chat, snippet) pairs in one transaction: the worker sees them all at its COMMIT.
+pub fn enqueue_together(c: &mut Client, snippets: &[(String, String)]) {
+    let mut tx = c.transaction().unwrap();
+    for (chat, snippet) in snippets {
+        tx.execute("SELECT memory.enqueue($1, $2)", &[chat, snippet])
+            .unwrap();
+    }
+    tx.commit().unwrap();
+}
+
 /// All queue ids of a chat's applied versions, in version order.
 pub fn applied_ids(c: &mut Client, chat: &str) -> Vec<String> {
     c.query(

@@ -5,7 +5,7 @@
 //! the final memory, the queue rows, and that the API key leaked nowhere.
 
 use memory_ext_cluster_tests::fake_llm::{COMPLETION_TOKENS, FakeLlm, Mode, PROMPT_TOKENS};
-use memory_ext_cluster_tests::{Cluster, enqueue};
+use memory_ext_cluster_tests::{Cluster, enqueue, enqueue_together};
 use postgres::Client;
 use std::time::Duration;
 
@@ -392,15 +392,10 @@ fn a_batch_too_long_for_the_context_is_split() {
     let fake = FakeLlm::start(Mode::ContextWindow { max_snippets: 1 });
     let (pg, mut c) = start("llm_split", &fake, "openai", &[]);
     // committed together, so claimed as one batch of three
-    let mut tx = c.transaction().unwrap();
-    for i in 0..3 {
-        tx.execute(
-            "SELECT memory.enqueue('c1', $1)",
-            &[&format!("confirmed: k{i} = v{i}\nstep {i}")],
-        )
-        .unwrap();
-    }
-    tx.commit().unwrap();
+    let batch: Vec<(String, String)> = (0..3)
+        .map(|i| ("c1".into(), format!("confirmed: k{i} = v{i}\nstep {i}")))
+        .collect();
+    enqueue_together(&mut c, &batch);
     pg.eventually(
         &mut c,
         "SELECT count(*) = 3 FROM memory.chat_context_queue WHERE status = 'complete'",
@@ -441,15 +436,15 @@ fn requests_run_concurrently_up_to_the_limit_one_per_chat() {
         "openai",
         &["memory_ext.llm_concurrency = 4"],
     );
-    let mut tx = c.transaction().unwrap();
-    for i in 0..8 {
-        tx.execute(
-            "SELECT memory.enqueue($1, 'fake_sleep_ms: 500\nconfirmed: n = 1')",
-            &[&format!("c{i}")],
-        )
-        .unwrap();
-    }
-    tx.commit().unwrap();
+    let batch: Vec<(String, String)> = (0..8)
+        .map(|i| {
+            (
+                format!("c{i}"),
+                "fake_sleep_ms: 500\nconfirmed: n = 1".into(),
+            )
+        })
+        .collect();
+    enqueue_together(&mut c, &batch);
     pg.eventually(
         &mut c,
         "SELECT count(*) = 8 FROM memory.chat_context_queue WHERE status = 'complete'",

@@ -1,7 +1,7 @@
 //! The background worker against real clusters: end to end, order, coalescing, failures and
 //! backoff, panics and ERRORs, lease expiry, concurrent clients, DROP/CREATE EXTENSION, crashes.
 
-use memory_ext_cluster_tests::{Cluster, applied_ids, enqueue, enqueued_ids};
+use memory_ext_cluster_tests::{Cluster, applied_ids, enqueue, enqueue_together, enqueued_ids};
 use postgres::Client;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -100,15 +100,10 @@ fn order_and_coalescing() {
     let pg = Cluster::start("order", &[]);
     let mut c = pg.client();
     // 40 snippets committed at once are visible together: one summarization, one version.
-    let mut tx = c.transaction().unwrap();
-    for i in 0..40 {
-        tx.execute(
-            "SELECT memory.enqueue('batch', $1)",
-            &[&format!("confirmed: n = {i}\nline {i}")],
-        )
-        .unwrap();
-    }
-    tx.commit().unwrap();
+    let batch: Vec<(String, String)> = (0..40)
+        .map(|i| ("batch".into(), format!("confirmed: n = {i}\nline {i}")))
+        .collect();
+    enqueue_together(&mut c, &batch);
     // and 30 more one by one, in order
     let mut last = String::new();
     for i in 0..30 {
@@ -424,18 +419,15 @@ fn crash_mid_drain(name: &str, crash: impl FnOnce(&Cluster, &mut Client)) {
     let mut c = pg.client();
     let (chats, per) = (40, 25);
     for round in 0..per {
-        let mut tx = c.transaction().unwrap();
-        for chat in 0..chats {
-            tx.execute(
-                "SELECT memory.enqueue($1, $2)",
-                &[
-                    &format!("chat{chat}"),
-                    &format!("confirmed: n = {round}\nmock_sleep_ms: 2\nr{round}"),
-                ],
-            )
-            .unwrap();
-        }
-        tx.commit().unwrap();
+        let batch: Vec<(String, String)> = (0..chats)
+            .map(|chat| {
+                (
+                    format!("chat{chat}"),
+                    format!("confirmed: n = {round}\nmock_sleep_ms: 2\nr{round}"),
+                )
+            })
+            .collect();
+        enqueue_together(&mut c, &batch);
     }
     // crash once the worker is visibly mid-drain
     pg.eventually(
