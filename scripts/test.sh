@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run every test suite: formatting and lints, unit + in-database pg_tests (cargo pgrx test), and
-# the worker tests against real clusters (tests/cluster).
+# Run every test suite: formatting and lints, unit + in-database pg_tests (cargo pgrx test), the
+# isolation specs, the worker tests against real clusters and the stress test (tests/cluster), and
+# the pgTAP security suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -17,9 +18,15 @@ pgdata=/var/tmp/memory_ext_pgrx_test
 rm -rf "$pgdata"; mkdir -p "$pgdata"; chown postgres:postgres "$pgdata"
 cargo pgrx test pg15 --runas postgres --pgdata "$pgdata" 2>&1 | tee -a "$log"
 
-echo "== worker and LLM summarizer tests against real clusters and a fake LLM (tests/cluster)"
+echo "== isolation specs: the lease protocol under interleavings (pg_isolation_regress)"
 cargo pgrx install --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
+scripts/isolation.sh 2>&1 | tee -a "$log"
+
+echo "== worker and LLM summarizer tests against real clusters and a fake LLM (tests/cluster)"
 cargo test --manifest-path tests/cluster/Cargo.toml --test worker --test llm -- --test-threads=2 2>&1 | tee -a "$log"
+
+echo "== stress: seeded random schedules checked against a reference model (MEMORY_EXT_STRESS_SECS, _SEED)"
+cargo test --manifest-path tests/cluster/Cargo.toml --test stress -- --nocapture 2>&1 | tee -a "$log"
 
 echo "== pgTAP: grants, ownership, RLS, search_path, secrets, rate limit, audit (pg_prove)"
 pgtap_out=$(mktemp)

@@ -1,6 +1,8 @@
 -- The public SQL API. Names and signatures are a contract (README, tests, clients).
--- Errors: 22023 invalid input, 42501 another identity's chat, P0002 unknown chat or queue id,
--- PGRST (HTTP 429 through PostgREST) over the rate limit.
+-- Errors: 22023 invalid input, P0002 unknown chat or queue id -- or one of another identity, which
+-- must read as unknown (no existence oracle); 42501 only from create_chat/enqueue into another
+-- identity's chat (a global chat namespace cannot hide that: chat ids should be unguessable) and
+-- admin-only functions; PGRST (HTTP 429 through PostgREST) over the rate limit.
 --
 -- Functions that touch the tables are SECURITY DEFINER (callers get no table privileges) with a
 -- fixed search_path and schema-qualified names, so a caller's objects cannot hijack them. Inside
@@ -101,7 +103,8 @@ BEGIN
 END
 $$;
 
--- Look up a chat the caller may act on; P0002 when unknown, 42501 when someone else's.
+-- Look up a chat the caller may act on. P0002 both when it does not exist and when it is someone
+-- else's: the answer must not tell a caller which chat ids other users have.
 CREATE FUNCTION memory._owned_chat(p_chat_id text)
 RETURNS memory.chat_metadata
 LANGUAGE plpgsql STABLE PARALLEL SAFE
@@ -113,11 +116,8 @@ DECLARE
 BEGIN
     PERFORM memory._check_chat_id(p_chat_id);
     SELECT * INTO c FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
-    IF NOT FOUND THEN
+    IF NOT FOUND OR (c.owner <> memory.current_identity() AND NOT memory._is_admin()) THEN
         RAISE EXCEPTION 'chat "%" not found', p_chat_id USING ERRCODE = 'P0002';
-    END IF;
-    IF c.owner <> memory.current_identity() AND NOT memory._is_admin() THEN
-        RAISE EXCEPTION 'permission denied for chat "%"', p_chat_id USING ERRCODE = '42501';
     END IF;
     RETURN c;
 END
@@ -192,11 +192,15 @@ BEGIN
 
     -- Common case, one statement: the chat exists and is the caller's. A chat in backoff holds its
     -- new snippets back too, so they stay behind the failed ones.
+    -- FOR KEY SHARE locks the chat row before the row's seq is drawn: a claim (FOR UPDATE)
+    -- skips the chat until this commits, so it never takes a later seq while an earlier one is
+    -- still uncommitted. That is what makes seq the order snippets are applied in.
     INSERT INTO memory.chat_context_queue (chat_id, new_context_snippet, trigger_source,
                                            enqueued_by, next_attempt_at)
     SELECT m.chat_id, p_snippet, p_trigger_source, v_identity, greatest(now(), m.retry_at)
       FROM memory.chat_metadata m
      WHERE m.chat_id = p_chat_id AND m.owner = v_identity
+       FOR KEY SHARE OF m
     RETURNING id, next_attempt_at INTO queue_id, v_next;
     IF NOT FOUND THEN
         -- A new chat (create it for the caller) or someone else's (refuse, unless an admin
@@ -211,6 +215,7 @@ BEGIN
                                                enqueued_by, next_attempt_at)
         SELECT m.chat_id, p_snippet, p_trigger_source, v_identity, greatest(now(), m.retry_at)
           FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id
+           FOR KEY SHARE OF m
         RETURNING id, next_attempt_at INTO queue_id, v_next;
     END IF;
 
@@ -249,11 +254,9 @@ BEGIN
       INTO chat_id, user_confirmed, llm_inferred, general_summary, token_count, needs_new_chat,
            version, last_updated, v_owner, pending
       FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
-    IF NOT FOUND THEN
+    -- Someone else's chat reads as missing: no existence oracle.
+    IF NOT FOUND OR (v_owner <> memory.current_identity() AND NOT memory._is_admin()) THEN
         RAISE EXCEPTION 'chat "%" not found', p_chat_id USING ERRCODE = 'P0002';
-    END IF;
-    IF v_owner <> memory.current_identity() AND NOT memory._is_admin() THEN
-        RAISE EXCEPTION 'permission denied for chat "%"', p_chat_id USING ERRCODE = '42501';
     END IF;
     IF pg_catalog.current_setting('memory_ext.audit_reads')::bool THEN
         PERFORM memory._audit('get', p_chat_id);
@@ -282,16 +285,30 @@ BEGIN
     IF p_queue_id IS NULL THEN
         RAISE EXCEPTION 'queue_id must not be null' USING ERRCODE = '22023';
     END IF;
-    SELECT * INTO q FROM memory.chat_context_queue x WHERE x.id = p_queue_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'queue row % not found', p_queue_id USING ERRCODE = 'P0002';
+    SELECT x.* INTO q FROM memory.chat_context_queue x WHERE x.id = p_queue_id;
+    IF FOUND THEN
+        SELECT m.owner INTO v_owner FROM memory.chat_metadata m WHERE m.chat_id = q.chat_id;
     END IF;
-    SELECT m.owner INTO v_owner FROM memory.chat_metadata m WHERE m.chat_id = q.chat_id;
-    IF v_owner <> memory.current_identity() AND NOT memory._is_admin() THEN
-        RAISE EXCEPTION 'permission denied for queue row %', p_queue_id USING ERRCODE = '42501';
+    -- Someone else's snippet reads as missing: no existence oracle.
+    IF NOT FOUND OR (v_owner <> memory.current_identity() AND NOT memory._is_admin()) THEN
+        RAISE EXCEPTION 'queue row % not found', p_queue_id USING ERRCODE = 'P0002';
     END IF;
     RETURN QUERY SELECT q.status, q.retry_count, q.error_message, q.created_at, q.processed_at;
 END
+$$;
+
+-- The transaction that inserted (or last changed) a queue row the caller may see, for wait(): a
+-- row this very transaction enqueued can never complete while it waits. NULL for rows the caller
+-- may not see.
+CREATE FUNCTION memory._queue_row_xmin(p_queue_id uuid)
+RETURNS bigint
+LANGUAGE sql STABLE PARALLEL SAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT q.xmin::text::bigint
+      FROM memory.chat_context_queue q JOIN memory.chat_metadata m ON m.chat_id = q.chat_id
+     WHERE q.id = p_queue_id AND (m.owner = memory.current_identity() OR memory._is_admin())
 $$;
 
 CREATE FUNCTION memory.history(p_chat_id text)
@@ -348,13 +365,28 @@ BEGIN
     IF p_chat_id IS NOT NULL THEN
         PERFORM memory._owned_chat(p_chat_id);
     END IF;
+    -- Re-queued snippets go to the end of their chat's queue (a new seq, their relative order
+    -- kept): the chat's later snippets may already be applied. The chat rows are locked first,
+    -- as enqueue does, so no claim sees a new seq before it commits.
+    PERFORM 1 FROM memory.chat_metadata m
+     WHERE (m.chat_id = p_chat_id OR p_chat_id IS NULL) AND (v_admin OR m.owner = v_identity)
+       AND EXISTS (SELECT 1 FROM memory.chat_context_queue q
+                    WHERE q.chat_id = m.chat_id AND q.status = 'failed')
+     ORDER BY m.chat_id
+       FOR KEY SHARE OF m;
+    WITH requeued AS (
+        SELECT x.id, nextval('memory.chat_context_queue_seq') AS seq
+          FROM (SELECT q.id FROM memory.chat_context_queue q
+                 WHERE q.status = 'failed'
+                   AND (q.chat_id = p_chat_id OR p_chat_id IS NULL)
+                   AND (v_admin OR q.chat_id IN (SELECT m.chat_id FROM memory.chat_metadata m
+                                                  WHERE m.owner = v_identity))
+                 ORDER BY q.seq) x
+    )
     UPDATE memory.chat_context_queue q
        SET status = 'pending_summarization', retry_count = 0, next_attempt_at = now(),
-           processed_at = NULL
-     WHERE q.status = 'failed'
-       AND (q.chat_id = p_chat_id OR p_chat_id IS NULL)
-       AND (v_admin OR q.chat_id IN (SELECT m.chat_id FROM memory.chat_metadata m
-                                      WHERE m.owner = v_identity));
+           processed_at = NULL, seq = requeued.seq
+      FROM requeued WHERE q.id = requeued.id;
     GET DIAGNOSTICS v_n = ROW_COUNT;
     IF v_n > 0 THEN
         PERFORM memory._wake_at_commit();

@@ -2,12 +2,34 @@
 -- summarizing and the merge rules; these functions own every row movement. Internal: no caller
 -- but the extension's own code should run them.
 
+-- Chats with due pending work, for a claim of up to p_max_chats: taken from the due index in
+-- order, a chat once however many rows it has. Dynamic SQL, planned afresh each time.
+CREATE FUNCTION memory._due_chats(p_max_chats int)
+RETURNS TABLE (chat_id text)
+LANGUAGE plpgsql STABLE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN QUERY EXECUTE $q$
+        SELECT DISTINCT d.chat_id
+          FROM (SELECT q.chat_id FROM memory.chat_context_queue q
+                 WHERE q.status = 'pending_summarization' AND q.next_attempt_at <= now()
+                 ORDER BY q.next_attempt_at, q.seq
+                 LIMIT $1 * 8) d
+    $q$ USING p_max_chats;
+END
+$$;
+
 -- Lease up to p_max_chats chats that have due work and are neither leased nor backing off, and
 -- mark up to p_max_snippets of each one's pending snippets 'processing' under that lease.
--- Returns each leased chat's current memory and its snippets in enqueue order. Chats in p_exclude
--- are skipped (process_pending attempts a chat at most once per call).
-CREATE FUNCTION memory._claim(p_max_chats int, p_max_snippets int, p_lease_seconds int,
-                              p_exclude text[] DEFAULT '{}')
+-- Returns each leased chat's current memory and its snippets in enqueue order.
+--
+-- A chat with a lease, even an expired one, is never claimed: _reclaim (which callers run first,
+-- in the same transaction) ends stale leases and returns their rows. The chat row is locked FOR
+-- UPDATE, which conflicts with the KEY SHARE lock enqueue takes before it draws a seq, so no
+-- enqueue into a claimed chat is in progress: every row with a lower seq is visible, and the
+-- claimed rows are exactly the chat's oldest.
+CREATE FUNCTION memory._claim(p_max_chats int, p_max_snippets int, p_lease_seconds int)
 RETURNS TABLE (chat_id text, lease_token uuid, version bigint, user_confirmed jsonb,
                llm_inferred jsonb, general_summary text, snippets jsonb)
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
@@ -20,19 +42,12 @@ DECLARE
 BEGIN
     -- Dynamic SQL throughout: a plan cached while the queue was small must never be reused at
     -- millions of rows (a generic nested-loop plan once made one claim take 45 s at 100k rows).
-    -- Candidates come from the due index in order; a chat appears once however many rows it has.
     EXECUTE $q$
-        WITH cand AS (
-            SELECT DISTINCT d.chat_id
-            FROM (SELECT q.chat_id FROM memory.chat_context_queue q
-                  WHERE q.status = 'pending_summarization' AND q.next_attempt_at <= now()
-                  ORDER BY q.next_attempt_at, q.seq
-                  LIMIT $1 * 8) d
-        ), locked AS (
-            SELECT c.chat_id FROM memory.chat_metadata c JOIN cand ON cand.chat_id = c.chat_id
-            WHERE (c.lease_until IS NULL OR c.lease_until < now())
+        WITH locked AS (
+            SELECT c.chat_id FROM memory.chat_metadata c
+              JOIN memory._due_chats($1) cand ON cand.chat_id = c.chat_id
+            WHERE c.lease_token IS NULL
               AND (c.retry_at IS NULL OR c.retry_at <= now())
-              AND NOT (c.chat_id = ANY ($2))
             LIMIT $1
             FOR UPDATE OF c SKIP LOCKED
         ), leased AS (
@@ -41,13 +56,13 @@ BEGIN
                    lease_owner = pg_backend_pid(),
                    lease_owner_start = (SELECT a.backend_start FROM pg_catalog.pg_stat_activity a
                                          WHERE a.pid = pg_backend_pid()),
-                   lease_until = now() + make_interval(secs => $3),
+                   lease_until = now() + make_interval(secs => $2),
                    retry_at = NULL
               FROM locked WHERE c.chat_id = locked.chat_id
             RETURNING c.chat_id
         )
         SELECT array_agg(leased.chat_id) FROM leased
-    $q$ INTO v_chats USING p_max_chats, p_exclude, p_lease_seconds;
+    $q$ INTO v_chats USING p_max_chats, p_lease_seconds;
 
     IF v_chats IS NULL THEN
         RETURN;
@@ -91,9 +106,78 @@ BEGIN
     -- A chat whose rows vanished between the scan and the lease must not stay leased.
     EXECUTE $q$
         UPDATE memory.chat_metadata c
-           SET lease_token = NULL, lease_owner = NULL, lease_until = NULL
+           SET lease_token = NULL, lease_owner = NULL, lease_owner_start = NULL,
+               lease_until = NULL
          WHERE c.chat_id = ANY ($1) AND NOT (c.chat_id = ANY (coalesce($2, '{}')))
     $q$ USING v_chats, v_with_rows;
+END
+$$;
+
+-- What _claim would take, without taking it: for process_pending(), which runs in its caller's
+-- transaction and so must not hold a chat's row lock while its LLM request runs. It summarizes
+-- what this returns with no lock held, then takes exactly that with _claim_exact.
+CREATE FUNCTION memory._peek(p_max_chats int, p_max_snippets int)
+RETURNS TABLE (chat_id text, lease_token uuid, version bigint, user_confirmed jsonb,
+               llm_inferred jsonb, general_summary text, snippets jsonb)
+LANGUAGE plpgsql STABLE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN QUERY EXECUTE $q$
+        SELECT c.chat_id, NULL::uuid, c.version, c.user_confirmed, c.llm_inferred, c.general_summary,
+               s.snippets
+          FROM memory.chat_metadata c JOIN memory._due_chats($1) cand ON cand.chat_id = c.chat_id
+         CROSS JOIN LATERAL (
+               SELECT jsonb_agg(jsonb_build_object('id', o.id, 'text', o.new_context_snippet)
+                                ORDER BY o.seq) AS snippets
+                 FROM (SELECT o.id, o.seq, o.new_context_snippet
+                         FROM memory.chat_context_queue o
+                        WHERE o.chat_id = c.chat_id AND o.status = 'pending_summarization'
+                        ORDER BY o.seq LIMIT $2) o) s
+         WHERE c.lease_token IS NULL AND (c.retry_at IS NULL OR c.retry_at <= now())
+           AND s.snippets IS NOT NULL
+         LIMIT $1
+    $q$ USING p_max_chats, p_max_snippets;
+END
+$$;
+
+-- Lease a chat and claim exactly p_ids, if they are still its oldest pending snippets and its
+-- memory is still at p_version (what _peek returned): then a result summarized from the peek is
+-- exactly what a claim would have produced. NULL when anything changed or another process holds
+-- the chat; the caller then drops its result.
+CREATE FUNCTION memory._claim_exact(p_chat_id text, p_version bigint, p_ids uuid[],
+                                    p_lease_seconds int)
+RETURNS uuid
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_token uuid := gen_random_uuid();
+BEGIN
+    -- FOR UPDATE, as in _claim: no enqueue into the chat is in progress once we hold it.
+    PERFORM 1 FROM memory.chat_metadata c
+     WHERE c.chat_id = p_chat_id AND c.lease_token IS NULL AND c.version = p_version
+       AND (c.retry_at IS NULL OR c.retry_at <= now())
+       FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND OR (SELECT array_agg(o.id ORDER BY o.seq)
+                       FROM (SELECT o.id, o.seq FROM memory.chat_context_queue o
+                              WHERE o.chat_id = p_chat_id
+                                AND o.status = 'pending_summarization'
+                              ORDER BY o.seq LIMIT cardinality(p_ids)) o)
+                     IS DISTINCT FROM p_ids THEN
+        RETURN NULL;
+    END IF;
+    UPDATE memory.chat_metadata c
+       SET lease_token = v_token, lease_owner = pg_backend_pid(),
+           lease_owner_start = (SELECT a.backend_start FROM pg_catalog.pg_stat_activity a
+                                 WHERE a.pid = pg_backend_pid()),
+           lease_until = now() + make_interval(secs => p_lease_seconds), retry_at = NULL
+     WHERE c.chat_id = p_chat_id;
+    UPDATE memory.chat_context_queue q
+       SET status = 'processing', claim_token = v_token, claimed_at = now(),
+           lease_expires_at = now() + make_interval(secs => p_lease_seconds)
+     WHERE q.id = ANY (p_ids);
+    RETURN v_token;
 END
 $$;
 
@@ -119,134 +203,191 @@ AS $$
            rejected_ops = u.rejected_ops + excluded.rejected_ops
 $$;
 
--- Apply merged memories. p_results is a JSON array of
--- {chat_id, lease_token, queue_ids, user_confirmed, llm_inferred, general_summary, token_count,
---  needs_new_chat, llm_requests, prompt_tokens, completion_tokens, rejected_ops}. A result whose lease is no longer held (expired and reclaimed, or the chat
--- was forgotten) is skipped, so a snippet is never applied twice. Returns the number applied.
-CREATE FUNCTION memory._apply(p_results jsonb, p_summarizer text)
+-- Give back every row a chat has claimed and end its lease. The one way a lease ends without
+-- applying: a failed attempt (_finish), an expired lease or a dead holder (_reclaim), a stopping
+-- worker (_release). The caller holds the chat row lock. All of the chat's 'processing' rows go,
+-- whatever lease they were claimed under, so no row can be stranded by a lost lease. Their seq is
+-- unchanged, so they are claimed again in their original order, before any newer row.
+-- p_count_attempt: the attempt counts (retry_count + 1, p_error recorded; rows reaching
+-- p_max_attempts, or all rows when p_permanent, become 'failed'). p_retry_at: nothing of the chat
+-- is claimed before it (backoff), newer rows included, so order is kept.
+CREATE FUNCTION memory._return_claimed(p_chat_id text, p_count_attempt bool, p_permanent bool,
+                                       p_error text, p_max_attempts int,
+                                       p_retry_at timestamptz)
+RETURNS int
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_n int;
+    v_due timestamptz := greatest(p_retry_at, now());
+BEGIN
+    UPDATE memory.chat_context_queue q
+       SET retry_count = q.retry_count + CASE WHEN p_count_attempt THEN 1 ELSE 0 END,
+           error_message = CASE WHEN p_count_attempt THEN left(p_error, 2000)
+                                ELSE q.error_message END,
+           status = CASE WHEN p_permanent
+                           OR (p_count_attempt AND q.retry_count + 1 >= p_max_attempts)
+                         THEN 'failed' ELSE 'pending_summarization' END,
+           processed_at = CASE WHEN p_permanent
+                                 OR (p_count_attempt AND q.retry_count + 1 >= p_max_attempts)
+                               THEN now() END,
+           next_attempt_at = v_due, claim_token = NULL, claimed_at = NULL,
+           lease_expires_at = NULL
+     WHERE q.chat_id = p_chat_id AND q.status = 'processing';
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    IF v_due > now() THEN
+        UPDATE memory.chat_context_queue q SET next_attempt_at = v_due
+         WHERE q.chat_id = p_chat_id AND q.status = 'pending_summarization'
+           AND q.next_attempt_at < v_due;
+    END IF;
+    UPDATE memory.chat_metadata c
+       SET lease_token = NULL, lease_owner = NULL, lease_owner_start = NULL, lease_until = NULL,
+           retry_at = CASE WHEN v_due > now()
+                            AND EXISTS (SELECT 1 FROM memory.chat_context_queue q
+                                         WHERE q.chat_id = c.chat_id
+                                           AND q.status = 'pending_summarization')
+                           THEN v_due END
+     WHERE c.chat_id = p_chat_id;
+    RETURN v_n;
+END
+$$;
+
+-- Finish leased summarizations. p_results is a JSON array, one element per lease:
+--   {chat_id, lease_token,
+--    applied_ids: [..]   the snippets merged into the memory below, in order (may be empty),
+--    user_confirmed, llm_inferred, general_summary, token_count, needs_new_chat,
+--    dead: [{id, error}] snippets the summarizer refused on their own (dead-lettered alone),
+--    failure: {error, permanent, retry_after_ms} | null   for every other claimed snippet,
+--    usage: {llm_requests, prompt_tokens, completion_tokens, rejected_ops}}
+-- A result whose lease is no longer held (it expired and was reclaimed, or the chat was
+-- forgotten) changes nothing: a snippet is never applied twice. The memory update, the rows'
+-- new status and the end of the lease commit together. Returns the number of chats applied.
+CREATE FUNCTION memory._finish(p_results jsonb, p_summarizer text, p_max_attempts int,
+                               p_backoff_base_ms int, p_backoff_max_ms int)
 RETURNS int
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     r record;
-    old memory.chat_metadata%ROWTYPE;
-    n_rows int;
-    n_applied int := 0;
-    v_requests bigint := 0;
-    v_prompt bigint := 0;
-    v_completion bigint := 0;
-    v_rejected bigint := 0;
+    v_applied int := 0;
+    v_done bool;
 BEGIN
     FOR r IN SELECT * FROM jsonb_to_recordset(p_results) AS x(
-        chat_id text, lease_token uuid, queue_ids uuid[], user_confirmed jsonb, llm_inferred jsonb,
-        general_summary text, token_count int, needs_new_chat bool, llm_requests int,
-        prompt_tokens bigint, completion_tokens bigint, rejected_ops int)
+        chat_id text, lease_token uuid, applied_ids uuid[], user_confirmed jsonb,
+        llm_inferred jsonb, general_summary text, token_count int, needs_new_chat bool,
+        dead jsonb, failure jsonb, usage jsonb)
     LOOP
-        SELECT * INTO old FROM memory.chat_metadata c WHERE c.chat_id = r.chat_id FOR UPDATE;
-        IF NOT FOUND OR old.lease_token IS DISTINCT FROM r.lease_token THEN
+        -- NO KEY UPDATE: excludes the other finishers and reclaimers of this chat, not enqueues.
+        PERFORM 1 FROM memory.chat_metadata c
+         WHERE c.chat_id = r.chat_id AND c.lease_token = r.lease_token FOR NO KEY UPDATE;
+        IF NOT FOUND THEN
             CONTINUE;
         END IF;
-        -- Every writer of a leased chat's rows (claim, fail, reclaim, forget) locks the chat row
-        -- first, so holding it and the lease token means the claimed rows are still ours.
-        UPDATE memory.chat_context_queue q
-           SET status = 'complete', processed_at = now(), claim_token = NULL,
-               lease_expires_at = NULL
-         WHERE q.id = ANY (r.queue_ids) AND q.status = 'processing'
-           AND q.claim_token = r.lease_token;
-        GET DIAGNOSTICS n_rows = ROW_COUNT;
-        IF n_rows <> cardinality(r.queue_ids) THEN
-            RAISE EXCEPTION 'claimed snippets of chat "%" changed under its lease (% of % left)',
-                r.chat_id, n_rows, cardinality(r.queue_ids);
-        END IF;
-
-        UPDATE memory.chat_metadata c
-           SET user_confirmed = r.user_confirmed, llm_inferred = r.llm_inferred,
-               general_summary = r.general_summary, token_count = r.token_count,
-               needs_new_chat = r.needs_new_chat, version = c.version + 1, last_updated = now(),
-               lease_token = NULL, lease_owner = NULL, lease_until = NULL, retry_at = NULL
-         WHERE c.chat_id = r.chat_id;
-
-        INSERT INTO memory.chat_memory_history (chat_id, version, queue_ids, old_user_confirmed,
-            old_llm_inferred, old_general_summary, user_confirmed, llm_inferred, general_summary,
-            token_count, summarizer, llm_requests, prompt_tokens, completion_tokens, rejected_ops)
-        VALUES (r.chat_id, old.version + 1, r.queue_ids, old.user_confirmed, old.llm_inferred,
-            old.general_summary, r.user_confirmed, r.llm_inferred, r.general_summary,
-            r.token_count, p_summarizer, coalesce(r.llm_requests, 0),
-            coalesce(r.prompt_tokens, 0), coalesce(r.completion_tokens, 0),
-            coalesce(r.rejected_ops, 0));
-        n_applied := n_applied + 1;
-        v_requests := v_requests + coalesce(r.llm_requests, 0);
-        v_prompt := v_prompt + coalesce(r.prompt_tokens, 0);
-        v_completion := v_completion + coalesce(r.completion_tokens, 0);
-        v_rejected := v_rejected + coalesce(r.rejected_ops, 0);
+        v_done := memory._finish_applied(r.chat_id, r.lease_token, r.applied_ids,
+                                         r.user_confirmed, r.llm_inferred, r.general_summary,
+                                         r.token_count, r.needs_new_chat, p_summarizer,
+                                         r.usage);
+        PERFORM memory._finish_dead(r.chat_id, r.lease_token, r.dead);
+        PERFORM memory._return_claimed(r.chat_id, r.failure IS NOT NULL,
+            coalesce((r.failure ->> 'permanent')::bool, false), r.failure ->> 'error',
+            p_max_attempts,
+            CASE WHEN r.failure IS NULL THEN now()
+                 ELSE memory._backoff_until(r.chat_id, r.lease_token,
+                          (r.failure ->> 'retry_after_ms')::int, p_backoff_base_ms,
+                          p_backoff_max_ms) END);
+        -- A dead-lettered snippet is a failed attempt too (it cost a request).
+        PERFORM memory._record_usage(p_summarizer, v_done::int,
+            (r.failure IS NOT NULL OR jsonb_array_length(coalesce(r.dead, '[]')) > 0)::int,
+            coalesce((r.usage ->> 'llm_requests')::bigint, 0),
+            coalesce((r.usage ->> 'prompt_tokens')::bigint, 0),
+            coalesce((r.usage ->> 'completion_tokens')::bigint, 0),
+            coalesce((r.usage ->> 'rejected_ops')::bigint, 0));
+        v_applied := v_applied + v_done::int;
     END LOOP;
-    IF n_applied > 0 THEN
-        PERFORM memory._record_usage(p_summarizer, n_applied, 0, v_requests, v_prompt,
-                                     v_completion, v_rejected);
-    END IF;
-    RETURN n_applied;
+    RETURN v_applied;
 END
 $$;
 
--- Record a failed attempt for a leased chat: every claimed row gets retry_count + 1 and the
--- error; rows that reached p_max_attempts (or all of them, for a permanent error) become
--- 'failed', the others wait for the same backoff (exponential, capped, with jitter; or exactly
--- p_retry_after_ms when the endpoint said so), which also holds back the chat's newer snippets
--- so order is kept. The memory is not touched; what the attempt cost is recorded.
-CREATE FUNCTION memory._fail(p_chat_id text, p_lease_token uuid, p_error text, p_permanent bool,
-                             p_max_attempts int, p_backoff_base_ms int, p_backoff_max_ms int,
-                             p_retry_after_ms int DEFAULT NULL, p_summarizer text DEFAULT NULL,
-                             p_usage jsonb DEFAULT NULL)
+-- When a failed attempt may be retried: the endpoint's Retry-After when it gave one, else
+-- base × 2^(attempt−1), capped, with 50–100 % jitter (attempt: the highest of the claimed rows).
+CREATE FUNCTION memory._backoff_until(p_chat_id text, p_lease_token uuid, p_retry_after_ms int,
+                                      p_base_ms int, p_max_ms int)
+RETURNS timestamptz
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT now() + make_interval(secs => coalesce(p_retry_after_ms::float8,
+        least(p_max_ms::float8, p_base_ms * power(2.0, coalesce(max(q.retry_count), 0)))
+        * (0.5 + random() / 2)) / 1000.0)
+      FROM memory.chat_context_queue q
+     WHERE q.chat_id = p_chat_id AND q.claim_token = p_lease_token AND q.status = 'processing'
+$$;
+
+-- The applied part of a result: its rows 'complete', the memory, a history version. Returns
+-- whether anything was applied (nothing is when every claimed snippet failed or was refused).
+CREATE FUNCTION memory._finish_applied(p_chat_id text, p_lease_token uuid, p_ids uuid[],
+                                       p_confirmed jsonb, p_inferred jsonb, p_summary text,
+                                       p_token_count int, p_needs_new_chat bool,
+                                       p_summarizer text, p_usage jsonb)
+RETURNS bool
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    old memory.chat_metadata%ROWTYPE;
+    v_n int;
+BEGIN
+    IF coalesce(cardinality(p_ids), 0) = 0 THEN
+        RETURN false;
+    END IF;
+    -- The lease is held (checked under the chat row lock): every claimed row is still ours.
+    UPDATE memory.chat_context_queue q
+       SET status = 'complete', processed_at = now(), claim_token = NULL,
+           lease_expires_at = NULL
+     WHERE q.id = ANY (p_ids) AND q.status = 'processing' AND q.claim_token = p_lease_token;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    IF v_n <> cardinality(p_ids) THEN
+        RAISE EXCEPTION 'claimed snippets of chat "%" changed under its lease (% of % left)',
+            p_chat_id, v_n, cardinality(p_ids);
+    END IF;
+    SELECT * INTO old FROM memory.chat_metadata c WHERE c.chat_id = p_chat_id;
+    UPDATE memory.chat_metadata c
+       SET user_confirmed = p_confirmed, llm_inferred = p_inferred,
+           general_summary = p_summary, token_count = p_token_count,
+           needs_new_chat = p_needs_new_chat, version = c.version + 1, last_updated = now()
+     WHERE c.chat_id = p_chat_id;
+    INSERT INTO memory.chat_memory_history (chat_id, version, queue_ids, old_user_confirmed,
+        old_llm_inferred, old_general_summary, user_confirmed, llm_inferred, general_summary,
+        token_count, summarizer, llm_requests, prompt_tokens, completion_tokens, rejected_ops)
+    VALUES (p_chat_id, old.version + 1, p_ids, old.user_confirmed, old.llm_inferred,
+        old.general_summary, p_confirmed, p_inferred, p_summary, p_token_count, p_summarizer,
+        coalesce((p_usage ->> 'llm_requests')::int, 0),
+        coalesce((p_usage ->> 'prompt_tokens')::bigint, 0),
+        coalesce((p_usage ->> 'completion_tokens')::bigint, 0),
+        coalesce((p_usage ->> 'rejected_ops')::int, 0));
+    RETURN true;
+END
+$$;
+
+-- Snippets the summarizer refused on their own (one too long for the model's context, say):
+-- 'failed' at once with their error, without holding back the chat's other snippets.
+CREATE FUNCTION memory._finish_dead(p_chat_id text, p_lease_token uuid, p_dead jsonb)
 RETURNS int
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_attempt int;
-    v_retry_at timestamptz;
     v_n int;
 BEGIN
-    PERFORM 1 FROM memory.chat_metadata c
-     WHERE c.chat_id = p_chat_id AND c.lease_token = p_lease_token FOR UPDATE;
-    IF NOT FOUND THEN
-        RETURN 0;
-    END IF;
-    SELECT max(q.retry_count) + 1 INTO v_attempt FROM memory.chat_context_queue q
-     WHERE q.chat_id = p_chat_id AND q.claim_token = p_lease_token AND q.status = 'processing';
-    v_retry_at := now() + make_interval(secs => coalesce(p_retry_after_ms::float8,
-        least(p_backoff_max_ms::float8, p_backoff_base_ms * power(2.0, coalesce(v_attempt, 1) - 1))
-        * (0.5 + random() / 2)) / 1000.0);
-
     UPDATE memory.chat_context_queue q
-       SET retry_count = q.retry_count + 1,
-           error_message = left(p_error, 2000),
-           status = CASE WHEN p_permanent OR q.retry_count + 1 >= p_max_attempts
-                         THEN 'failed' ELSE 'pending_summarization' END,
-           processed_at = CASE WHEN p_permanent OR q.retry_count + 1 >= p_max_attempts
-                               THEN now() END,
-           next_attempt_at = v_retry_at, claim_token = NULL, lease_expires_at = NULL
-     WHERE q.chat_id = p_chat_id AND q.claim_token = p_lease_token AND q.status = 'processing';
+       SET status = 'failed', retry_count = q.retry_count + 1, processed_at = now(),
+           error_message = left(d.error, 2000), claim_token = NULL, lease_expires_at = NULL
+      FROM jsonb_to_recordset(coalesce(p_dead, '[]')) AS d(id uuid, error text)
+     WHERE q.id = d.id AND q.chat_id = p_chat_id AND q.status = 'processing'
+       AND q.claim_token = p_lease_token;
     GET DIAGNOSTICS v_n = ROW_COUNT;
-    -- Newer snippets of the chat wait too: they must not be applied before the failed ones.
-    UPDATE memory.chat_context_queue q SET next_attempt_at = v_retry_at
-     WHERE q.chat_id = p_chat_id AND q.status = 'pending_summarization'
-       AND q.next_attempt_at < v_retry_at;
-
-    UPDATE memory.chat_metadata c
-       SET lease_token = NULL, lease_owner = NULL, lease_until = NULL,
-           retry_at = CASE WHEN EXISTS (SELECT 1 FROM memory.chat_context_queue q
-                                         WHERE q.chat_id = c.chat_id
-                                           AND q.status = 'pending_summarization')
-                           THEN v_retry_at END
-     WHERE c.chat_id = p_chat_id;
-    IF p_summarizer IS NOT NULL THEN
-        PERFORM memory._record_usage(p_summarizer, 0, 1,
-            coalesce((p_usage->>'llm_requests')::bigint, 0),
-            coalesce((p_usage->>'prompt_tokens')::bigint, 0),
-            coalesce((p_usage->>'completion_tokens')::bigint, 0),
-            coalesce((p_usage->>'rejected_ops')::bigint, 0));
-    END IF;
     RETURN v_n;
 END
 $$;
@@ -258,64 +399,45 @@ RETURNS int
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-    v_n int;
 BEGIN
     PERFORM 1 FROM memory.chat_metadata c
-     WHERE c.chat_id = p_chat_id AND c.lease_token = p_lease_token FOR UPDATE;
+     WHERE c.chat_id = p_chat_id AND c.lease_token = p_lease_token FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RETURN 0;
     END IF;
-    UPDATE memory.chat_context_queue q
-       SET status = 'pending_summarization', claim_token = NULL, lease_expires_at = NULL
-     WHERE q.chat_id = p_chat_id AND q.claim_token = p_lease_token AND q.status = 'processing';
-    GET DIAGNOSTICS v_n = ROW_COUNT;
-    UPDATE memory.chat_metadata c
-       SET lease_token = NULL, lease_owner = NULL, lease_until = NULL
-     WHERE c.chat_id = p_chat_id;
-    RETURN v_n;
+    RETURN memory._return_claimed(p_chat_id, false, false, NULL, 1, now());
 END
 $$;
 
 -- Take back leases whose holder is gone: expired ones, or (p_dead_owners) ones held by a
--- process that no longer exists, e.g. after a crash or on a promoted standby. A process is its pid
--- and start time, since pids are reused. The attempt counts as failed, so a snippet
--- that kills its worker every time ends 'failed' instead of looping forever.
+-- process that no longer exists, e.g. after a crash or on a promoted standby. A process is its
+-- pid and start time, since pids are reused. The attempt counts as failed, so a snippet that
+-- kills its worker every time ends 'failed' instead of looping forever. Claimers run it first,
+-- in the claim's transaction: a chat is claimed only once its old lease has been taken back.
 CREATE FUNCTION memory._reclaim(p_max_attempts int, p_dead_owners bool)
 RETURNS int
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_n int;
+    v_chat text;
+    v_n int := 0;
 BEGIN
-    WITH stale AS (
-        SELECT c.chat_id, c.lease_token FROM memory.chat_metadata c
+    FOR v_chat IN
+        SELECT c.chat_id FROM memory.chat_metadata c
          WHERE c.lease_token IS NOT NULL
            AND (c.lease_until < now()
                 OR (p_dead_owners AND c.lease_owner <> pg_backend_pid()
                     AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
                                      WHERE a.pid = c.lease_owner
                                        AND a.backend_start = c.lease_owner_start)))
-           FOR UPDATE OF c SKIP LOCKED
-    ), released AS (
-        UPDATE memory.chat_metadata c
-           SET lease_token = NULL, lease_owner = NULL, lease_until = NULL
-          FROM stale WHERE c.chat_id = stale.chat_id
-        RETURNING stale.chat_id, stale.lease_token
-    )
-    UPDATE memory.chat_context_queue q
-       SET retry_count = q.retry_count + 1,
-           error_message = 'lease expired: the process summarizing this snippet stopped or '
-                           'took longer than memory_ext.lease_timeout',
-           status = CASE WHEN q.retry_count + 1 >= p_max_attempts
-                         THEN 'failed' ELSE 'pending_summarization' END,
-           processed_at = CASE WHEN q.retry_count + 1 >= p_max_attempts THEN now() END,
-           next_attempt_at = now(), claim_token = NULL, lease_expires_at = NULL
-      FROM released
-     WHERE q.chat_id = released.chat_id AND q.claim_token = released.lease_token
-       AND q.status = 'processing';
-    GET DIAGNOSTICS v_n = ROW_COUNT;
+         ORDER BY c.chat_id
+           FOR NO KEY UPDATE OF c SKIP LOCKED
+    LOOP
+        v_n := v_n + memory._return_claimed(v_chat, true, false,
+            'lease expired: the process summarizing this snippet stopped or took longer than '
+            'memory_ext.lease_timeout', p_max_attempts, now());
+    END LOOP;
     RETURN v_n;
 END
 $$;
@@ -361,8 +483,13 @@ AS $$
           WHERE q.status = 'processing'))
 $$;
 
-REVOKE ALL ON FUNCTION memory._claim(int, int, int, text[]), memory._apply(jsonb, text),
-    memory._fail(text, uuid, text, bool, int, int, int, int, text, jsonb),
+REVOKE ALL ON FUNCTION memory._due_chats(int), memory._claim(int, int, int),
+    memory._peek(int, int),
+    memory._claim_exact(text, bigint, uuid[], int),
+    memory._finish(jsonb, text, int, int, int),
+    memory._finish_applied(text, uuid, uuid[], jsonb, jsonb, text, int, bool, text, jsonb),
+    memory._finish_dead(text, uuid, jsonb), memory._backoff_until(text, uuid, int, int, int),
+    memory._return_claimed(text, bool, bool, text, int, timestamptz),
     memory._release(text, uuid), memory._reclaim(int, bool),
     memory._record_usage(text, int, int, bigint, bigint, bigint, bigint),
     memory._cleanup(int, int, int), memory._next_due() FROM PUBLIC;

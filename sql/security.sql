@@ -17,7 +17,9 @@ AS $$
         'memory.wait(uuid, interval)', 'memory.history(text)', 'memory.forget(text)',
         'memory.retry_failed(text)', 'memory.count_tokens(text)',
         -- called by current_identity() and the RLS policies, with the caller's rights
-        'memory._invoker()', 'memory._is_admin()', 'memory._chat_owner(text)'
+        'memory._invoker()', 'memory._is_admin()', 'memory._chat_owner(text)',
+        -- called by wait(), which runs with the caller's rights
+        'memory._queue_row_xmin(uuid)'
     ]::regprocedure[]
 $$;
 

@@ -46,6 +46,15 @@ fn queue_status(queue_id: pgrx::Uuid) -> String {
         .unwrap_or_else(|e| e.raise())
 }
 
+/// Was the row written by this transaction (or one of its subtransactions)? Then no other
+/// process can finish it while we wait: the worker sees it only after COMMIT.
+fn enqueued_here(queue_id: pgrx::Uuid) -> ApiResult<bool> {
+    let xmin = spi::read_one::<i64>("SELECT memory._queue_row_xmin($1)", &[queue_id.into()])?;
+    Ok(xmin.is_some_and(|x| unsafe {
+        pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from(x as u32))
+    }))
+}
+
 /// Block until the queue row is `complete` or `failed`, or the timeout passes; return its status.
 /// Sleeps on a condition variable the worker broadcasts after each apply (polling every 100 ms
 /// when the library is not preloaded), so waiting costs next to nothing.
@@ -70,6 +79,7 @@ fn wait_impl(p_queue_id: pgrx::Uuid, p_timeout: Interval) -> ApiResult<String> {
     })?;
     let deadline = Instant::now() + timeout;
     let cv = shmem::get().map(|s| s.cv());
+    let mut first = true;
     loop {
         if let Some(cv) = cv {
             // Prepare before checking, so a broadcast between the check and the sleep is kept.
@@ -83,12 +93,21 @@ fn wait_impl(p_queue_id: pgrx::Uuid, p_timeout: Interval) -> ApiResult<String> {
             status
         };
         let now = Instant::now();
-        if status == "complete" || status == "failed" || now >= deadline {
+        let done = status == "complete" || status == "failed";
+        let refused = !done && first && enqueued_here(p_queue_id)?;
+        if done || refused || now >= deadline {
             if cv.is_some() {
                 unsafe { pg_sys::ConditionVariableCancelSleep() };
             }
+            if refused {
+                return Err(ApiError::WrongState(format!(
+                    "snippet {p_queue_id} was enqueued in this transaction: the worker sees it \
+                     only after COMMIT, so memory.wait() cannot see it complete; commit first"
+                )));
+            }
             return Ok(status);
         }
+        first = false;
         let nap = (deadline - now).min(Duration::from_millis(100));
         match cv {
             Some(cv) => unsafe {
@@ -113,8 +132,13 @@ fn wait_impl(p_queue_id: pgrx::Uuid, p_timeout: Interval) -> ApiResult<String> {
     }
 }
 
-/// Summarize and apply pending work in the calling backend and transaction, for servers that
-/// cannot preload the library. Handles up to `p_max` chats; returns the snippets applied.
+/// Summarize and apply pending work in the calling backend, for servers that cannot preload the
+/// library: up to `p_max` chats, one summarization each; returns the snippets applied.
+///
+/// It runs in the caller's transaction, so it must not hold a chat's row lock while an LLM
+/// request runs (enqueues into that chat would wait for it): it summarizes what `_peek` saw with
+/// no lock held, then leases and finishes each chat only if nothing changed meanwhile
+/// (`_claim_exact`), through the same `_finish` as the worker.
 // Definer rights: admins other than superusers (service_role) need no table privileges.
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
@@ -134,29 +158,22 @@ fn process_pending_impl(p_max: i32) -> ApiResult<i32> {
         ));
     }
     let mut policy = QueuePolicy::current();
+    policy.batch_chats = p_max;
     let config = settings::LlmConfig::current().map_err(ApiError::InvalidParameter)?;
     let summarizer = summarizer::from_config(&config)?;
     let label = summarizer.label();
+    // Takes back leases of dead processes and expired ones (NO KEY UPDATE locks: enqueues into
+    // those chats are not blocked while the requests below run).
     queue::reclaim(policy.max_attempts, true)?;
-    let mut chats_left = p_max;
     let mut applied_snippets = 0;
-    let mut failed_chats: Vec<String> = Vec::new();
-    while chats_left > 0 {
-        policy.batch_chats = chats_left.min(policy.batch_chats);
-        let claims = queue::claim(&policy, &failed_chats)?;
-        if claims.is_empty() {
-            break;
-        }
-        chats_left -= claims.len() as i32;
-        let (applied, failed) = batch::process_all(claims, summarizer.as_ref(), policy.token_limit);
-        queue::apply(&applied, &label)?;
-        applied_snippets += applied
-            .iter()
-            .map(|a| a.queue_ids.len() as i32)
-            .sum::<i32>();
-        for f in &failed {
-            queue::fail(f, &policy, &label)?;
-            failed_chats.push(f.chat_id.clone());
+    for peeked in queue::peek(&policy)? {
+        let mut result = batch::process(peeked.clone(), summarizer.as_ref(), policy.token_limit);
+        let Some(lease) = queue::claim_exact(&peeked, &policy)? else {
+            continue; // the chat changed or is busy elsewhere: its work is not lost, only not done here
+        };
+        result.lease_token = lease;
+        if queue::finish(std::slice::from_ref(&result), &policy, &label)? > 0 {
+            applied_snippets += result.applied.len() as i32;
         }
     }
     Spi::run_with_args(

@@ -1,26 +1,17 @@
 //! One claimed chat through the summarizer: summarize, validate, merge, count tokens.
 //! Pure Rust on owned data (no Postgres calls), so it may run on a helper thread and is
 //! unit-testable.
+//!
+//! Snippets are summarized in order. A batch the summarizer refuses as input (too long for the
+//! model's context, or refused outright) is split in halves, applied one after the other; a
+//! single snippet it refuses is dead-lettered alone and the rest go on. Any other error stops
+//! the batch there: what was merged before it is applied, the rest is retried later.
 
 use crate::merge;
-use crate::queue::{Applied, Claim, Failed};
+use crate::queue::{Claim, Failure, Finished};
 use crate::summarizer::{Memory, Snippet, Summarizer, SummarizerError, Usage};
 use crate::tokens;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-
-pub enum Outcome {
-    Applied(Applied),
-    Failed(Failed),
-}
-
-impl Outcome {
-    pub fn lease_token(&self) -> pgrx::Uuid {
-        match self {
-            Outcome::Applied(a) => a.lease_token,
-            Outcome::Failed(f) => f.lease_token,
-        }
-    }
-}
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
@@ -32,100 +23,137 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Merge `snippets` into `memory`. A batch too long for the model's context is split in two
-/// halves, applied one after the other (order kept); a single snippet that does not fit fails
-/// permanently, since retrying the same request cannot succeed.
+/// What summarizing a claim achieved so far.
+#[derive(Default)]
+struct Progress {
+    memory: Memory,
+    applied: Vec<String>,
+    dead: Vec<(String, String)>,
+    usage: Usage,
+}
+
+/// Merge `snippets` into `progress`, in order, splitting on input errors.
 fn summarize_into(
     summarizer: &dyn Summarizer,
-    memory: &mut Memory,
+    progress: &mut Progress,
     snippets: &[Snippet],
-    usage: &mut Usage,
 ) -> Result<(), SummarizerError> {
-    match summarizer.summarize(memory, snippets, usage) {
+    match summarizer.summarize(&progress.memory, snippets, &mut progress.usage) {
         Ok(update) => {
             merge::validate(&update).map_err(|e| {
                 SummarizerError::Transient(format!("invalid summarizer output: {e}"))
             })?;
-            merge::apply(memory, update);
+            let stats = merge::apply(&mut progress.memory, update);
+            progress.usage.rejected_ops += stats.rejected_inferences as u32;
+            progress
+                .applied
+                .extend(snippets.iter().map(|s| s.id.clone()));
             Ok(())
         }
-        Err(SummarizerError::ContextLength(_)) if snippets.len() > 1 => {
+        Err(e) if e.is_about_input() && snippets.len() > 1 => {
             let (first, second) = snippets.split_at(snippets.len() / 2);
-            summarize_into(summarizer, memory, first, usage)?;
-            summarize_into(summarizer, memory, second, usage)
+            summarize_into(summarizer, progress, first)?;
+            summarize_into(summarizer, progress, second)
         }
-        Err(SummarizerError::ContextLength(m)) => Err(SummarizerError::ContextLength(format!(
-            "{m} (a single snippet with the current memory does not fit the model's context)"
-        ))),
+        Err(SummarizerError::ContextLength(m)) => {
+            let error = format!(
+                "{m} (a single snippet with the current memory does not fit the model's context)"
+            );
+            progress.dead.push((snippets[0].id.clone(), error));
+            Ok(())
+        }
+        Err(e @ SummarizerError::Refused(_)) => {
+            progress.dead.push((snippets[0].id.clone(), e.to_string()));
+            Ok(())
+        }
         Err(e) => Err(e),
     }
 }
 
-/// Summarize one claimed chat. A panic in the summarizer becomes a transient failure.
-pub fn process(claim: Claim, summarizer: &dyn Summarizer, token_limit: i32) -> Outcome {
-    let mut usage = Usage::default();
-    let mut memory = claim.memory.clone();
-    let result = catch_unwind(AssertUnwindSafe(|| {
-        summarize_into(summarizer, &mut memory, &claim.snippets, &mut usage)
-    }));
-    let error = match result {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(e),
-        Err(p) => Some(SummarizerError::Transient(format!(
-            "summarizer panicked: {}",
-            panic_message(&*p)
-        ))),
-    };
-    if let Some(e) = error {
-        return Outcome::Failed(Failed {
-            chat_id: claim.chat_id,
-            lease_token: claim.lease_token,
-            error: e.to_string(),
-            permanent: e.is_permanent(),
-            retry_after: e.retry_after(),
-            usage,
-        });
+fn failure(e: &SummarizerError) -> Failure {
+    Failure {
+        error: e.to_string(),
+        permanent: e.is_permanent(),
+        retry_after: e.retry_after(),
     }
-    let token_count = i32::try_from(tokens::count_memory(&memory)).unwrap_or(i32::MAX);
-    Outcome::Applied(Applied {
-        queue_ids: claim.snippets.iter().map(|s| s.id.clone()).collect(),
+}
+
+/// Summarize one claimed chat. A panic in the summarizer fails the whole claim (transiently):
+/// nothing of a batch that panicked is applied.
+pub fn process(claim: Claim, summarizer: &dyn Summarizer, token_limit: i32) -> Finished {
+    let mut progress = Progress {
+        memory: claim.memory.clone(),
+        ..Default::default()
+    };
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        summarize_into(summarizer, &mut progress, &claim.snippets)
+    }));
+    let failure = match result {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(failure(&e)),
+        Err(p) => {
+            let usage = progress.usage;
+            progress = Progress {
+                usage,
+                ..Default::default()
+            };
+            Some(failure(&SummarizerError::Transient(format!(
+                "summarizer panicked: {}",
+                panic_message(&*p)
+            ))))
+        }
+    };
+    let token_count = if progress.applied.is_empty() {
+        0
+    } else {
+        i32::try_from(tokens::count_memory(&progress.memory)).unwrap_or(i32::MAX)
+    };
+    Finished {
         chat_id: claim.chat_id,
         lease_token: claim.lease_token,
-        memory,
+        applied: progress.applied,
+        memory: progress.memory,
         token_count,
         needs_new_chat: token_count > token_limit,
-        usage,
-    })
+        dead: progress.dead,
+        failure,
+        usage: progress.usage,
+    }
 }
 
 pub fn process_all(
     claims: Vec<Claim>,
     summarizer: &dyn Summarizer,
     token_limit: i32,
-) -> (Vec<Applied>, Vec<Failed>) {
-    let mut applied = Vec::new();
-    let mut failed = Vec::new();
-    for claim in claims {
-        match process(claim, summarizer, token_limit) {
-            Outcome::Applied(a) => applied.push(a),
-            Outcome::Failed(f) => failed.push(f),
-        }
-    }
-    (applied, failed)
+) -> Vec<Finished> {
+    claims
+        .into_iter()
+        .map(|c| process(c, summarizer, token_limit))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::summarizer::{Fact, SummaryUpdate};
+    use crate::summarizer::{Fact, Op, SummaryUpdate};
     use serde_json::Value;
     use std::sync::Mutex;
 
-    /// Fails with a context-length error for batches above `fits` snippets; confirms one fact per
-    /// snippet (`k<text>` = text) otherwise, and records the batch sizes it saw.
+    /// Fails with a context-length error for batches above `fits` snippets (or holding "huge"),
+    /// with a transient error for a batch holding "flaky"; confirms one fact per snippet
+    /// (`k<text>` = text) otherwise, and records the batch sizes it saw.
     struct Window {
         fits: usize,
         seen: Mutex<Vec<usize>>,
+    }
+
+    impl Window {
+        fn new(fits: usize) -> Self {
+            Self {
+                fits,
+                seen: Mutex::new(Vec::new()),
+            }
+        }
     }
 
     impl Summarizer for Window {
@@ -140,32 +168,39 @@ mod tests {
         ) -> Result<SummaryUpdate, SummarizerError> {
             usage.requests += 1;
             self.seen.lock().unwrap().push(snippets.len());
-            if snippets.len() > self.fits {
+            if snippets.len() > self.fits || snippets.iter().any(|s| s.text == "huge") {
                 return Err(SummarizerError::ContextLength("too long".into()));
             }
+            if snippets.iter().any(|s| s.text == "flaky") {
+                return Err(SummarizerError::Transient("try later".into()));
+            }
             Ok(SummaryUpdate {
-                confirm: snippets
+                ops: snippets
                     .iter()
-                    .map(|s| Fact {
-                        key: format!("k{}", s.text),
-                        value: Value::String(s.text.clone()),
+                    .map(|s| {
+                        Op::Confirm(Fact {
+                            key: format!("k{}", s.text),
+                            value: Value::String(s.text.clone()),
+                        })
                     })
                     .collect(),
                 general_summary: Some(snippets.last().unwrap().text.clone()),
-                ..Default::default()
             })
         }
     }
 
-    fn claim(n: usize) -> Claim {
+    fn claim(texts: &[&str]) -> Claim {
         Claim {
             chat_id: "c".into(),
-            lease_token: pgrx::Uuid::from_bytes([0; 16]),
+            lease_token: crate::queue::no_lease(),
+            version: 0,
             memory: Memory::default(),
-            snippets: (0..n)
-                .map(|i| Snippet {
+            snippets: texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| Snippet {
                     id: i.to_string(),
-                    text: i.to_string(),
+                    text: t.to_string(),
                 })
                 .collect(),
         }
@@ -173,32 +208,59 @@ mod tests {
 
     #[test]
     fn context_length_splits_in_order() {
-        let s = Window {
-            fits: 2,
-            seen: Mutex::new(Vec::new()),
-        };
-        let Outcome::Applied(a) = process(claim(5), &s, 8000) else {
-            panic!("expected applied");
-        };
-        assert_eq!(a.memory.user_confirmed.len(), 5);
-        assert_eq!(a.queue_ids.len(), 5);
+        let s = Window::new(2);
+        let f = process(claim(&["0", "1", "2", "3", "4"]), &s, 8000);
+        assert!(f.failure.is_none() && f.dead.is_empty());
+        assert_eq!(f.memory.user_confirmed.len(), 5);
+        assert_eq!(f.applied, ["0", "1", "2", "3", "4"]);
         // the last summary is the last snippet's: halves applied in order
-        assert_eq!(a.memory.general_summary, "4");
+        assert_eq!(f.memory.general_summary, "4");
         assert_eq!(*s.seen.lock().unwrap(), vec![5, 2, 3, 1, 2]);
-        assert_eq!(a.usage.requests, 5);
+        assert_eq!(f.usage.requests, 5);
     }
 
     #[test]
-    fn single_snippet_too_long_fails_permanently() {
-        let s = Window {
-            fits: 0,
-            seen: Mutex::new(Vec::new()),
-        };
-        let Outcome::Failed(f) = process(claim(2), &s, 8000) else {
-            panic!("expected failed");
-        };
-        assert!(f.permanent);
-        assert!(f.error.contains("does not fit"), "{}", f.error);
-        assert_eq!(f.usage.requests, 2, "usage of failed attempts is kept");
+    fn a_snippet_that_never_fits_is_dead_lettered_alone() {
+        for texts in [["a", "huge"], ["huge", "a"]] {
+            let f = process(claim(&texts), &Window::new(8), 8000);
+            let huge = texts.iter().position(|t| *t == "huge").unwrap().to_string();
+            let other = texts.iter().position(|t| *t == "a").unwrap().to_string();
+            assert!(f.failure.is_none(), "{texts:?}");
+            assert_eq!(f.applied, [other], "{texts:?}");
+            assert_eq!(f.dead.len(), 1);
+            assert_eq!(f.dead[0].0, huge);
+            assert!(f.dead[0].1.contains("does not fit"), "{}", f.dead[0].1);
+            assert_eq!(f.memory.general_summary, "a");
+        }
+    }
+
+    #[test]
+    fn a_transient_error_keeps_the_applied_prefix_and_retries_the_rest() {
+        let f = process(claim(&["0", "1", "flaky", "3"]), &Window::new(2), 8000);
+        assert_eq!(f.applied, ["0", "1"]);
+        let failure = f.failure.expect("the rest fails");
+        assert!(!failure.permanent);
+        assert_eq!(failure.error, "try later");
+        assert_eq!(f.usage.requests, 3, "usage of failed attempts is kept");
+    }
+
+    #[test]
+    fn inferences_refused_by_the_merge_count_as_rejected() {
+        let m = crate::summarizer::mock::Mock;
+        let f = process(
+            claim(&["confirmed: plan = PPO", "inferred: plan = HMO"]),
+            &m,
+            8000,
+        );
+        assert_eq!(f.usage.rejected_ops, 1);
+        assert_eq!(f.memory.user_confirmed["plan"], "PPO");
+    }
+
+    #[test]
+    fn a_panic_applies_nothing() {
+        let m = crate::summarizer::mock::Mock;
+        let f = process(claim(&["confirmed: a = 1", "mock_panic: boom"]), &m, 8000);
+        assert!(f.applied.is_empty());
+        assert!(f.failure.unwrap().error.contains("boom"));
     }
 }

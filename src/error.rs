@@ -21,9 +21,15 @@ pub enum ApiError {
     /// 22023: a misconfigured `memory_ext.summarizer`.
     #[error(transparent)]
     Summarizer(#[from] SummarizerError),
+    /// 55000: the call can never succeed in the caller's current state.
+    #[error("{0}")]
+    WrongState(String),
     /// XX000: an internal query failed.
     #[error("internal query failed: {0}")]
     Spi(#[from] SpiError),
+    /// XX000: claiming or finishing work failed.
+    #[error(transparent)]
+    Queue(#[from] crate::queue::QueueError),
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -36,7 +42,8 @@ impl ApiError {
             }
             ApiError::InsufficientPrivilege(_) => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             ApiError::FeatureNotSupported(_) => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            ApiError::Spi(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            ApiError::WrongState(_) => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            ApiError::Spi(_) | ApiError::Queue(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         }
     }
 

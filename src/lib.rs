@@ -10,7 +10,8 @@
 //!   `llm`, `http` and `contract`); `pipeline`: concurrent LLM requests for the worker;
 //! - `merge`: the merge rules; `tokens`: BPE token counting;
 //! - `rate_limit`: the per-identity enqueue limit (shared memory);
-//! - `worker`: the launcher and the queue-draining background worker.
+//! - `launcher`: starts and restarts the worker; `worker`: the queue-draining background
+//!   worker; `drain`: writing its results; `bgw`: what both processes share.
 
 use pgrx::prelude::*;
 
@@ -18,7 +19,10 @@ pgrx::pg_module_magic!();
 
 mod api;
 mod batch;
+mod bgw;
+mod drain;
 mod error;
+mod launcher;
 mod merge;
 mod pipeline;
 mod queue;
@@ -43,7 +47,7 @@ pub extern "C-unwind" fn _PG_init() {
     // Without preloading, the SQL API still works; worker_status() explains why no worker runs.
     if preloading {
         shmem::init();
-        worker::register_launcher();
+        launcher::register();
     }
 }
 

@@ -5,8 +5,11 @@
 //! - a confirmed fact with a new value supersedes the old (the old value stays in history);
 //! - nothing is deleted by omission: only an explicit drop removes an inferred fact, and
 //!   confirmed facts are never removed by a summarizer.
+//!
+//! Operations apply one by one in the order stated, so folding snippets one at a time or all
+//! together gives the same memory.
 
-use crate::summarizer::{Memory, SummaryUpdate};
+use crate::summarizer::{Memory, Op, SummaryUpdate};
 use thiserror::Error;
 
 pub const MAX_KEY_CHARS: usize = 200;
@@ -46,14 +49,16 @@ fn check_key(key: &str) -> Result<(), InvalidUpdate> {
 
 /// Reject an update a summarizer should never have produced, before anything is applied.
 pub fn validate(update: &SummaryUpdate) -> Result<(), InvalidUpdate> {
-    for fact in update.confirm.iter().chain(&update.infer) {
-        check_key(&fact.key)?;
-        if fact.value.is_null() {
-            return Err(InvalidUpdate::NullValue(fact.key.clone()));
+    for op in &update.ops {
+        match op {
+            Op::Confirm(fact) | Op::Infer(fact) => {
+                check_key(&fact.key)?;
+                if fact.value.is_null() {
+                    return Err(InvalidUpdate::NullValue(fact.key.clone()));
+                }
+            }
+            Op::DropInferred(key) => check_key(key)?,
         }
-    }
-    for key in &update.drop_inferred {
-        check_key(key)?;
     }
     if update
         .general_summary
@@ -65,29 +70,32 @@ pub fn validate(update: &SummaryUpdate) -> Result<(), InvalidUpdate> {
     Ok(())
 }
 
-/// Apply a validated update to `memory`. Operations apply in order: confirmations, then
-/// inferences, then drops (a summarizer lists each kind in snippet order).
+/// Apply a validated update to `memory`, one operation at a time in the order stated.
 pub fn apply(memory: &mut Memory, update: SummaryUpdate) -> MergeStats {
     let mut stats = MergeStats::default();
-    for fact in update.confirm {
-        if memory.llm_inferred.remove(&fact.key).is_some() {
-            stats.promoted += 1;
+    for op in update.ops {
+        match op {
+            Op::Confirm(fact) => {
+                if memory.llm_inferred.remove(&fact.key).is_some() {
+                    stats.promoted += 1;
+                }
+                if let Some(old) = memory.user_confirmed.insert(fact.key, fact.value.clone())
+                    && old != fact.value
+                {
+                    stats.superseded += 1;
+                }
+            }
+            Op::Infer(fact) => {
+                if memory.user_confirmed.contains_key(&fact.key) {
+                    stats.rejected_inferences += 1;
+                } else {
+                    memory.llm_inferred.insert(fact.key, fact.value);
+                }
+            }
+            Op::DropInferred(key) => {
+                memory.llm_inferred.remove(&key);
+            }
         }
-        if let Some(old) = memory.user_confirmed.insert(fact.key, fact.value.clone())
-            && old != fact.value
-        {
-            stats.superseded += 1;
-        }
-    }
-    for fact in update.infer {
-        if memory.user_confirmed.contains_key(&fact.key) {
-            stats.rejected_inferences += 1;
-        } else {
-            memory.llm_inferred.insert(fact.key, fact.value);
-        }
-    }
-    for key in update.drop_inferred {
-        memory.llm_inferred.remove(&key);
     }
     if let Some(summary) = update.general_summary {
         memory.general_summary = summary;
@@ -125,7 +133,7 @@ mod tests {
                 json!({"plan": "PPO"}),
                 json!({}),
                 SummaryUpdate {
-                    infer: vec![fact("plan", "HMO")],
+                    ops: vec![Op::Infer(fact("plan", "HMO"))],
                     ..Default::default()
                 },
                 json!({"plan": "PPO"}),
@@ -136,7 +144,7 @@ mod tests {
                 json!({}),
                 json!({"plan": "PPO"}),
                 SummaryUpdate {
-                    confirm: vec![fact("plan", "PPO")],
+                    ops: vec![Op::Confirm(fact("plan", "PPO"))],
                     ..Default::default()
                 },
                 json!({"plan": "PPO"}),
@@ -147,7 +155,7 @@ mod tests {
                 json!({"zip": "94103"}),
                 json!({}),
                 SummaryUpdate {
-                    confirm: vec![fact("zip", "94110")],
+                    ops: vec![Op::Confirm(fact("zip", "94110"))],
                     ..Default::default()
                 },
                 json!({"zip": "94110"}),
@@ -158,7 +166,7 @@ mod tests {
                 json!({"a": "1"}),
                 json!({"b": "2"}),
                 SummaryUpdate {
-                    confirm: vec![fact("c", "3")],
+                    ops: vec![Op::Confirm(fact("c", "3"))],
                     ..Default::default()
                 },
                 json!({"a": "1", "c": "3"}),
@@ -169,7 +177,7 @@ mod tests {
                 json!({"a": "1"}),
                 json!({"b": "2"}),
                 SummaryUpdate {
-                    drop_inferred: vec!["a".into(), "b".into()],
+                    ops: vec![Op::DropInferred("a".into()), Op::DropInferred("b".into())],
                     ..Default::default()
                 },
                 json!({"a": "1"}),
@@ -195,8 +203,11 @@ mod tests {
         let stats = apply(
             &mut m,
             SummaryUpdate {
-                confirm: vec![fact("zip", "2"), fact("plan", "x")],
-                infer: vec![fact("zip", "3")],
+                ops: vec![
+                    Op::Confirm(fact("zip", "2")),
+                    Op::Confirm(fact("plan", "x")),
+                    Op::Infer(fact("zip", "3")),
+                ],
                 general_summary: Some("new".into()),
                 ..Default::default()
             },
@@ -217,24 +228,24 @@ mod tests {
         let bad = [
             (
                 SummaryUpdate {
-                    confirm: vec![fact(" ", "v")],
+                    ops: vec![Op::Confirm(fact(" ", "v"))],
                     ..Default::default()
                 },
                 InvalidUpdate::EmptyKey,
             ),
             (
                 SummaryUpdate {
-                    infer: vec![Fact {
+                    ops: vec![Op::Infer(Fact {
                         key: "k".into(),
                         value: Value::Null,
-                    }],
+                    })],
                     ..Default::default()
                 },
                 InvalidUpdate::NullValue("k".into()),
             ),
             (
                 SummaryUpdate {
-                    drop_inferred: vec!["x".repeat(201)],
+                    ops: vec![Op::DropInferred("x".repeat(201))],
                     ..Default::default()
                 },
                 InvalidUpdate::KeyTooLong("x".repeat(20)),
@@ -250,5 +261,56 @@ mod tests {
         for (u, e) in bad {
             assert_eq!(validate(&u), Err(e));
         }
+    }
+
+    /// Operations over the same key in every order of three kinds: applying them one update at
+    /// a time must equal applying them as one update (coalescing never changes the result).
+    #[test]
+    fn one_at_a_time_equals_all_at_once() {
+        let kinds = [
+            Op::Infer(fact("k", "a")),
+            Op::DropInferred("k".into()),
+            Op::Infer(fact("k", "b")),
+            Op::Confirm(fact("k", "c")),
+        ];
+        let mut checked = 0;
+        for a in &kinds {
+            for b in &kinds {
+                for c in &kinds {
+                    let ops = vec![a.clone(), b.clone(), c.clone()];
+                    let mut together = Memory::default();
+                    apply(
+                        &mut together,
+                        SummaryUpdate {
+                            ops: ops.clone(),
+                            ..Default::default()
+                        },
+                    );
+                    let mut single = Memory::default();
+                    for op in ops {
+                        apply(
+                            &mut single,
+                            SummaryUpdate {
+                                ops: vec![op],
+                                ..Default::default()
+                            },
+                        );
+                    }
+                    assert_eq!(together, single, "{a:?} {b:?} {c:?}");
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 64);
+        // The sequence: infer a, retract, infer b ends with b.
+        let mut m = Memory::default();
+        apply(
+            &mut m,
+            SummaryUpdate {
+                ops: vec![kinds[0].clone(), kinds[1].clone(), kinds[2].clone()],
+                ..Default::default()
+            },
+        );
+        assert_eq!(Value::Object(m.llm_inferred), json!({"k": "b"}));
     }
 }

@@ -10,9 +10,8 @@
 //! end of a socket pair the threads write a byte to when they finish, so a slow or hanging
 //! endpoint never delays shutdown, reload, or applying the answers that did arrive.
 
-use crate::batch::{self, Outcome};
-use crate::queue;
-use crate::settings::QueuePolicy;
+use crate::batch;
+use crate::queue::{Claim, Finished};
 use crate::summarizer::Summarizer;
 use pgrx::pg_sys;
 use std::collections::HashMap;
@@ -25,7 +24,7 @@ use std::time::{Duration, Instant};
 
 /// One finished job, sent from its thread.
 pub struct Done {
-    pub outcome: Outcome,
+    pub outcome: Finished,
     pub label: String,
     pub started: Instant,
 }
@@ -136,11 +135,9 @@ impl Pipeline {
     pub fn finished(&mut self) -> Vec<Done> {
         let done: Vec<Done> = self.rx.try_iter().collect();
         for d in &done {
-            self.in_flight.remove(&d.outcome.lease_token());
+            self.in_flight.remove(&d.outcome.lease_token);
             // Only a rate limit carries a Retry-After.
-            if let Outcome::Failed(f) = &d.outcome
-                && let Some(after) = f.retry_after
-            {
+            if let Some(after) = d.outcome.failure.as_ref().and_then(|f| f.retry_after) {
                 let until = Instant::now() + after;
                 self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
             }
@@ -148,50 +145,47 @@ impl Pipeline {
         done
     }
 
-    /// Claim chats for the free slots and start their requests. Returns how many were claimed
-    /// and whether more may be claimable right away.
-    pub fn start_more(
+    /// How many more requests may start now (none while rate limited).
+    pub fn free_slots(&self, concurrency: usize) -> usize {
+        if self.paused().is_some() {
+            return 0;
+        }
+        concurrency.saturating_sub(self.in_flight.len())
+    }
+
+    /// Start one request thread per claim. On failure (no thread or socket to be had) returns
+    /// the error and the leases (chat, lease) not started: the caller gives them back at once
+    /// rather than letting them wait out the lease.
+    pub fn start(
         &mut self,
-        policy: &QueuePolicy,
+        claims: Vec<Claim>,
         summarizer: &Arc<dyn Summarizer>,
-        concurrency: usize,
-        claim: impl FnOnce(&QueuePolicy) -> Result<Vec<queue::Claim>, String>,
-    ) -> Result<(usize, bool), String> {
-        let free = concurrency.saturating_sub(self.in_flight.len());
-        if free == 0 || self.paused().is_some() {
-            return Ok((0, false));
-        }
-        let asked = free.min(policy.batch_chats.max(1) as usize);
-        let mut p = policy.clone();
-        p.batch_chats = asked as i32;
-        let claims = claim(&p)?;
-        let n = claims.len();
+        token_limit: i32,
+    ) -> Result<(), (String, Vec<(String, pgrx::Uuid)>)> {
         let label = summarizer.label();
-        for c in claims {
-            self.in_flight.insert(c.lease_token, c.chat_id.clone());
-            let tx = self.tx.clone();
-            let mut wake = self.wake_tx.try_clone().map_err(|e| e.to_string())?;
-            let summarizer = Arc::clone(summarizer);
-            let label = label.clone();
-            let token_limit = policy.token_limit;
-            let started = Instant::now();
-            let lease = c.lease_token;
-            if let Err(e) = spawn_without_signals(move || {
-                let outcome = batch::process(c, summarizer.as_ref(), token_limit);
-                let _ = tx.send(Done {
-                    outcome,
-                    label,
-                    started,
-                });
-                // WouldBlock (a full buffer) means wake-ups are pending already.
-                let _ = wake.write(&[1]);
-            }) {
-                // Could not start a thread (resource limits): the lease expires and is retried.
-                self.in_flight.remove(&lease);
-                return Err(format!("could not start an LLM request thread: {e}"));
+        let mut claims = claims.into_iter();
+        while let Some(c) = claims.next() {
+            let (chat, lease) = (c.chat_id.clone(), c.lease_token);
+            let job = self.wake_tx.try_clone().map(|wake| Job {
+                tx: self.tx.clone(),
+                wake,
+                summarizer: Arc::clone(summarizer),
+                label: label.clone(),
+                token_limit,
+            });
+            let started = job.and_then(|job| spawn_without_signals(move || job.run(c)));
+            if let Err(e) = started {
+                let unstarted = std::iter::once((chat, lease))
+                    .chain(claims.map(|c| (c.chat_id, c.lease_token)))
+                    .collect();
+                return Err((
+                    format!("could not start an LLM request thread: {e}"),
+                    unstarted,
+                ));
             }
+            self.in_flight.insert(lease, chat);
         }
-        Ok((n, n == asked && self.in_flight.len() < concurrency))
+        Ok(())
     }
 
     /// The leases of requests still in flight, to give back when stopping.
@@ -200,6 +194,29 @@ impl Pipeline {
             .drain()
             .map(|(lease, chat)| (chat, lease))
             .collect()
+    }
+}
+
+/// What one request thread needs: everything owned, nothing that touches Postgres.
+struct Job {
+    tx: Sender<Done>,
+    wake: UnixStream,
+    summarizer: Arc<dyn Summarizer>,
+    label: String,
+    token_limit: i32,
+}
+
+impl Job {
+    fn run(mut self, claim: Claim) {
+        let started = Instant::now();
+        let outcome = batch::process(claim, self.summarizer.as_ref(), self.token_limit);
+        let _ = self.tx.send(Done {
+            outcome,
+            label: self.label,
+            started,
+        });
+        // WouldBlock (a full buffer) means wake-ups are pending already.
+        let _ = self.wake.write(&[1]);
     }
 }
 

@@ -8,38 +8,112 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiError;
 use serde_json::Value;
 use std::time::Duration;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum QueueError {
+    #[error(transparent)]
+    Spi(#[from] SpiError),
+    /// `_claim` returned a row it can never produce: a bug, not an empty batch to apply.
+    #[error("malformed claim of chat \"{0}\": {1}")]
+    MalformedClaim(String, &'static str),
+}
 
 /// One leased chat with its current memory and claimed snippets (in order).
 #[derive(Clone, Debug)]
 pub struct Claim {
     pub chat_id: String,
     pub lease_token: pgrx::Uuid,
+    /// The memory's version when claimed.
+    pub version: i64,
     pub memory: Memory,
     pub snippets: Vec<Snippet>,
 }
 
-/// A merged memory ready to be written.
+/// How a leased summarization ended, to be written in one transaction by [`finish`]: the
+/// snippets merged into `memory` (in order), those refused on their own, and a failure for every
+/// other claimed snippet.
 #[derive(Clone, Debug)]
-pub struct Applied {
+pub struct Finished {
     pub chat_id: String,
     pub lease_token: pgrx::Uuid,
-    pub queue_ids: Vec<String>,
+    pub applied: Vec<String>,
     pub memory: Memory,
     pub token_count: i32,
     pub needs_new_chat: bool,
+    /// (queue id, error) of snippets dead-lettered alone.
+    pub dead: Vec<(String, String)>,
+    pub failure: Option<Failure>,
     pub usage: Usage,
 }
 
-/// A failed attempt to record.
+/// A failed attempt for the claimed snippets that were neither applied nor dead-lettered.
 #[derive(Clone, Debug)]
-pub struct Failed {
-    pub chat_id: String,
-    pub lease_token: pgrx::Uuid,
+pub struct Failure {
     pub error: String,
     pub permanent: bool,
     /// The endpoint's Retry-After: the delay to use instead of the backoff.
     pub retry_after: Option<Duration>,
-    pub usage: Usage,
+}
+
+impl Finished {
+    /// The whole claim failed with `error`, nothing applied (e.g. the summarizer could not be
+    /// configured, or the result could not be written).
+    pub fn failed(chat_id: String, lease_token: pgrx::Uuid, error: String, usage: Usage) -> Self {
+        Finished {
+            chat_id,
+            lease_token,
+            applied: Vec::new(),
+            memory: Memory::default(),
+            token_count: 0,
+            needs_new_chat: false,
+            dead: Vec::new(),
+            failure: Some(Failure {
+                error,
+                permanent: false,
+                retry_after: None,
+            }),
+            usage,
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        let failure = self.failure.as_ref().map(|f| {
+            serde_json::json!({
+                "error": f.error,
+                "permanent": f.permanent,
+                "retry_after_ms": f.retry_after.map(|d| i32::try_from(d.as_millis()).unwrap_or(i32::MAX)),
+            })
+        });
+        let dead: Vec<Value> = self
+            .dead
+            .iter()
+            .map(|(id, error)| serde_json::json!({"id": id, "error": error}))
+            .collect();
+        serde_json::json!({
+            "chat_id": self.chat_id,
+            "lease_token": self.lease_token.to_string(),
+            "applied_ids": self.applied,
+            "user_confirmed": self.memory.user_confirmed,
+            "llm_inferred": self.memory.llm_inferred,
+            "general_summary": self.memory.general_summary,
+            "token_count": self.token_count,
+            "needs_new_chat": self.needs_new_chat,
+            "dead": dead,
+            "failure": failure,
+            "usage": {
+                "llm_requests": self.usage.requests,
+                "prompt_tokens": self.usage.prompt_tokens,
+                "completion_tokens": self.usage.completion_tokens,
+                "rejected_ops": self.usage.rejected_ops,
+            },
+        })
+    }
+}
+
+/// The lease of a peeked claim, which has none yet.
+pub fn no_lease() -> pgrx::Uuid {
+    pgrx::Uuid::from_bytes([0; 16])
 }
 
 fn object(v: Option<JsonB>) -> serde_json::Map<String, Value> {
@@ -49,90 +123,98 @@ fn object(v: Option<JsonB>) -> serde_json::Map<String, Value> {
     }
 }
 
-pub fn claim(policy: &QueuePolicy, exclude: &[String]) -> Result<Vec<Claim>, SpiError> {
+/// The snippets _claim/_peek built as JSON: a shape they cannot have is a bug, never an empty
+/// batch to apply.
+fn snippets(json: Option<JsonB>, chat_id: &str) -> Result<Vec<Snippet>, QueueError> {
+    json.and_then(|j| serde_json::from_value::<Vec<Snippet>>(j.0).ok())
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| QueueError::MalformedClaim(chat_id.to_string(), "no snippets"))
+}
+
+/// Claims from rows of `_claim` or `_peek` (the same columns).
+fn claims_from(rows: pgrx::spi::SpiTupleTable) -> Result<Vec<Claim>, QueueError> {
+    let mut claims = Vec::new();
+    for row in rows {
+        let chat_id = row.get::<String>(1)?.unwrap_or_default();
+        claims.push(Claim {
+            lease_token: row.get::<pgrx::Uuid>(2)?.unwrap_or_else(no_lease),
+            version: row.get::<i64>(3)?.unwrap_or(0),
+            memory: Memory {
+                user_confirmed: object(row.get::<JsonB>(4)?),
+                llm_inferred: object(row.get::<JsonB>(5)?),
+                general_summary: row.get::<String>(6)?.unwrap_or_default(),
+            },
+            snippets: snippets(row.get::<JsonB>(7)?, &chat_id)?,
+            chat_id,
+        });
+    }
+    Ok(claims)
+}
+
+const COLUMNS: &str =
+    "chat_id, lease_token, version, user_confirmed, llm_inferred, general_summary, snippets";
+
+/// Take back stale leases, then lease chats and mark their oldest pending snippets. One
+/// transaction: a chat whose old lease expired is claimed only after its rows went back.
+pub fn claim(policy: &QueuePolicy) -> Result<Vec<Claim>, QueueError> {
+    reclaim(policy.max_attempts, false)?;
     Spi::connect_mut(|client| {
         let rows = client.update(
-            "SELECT chat_id, lease_token, user_confirmed, llm_inferred, general_summary, snippets \
-             FROM memory._claim($1, $2, $3, $4)",
+            &format!("SELECT {COLUMNS} FROM memory._claim($1, $2, $3)"),
             None,
             &[
                 policy.batch_chats.into(),
                 policy.batch_snippets.into(),
                 policy.lease_seconds.into(),
-                exclude.to_vec().into(),
             ],
         )?;
-        let mut claims = Vec::new();
-        for row in rows {
-            let snippets: Vec<Snippet> = row
-                .get::<JsonB>(6)?
-                .and_then(|j| serde_json::from_value(j.0).ok())
-                .unwrap_or_default();
-            claims.push(Claim {
-                chat_id: row.get::<String>(1)?.unwrap_or_default(),
-                lease_token: row.get::<pgrx::Uuid>(2)?.expect("lease token"),
-                memory: Memory {
-                    user_confirmed: object(row.get::<JsonB>(3)?),
-                    llm_inferred: object(row.get::<JsonB>(4)?),
-                    general_summary: row.get::<String>(5)?.unwrap_or_default(),
-                },
-                snippets,
-            });
-        }
-        Ok(claims)
+        claims_from(rows)
     })
 }
 
-pub fn apply(results: &[Applied], summarizer: &str) -> Result<i32, SpiError> {
-    let payload: Vec<Value> = results
-        .iter()
-        .map(|a| {
-            serde_json::json!({
-                "chat_id": a.chat_id,
-                "lease_token": a.lease_token.to_string(),
-                "queue_ids": a.queue_ids,
-                "user_confirmed": a.memory.user_confirmed,
-                "llm_inferred": a.memory.llm_inferred,
-                "general_summary": a.memory.general_summary,
-                "token_count": a.token_count,
-                "needs_new_chat": a.needs_new_chat,
-                "llm_requests": a.usage.requests,
-                "prompt_tokens": a.usage.prompt_tokens,
-                "completion_tokens": a.usage.completion_tokens,
-                "rejected_ops": a.usage.rejected_ops,
-            })
-        })
-        .collect();
-    Spi::get_one_with_args::<i32>(
-        "SELECT memory._apply($1, $2)",
-        &[JsonB(Value::Array(payload)).into(), summarizer.into()],
-    )
-    .map(|n| n.unwrap_or(0))
+/// What `claim` would take, without leasing or locking anything (for process_pending): claims
+/// with no lease ([`no_lease`]) until [`claim_exact`] takes them.
+pub fn peek(policy: &QueuePolicy) -> Result<Vec<Claim>, QueueError> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            &format!("SELECT {COLUMNS} FROM memory._peek($1, $2)"),
+            None,
+            &[policy.batch_chats.into(), policy.batch_snippets.into()],
+        )?;
+        claims_from(rows)
+    })
 }
 
-pub fn fail(f: &Failed, policy: &QueuePolicy, summarizer: &str) -> Result<i32, SpiError> {
-    let usage = serde_json::json!({
-        "llm_requests": f.usage.requests,
-        "prompt_tokens": f.usage.prompt_tokens,
-        "completion_tokens": f.usage.completion_tokens,
-        "rejected_ops": f.usage.rejected_ops,
-    });
-    let retry_after_ms = f
-        .retry_after
-        .map(|d| i32::try_from(d.as_millis()).unwrap_or(i32::MAX));
-    Spi::get_one_with_args::<i32>(
-        "SELECT memory._fail($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+/// Lease exactly what was peeked, if nothing changed since; the lease token, or None.
+pub fn claim_exact(peeked: &Claim, policy: &QueuePolicy) -> Result<Option<pgrx::Uuid>, QueueError> {
+    let ids: Vec<String> = peeked.snippets.iter().map(|s| s.id.clone()).collect();
+    Ok(Spi::get_one_with_args::<pgrx::Uuid>(
+        "SELECT memory._claim_exact($1, $2, $3::uuid[], $4)",
         &[
-            f.chat_id.as_str().into(),
-            f.lease_token.into(),
-            f.error.as_str().into(),
-            f.permanent.into(),
+            peeked.chat_id.as_str().into(),
+            peeked.version.into(),
+            ids.into(),
+            policy.lease_seconds.into(),
+        ],
+    )?)
+}
+
+/// Write how leased summarizations ended (see [`Finished`]). Results whose lease was lost
+/// meanwhile change nothing. Returns the number of chats whose memory was updated.
+pub fn finish(
+    results: &[Finished],
+    policy: &QueuePolicy,
+    summarizer: &str,
+) -> Result<i32, SpiError> {
+    let payload = Value::Array(results.iter().map(Finished::to_json).collect());
+    Spi::get_one_with_args::<i32>(
+        "SELECT memory._finish($1, $2, $3, $4, $5)",
+        &[
+            JsonB(payload).into(),
+            summarizer.into(),
             policy.max_attempts.into(),
             policy.backoff_base_ms.into(),
             policy.backoff_max_ms.into(),
-            retry_after_ms.into(),
-            summarizer.into(),
-            JsonB(usage).into(),
         ],
     )
     .map(|n| n.unwrap_or(0))

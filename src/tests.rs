@@ -174,7 +174,31 @@ fn get_errors() {
     assert_eq!(sqlstate(&format!("SELECT * FROM memory.get('{}')", "x".repeat(257))), "22023");
     become_app_role();
     as_user("bob");
-    assert_eq!(sqlstate("SELECT * FROM memory.get('c1')"), "42501");
+    assert_eq!(sqlstate("SELECT * FROM memory.get('c1')"), "P0002", "reads as missing");
+}
+
+/// A caller who does not own a chat (or queue row) gets exactly the error of one that does not
+/// exist, from every function that takes an id: no way to enumerate other users' chats.
+#[pg_test]
+fn no_existence_oracle() {
+    as_user("alice");
+    let id = text("SELECT queue_id::text FROM memory.enqueue('secret', 'x')");
+    become_app_role();
+    as_user("bob");
+    let missing = "00000000-0000-0000-0000-000000000000";
+    for f in ["SELECT * FROM memory.get('{}')", "SELECT * FROM memory.history('{}')",
+              "SELECT memory.forget('{}')", "SELECT memory.retry_failed('{}')"] {
+        let theirs = error_of(&f.replace("{}", "secret"));
+        let absent = error_of(&f.replace("{}", "nope"));
+        assert!(theirs.starts_with("P0002"), "{f}: {theirs}");
+        assert_eq!(theirs.replace("secret", "X"), absent.replace("nope", "X"), "{f}");
+    }
+    for f in ["SELECT * FROM memory.status('{}')", "SELECT memory.wait('{}', '1 ms')"] {
+        let theirs = error_of(&f.replace("{}", &id));
+        let absent = error_of(&f.replace("{}", missing));
+        assert!(theirs.starts_with("P0002"), "{f}: {theirs}");
+        assert_eq!(theirs.replace(&id, "X"), absent.replace(missing, "X"), "{f}");
+    }
 }
 
 #[pg_test]
@@ -245,6 +269,83 @@ fn failed_attempts_back_off_then_fail_without_touching_memory() {
     assert_eq!(text(&format!("SELECT memory.wait('{id}')")), "complete");
 }
 
+/// The issue's sequence, applied one snippet per summarization, coalesced into one, and as one
+/// snippet: the memory is the same, because operations apply in the order stated.
+#[pg_test]
+fn coalescing_never_changes_the_memory() {
+    let lines = ["inferred: k = a", "retract: k", "inferred: k = b"];
+    for l in lines {
+        run(&format!("SELECT memory.enqueue('one', '{l}')"));
+        run("SELECT memory.process_pending()");
+    }
+    for l in lines {
+        run(&format!("SELECT memory.enqueue('together', '{l}')"));
+    }
+    run(&format!("SELECT memory.enqueue('single', E'{}')", lines.join("\\n")));
+    run("SELECT memory.process_pending()");
+    for chat in ["one", "together", "single"] {
+        assert_eq!(
+            text(&format!("SELECT llm_inferred::text FROM memory.get('{chat}')")),
+            r#"{"k": "b"}"#,
+            "{chat}"
+        );
+    }
+    assert_eq!(one::<i64>("SELECT version FROM memory.get('one')"), Some(3));
+    assert_eq!(one::<i64>("SELECT version FROM memory.get('together')"), Some(1));
+}
+
+/// A snippet the summarizer refuses is failed alone, in either position; its neighbour applies.
+#[pg_test]
+fn a_refused_snippet_is_dead_lettered_alone() {
+    for (chat, texts) in [("c1", ["mock_fatal: no", "confirmed: a = 1"]),
+                          ("c2", ["confirmed: a = 1", "mock_fatal: no"])] {
+        for t in texts {
+            run(&format!("SELECT memory.enqueue('{chat}', '{t}')"));
+        }
+        assert_eq!(one::<i32>("SELECT memory.process_pending()"), Some(1), "{chat}");
+        assert_eq!(
+            text(&format!("SELECT string_agg(status || ':' || coalesce(error_message, ''), ',' \
+                           ORDER BY seq) FROM memory.chat_context_queue WHERE chat_id = '{chat}' \
+                           AND new_context_snippet LIKE 'mock_fatal%'")),
+            "failed:mock fatal error: no"
+        );
+        assert_eq!(text(&format!("SELECT user_confirmed->>'a' FROM memory.get('{chat}')")), "1");
+        assert_eq!(one::<i64>(&format!("SELECT version FROM memory.get('{chat}')")), Some(1));
+        assert_eq!(one::<i32>(&format!("SELECT pending FROM memory.get('{chat}')")), Some(0));
+    }
+}
+
+/// A re-queued snippet goes to the end of its chat's queue: applied after what was applied
+/// before it, never between.
+#[pg_test]
+fn retry_failed_requeues_at_the_end() {
+    let failed = text("SELECT queue_id::text FROM memory.enqueue('c1', 'mock_fatal: later')");
+    let ok = text("SELECT queue_id::text FROM memory.enqueue('c1', 'confirmed: x = 1')");
+    run("SELECT memory.process_pending()");
+    run("UPDATE memory.chat_context_queue SET new_context_snippet = 'confirmed: x = 0' \
+         WHERE status = 'failed'");
+    assert_eq!(one::<i32>("SELECT memory.retry_failed('c1')"), Some(1));
+    assert!(one::<bool>(&format!(
+        "SELECT (SELECT seq FROM memory.chat_context_queue WHERE id = '{failed}') > \
+                (SELECT seq FROM memory.chat_context_queue WHERE id = '{ok}')"
+    )).unwrap());
+    run("SELECT memory.process_pending()");
+    assert_eq!(text("SELECT user_confirmed->>'x' FROM memory.get('c1')"), "0");
+    assert_eq!(
+        text("SELECT string_agg(queue_ids::text, ',' ORDER BY version) FROM memory.history('c1')"),
+        format!("{{{ok}}},{{{failed}}}")
+    );
+}
+
+/// Inferences the merge refuses (the key is confirmed) are counted in rejected_ops.
+#[pg_test]
+fn refused_inferences_count_as_rejected_ops() {
+    run("SELECT memory.enqueue('c1', E'confirmed: plan = PPO\\ninferred: plan = HMO')");
+    run("SELECT memory.process_pending()");
+    assert_eq!(one::<i32>("SELECT rejected_ops FROM memory.chat_memory_history"), Some(1));
+    assert_eq!(text("SELECT user_confirmed->>'plan' FROM memory.get('c1')"), "PPO");
+}
+
 #[pg_test]
 fn backoff_holds_back_the_chats_newer_snippets() {
     run("SET LOCAL memory_ext.backoff_base_ms = 60000");
@@ -279,12 +380,19 @@ fn status_and_wait_errors() {
     assert_eq!(sqlstate("SELECT memory.wait(NULL)"), "ok", "strict: NULL in, NULL out");
     let id = text("SELECT queue_id::text FROM memory.enqueue('c1', 'x')");
     assert_eq!(sqlstate(&format!("SELECT memory.wait('{id}', '-1 second')")), "22023");
-    // a pending row times out and reports its status
-    assert_eq!(text(&format!("SELECT memory.wait('{id}', '20 ms')")), "pending_summarization");
+    // A row this transaction enqueued can never complete while it waits: refused at once, not
+    // after the timeout. (Timing out on a committed row is tested on a real cluster.)
+    let started = std::time::Instant::now();
+    let e = error_of(&format!("SELECT memory.wait('{id}', '10 s')"));
+    assert!(e.starts_with("55000: ") && e.contains("commit first"), "{e}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "did not sleep out the timeout");
+    // once finished in this transaction (process_pending), its status comes back at once
+    run("SELECT memory.process_pending()");
+    assert_eq!(text(&format!("SELECT memory.wait('{id}', '1 ms')")), "complete");
     become_app_role();
     as_user("bob");
-    assert_eq!(sqlstate(&format!("SELECT * FROM memory.status('{id}')")), "42501");
-    assert_eq!(sqlstate(&format!("SELECT memory.wait('{id}', '1 ms')")), "42501");
+    assert_eq!(sqlstate(&format!("SELECT * FROM memory.status('{id}')")), "P0002");
+    assert_eq!(sqlstate(&format!("SELECT memory.wait('{id}', '1 ms')")), "P0002");
 }
 
 #[pg_test]
@@ -301,9 +409,11 @@ fn forget_removes_everything_of_the_chat_only() {
     assert_eq!(sqlstate("SELECT memory.forget('c1')"), "P0002");
     become_app_role();
     as_user("bob");
-    assert_eq!(sqlstate("SELECT memory.forget('c2')"), "42501");
-    assert_eq!(sqlstate("SELECT memory.retry_failed('c2')"), "42501");
-    assert_eq!(sqlstate("SELECT * FROM memory.history('c2')"), "42501");
+    assert_eq!(sqlstate("SELECT memory.forget('c2')"), "P0002");
+    assert_eq!(sqlstate("SELECT memory.retry_failed('c2')"), "P0002");
+    assert_eq!(sqlstate("SELECT * FROM memory.history('c2')"), "P0002");
+    run("RESET ROLE");
+    assert_eq!(count("SELECT 1 FROM memory.chat_metadata WHERE chat_id = 'c2'"), 1, "untouched");
 }
 
 #[pg_test]
@@ -321,9 +431,12 @@ fn process_pending_respects_p_max_and_batch_size() {
             run(&format!("SELECT memory.enqueue('{c}', 'line {i}')"));
         }
     }
-    // two chats, two snippets each (the third waits for the next batch)
+    // two chats, two snippets each (the third waits for the next call)
     assert_eq!(one::<i32>("SELECT memory.process_pending(2)"), Some(4));
-    assert_eq!(one::<i32>("SELECT memory.process_pending()"), Some(5));
+    // one summarization per chat and call: a and b's last, c's first two
+    assert_eq!(one::<i32>("SELECT memory.process_pending()"), Some(4));
+    assert_eq!(one::<i32>("SELECT memory.process_pending()"), Some(1));
+    assert_eq!(one::<i32>("SELECT memory.process_pending()"), Some(0));
     assert_eq!(text("SELECT general_summary FROM memory.get('a')"), "line 0 | line 1 | line 2");
 }
 

@@ -1,87 +1,51 @@
-//! The background worker.
+//! The queue-draining background worker, started by the launcher (`crate::launcher`) for
+//! `memory_ext.database`. Each pass:
 //!
-//! A *launcher* (registered in `_PG_init`) connects to no database, so it can wait calmly for
-//! `memory_ext.database` to exist. It then starts and supervises the *worker*, a dynamic
-//! background worker connected to that database, which drains the queue:
+//! 1. claim (short transaction): take back stale leases, then lease chats and mark their oldest
+//!    pending snippets `processing` (`queue::claim`);
+//! 2. summarize with no transaction open: inline for the mock, on helper threads for an LLM
+//!    (`pipeline`);
+//! 3. finish (`drain::finish_all`): apply, dead-letter and fail in one transaction per batch (per
+//!    chat if the batch fails).
 //!
-//! 1. claim (short transaction): lease chats and mark their pending snippets `processing`;
-//! 2. summarize with no transaction open;
-//! 3. apply (one transaction per batch; per chat if the batch fails), or record the failure
-//!    in a fresh transaction.
-//!
-//! It sleeps on its latch, which enqueue sets at COMMIT (`shmem::wake_at_commit`), with
-//! `memory_ext.idle_timeout` as a safety net, and wakes early for scheduled retries.
+//! Then housekeeping (expired leases, retention) and sleep on the latch, which enqueue sets at
+//! COMMIT (`shmem::wake_at_commit`), until the next scheduled retry or `memory_ext.idle_timeout`.
+//! The lease protocol these steps follow is in docs/architecture.md.
 
 use crate::batch;
+use crate::bgw::{
+    CONFIG_GENERATION, in_transaction, record_error, reload_config_if_asked, set_state,
+    shutdown_requested,
+};
+use crate::drain::{self, note_latency};
 use crate::pipeline::{self, Pipeline};
-use crate::queue;
-use crate::settings::LlmConfig;
-use crate::settings::{self, QueuePolicy};
+use crate::queue::{self, Finished};
+use crate::settings::{self, LlmConfig, QueuePolicy};
 use crate::shmem::{self, Field};
 use crate::summarizer::{self, Summarizer, Usage};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::collections::HashMap;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-const LAUNCHER: &str = "memory_ext launcher";
 const WORKER: &str = "memory_ext worker";
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 const RETENTION_BATCH: i32 = 1000;
 const RECLAIM_EVERY: Duration = Duration::from_secs(1);
 const BUSY_POLL: Duration = Duration::from_secs(1);
 
-pub fn register_launcher() {
-    BackgroundWorkerBuilder::new(LAUNCHER)
-        .set_type(LAUNCHER)
+/// The worker for database `db`, as the launcher starts it.
+pub fn builder(db: &str) -> BackgroundWorkerBuilder {
+    BackgroundWorkerBuilder::new(WORKER)
+        .set_type(WORKER)
         .set_library("memory_ext")
-        .set_function("memory_ext_launcher_main")
+        .set_function("memory_ext_worker_main")
         .enable_spi_access()
-        .set_restart_time(Some(Duration::from_secs(5)))
-        .load();
-}
-
-fn shutdown_requested() -> bool {
-    unsafe { pg_sys::ShutdownRequestPending != 0 }
-}
-
-/// Bumped at every reload: settings of a background worker change only then.
-static CONFIG_GENERATION: AtomicU64 = AtomicU64::new(0);
-
-fn reload_config_if_asked() {
-    if unsafe { pg_sys::ConfigReloadPending } != 0 {
-        unsafe {
-            pg_sys::ConfigReloadPending = 0;
-            pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
-        }
-        CONFIG_GENERATION.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// Publish what the process is doing: in worker_status() and in pg_stat_activity.query.
-fn set_state(s: &str) {
-    if let Some(sh) = shmem::get() {
-        sh.set_text(Field::State, s);
-    }
-    let idle = s == "idle" || s.starts_with("waiting");
-    let state = if idle {
-        pg_sys::BackendState::STATE_IDLE
-    } else {
-        pg_sys::BackendState::STATE_RUNNING
-    };
-    if let Ok(c) = std::ffi::CString::new(s) {
-        unsafe { pg_sys::pgstat_report_activity(state, c.as_ptr()) };
-    }
-}
-
-fn record_error(msg: &str) {
-    if let Some(sh) = shmem::get() {
-        sh.set_text(Field::LastError, msg);
-    }
+        .set_restart_time(None)
+        .set_extra(db)
 }
 
 fn heartbeat() {
@@ -89,138 +53,6 @@ fn heartbeat() {
         sh.last_heartbeat.store(shmem::now(), Ordering::Relaxed);
     }
 }
-
-/// Run `f` in its own transaction. An ERROR or panic is caught, the transaction is aborted (so
-/// the next one can start), and the message is returned.
-fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
-    let result = PgTryBuilder::new(AssertUnwindSafe(|| {
-        Ok(BackgroundWorker::transaction(AssertUnwindSafe(f)))
-    }))
-    .catch_others(|e| {
-        Err(match e {
-            pg_sys::panic::CaughtError::PostgresError(r)
-            | pg_sys::panic::CaughtError::ErrorReport(r) => r.message().to_string(),
-            pg_sys::panic::CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
-        })
-    })
-    .execute();
-    if result.is_err() {
-        // BackgroundWorker::transaction leaves the failed transaction open.
-        unsafe { pg_sys::AbortCurrentTransaction() };
-    }
-    result
-}
-
-// ---- launcher ---------------------------------------------------------------------------------
-
-/// Does the database exist? A process connected to no database has no relcache entries for
-/// catalog indexes, so this scans pg_database's heap, like the autovacuum launcher does
-/// (`get_database_oid` would use an index and FATAL).
-fn database_exists(name: &std::ffi::CStr) -> bool {
-    unsafe {
-        let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as _);
-        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
-        let mut found = false;
-        loop {
-            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
-            if tuple.is_null() {
-                break;
-            }
-            let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple);
-            if std::ffi::CStr::from_ptr((*form).datname.data.as_ptr()) == name {
-                found = true;
-                break;
-            }
-        }
-        pg_sys::table_endscan(scan);
-        pg_sys::table_close(rel, pg_sys::AccessShareLock as _);
-        found
-    }
-}
-
-#[pg_guard]
-#[unsafe(no_mangle)]
-pub extern "C-unwind" fn memory_ext_launcher_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    // No database: only shared catalogs (pg_database) are readable, which is all we need.
-    BackgroundWorker::connect_worker_to_spi(None, None);
-    let db = settings::string(&settings::DATABASE);
-    if let Some(sh) = shmem::get() {
-        sh.launcher_pid
-            .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
-        sh.set_text(Field::Database, &db);
-    }
-    let db_c = std::ffi::CString::new(db.clone()).unwrap_or_default();
-    let db_c = db_c.as_c_str();
-    let mut child: Option<pgrx::bgworkers::DynamicBackgroundWorker> = None;
-    let mut restart_delay = Duration::from_secs(1);
-    let mut next_start = Instant::now();
-
-    while !shutdown_requested() {
-        reload_config_if_asked();
-        if let Some(handle) = &child {
-            match handle.pid() {
-                Ok(_) | Err(pgrx::bgworkers::BackgroundWorkerStatus::NotYetStarted) => {}
-                Err(_) => {
-                    // The worker stopped (crash, ERROR it could not survive, or terminated):
-                    // start it again, backing off if it keeps dying.
-                    child = None;
-                    next_start = Instant::now() + restart_delay;
-                    restart_delay = (restart_delay * 2).min(Duration::from_secs(30));
-                }
-            }
-        }
-        if child.is_none() && Instant::now() >= next_start {
-            let exists = in_transaction(|| database_exists(db_c)).unwrap_or(false);
-            if exists {
-                match BackgroundWorkerBuilder::new(WORKER)
-                    .set_type(WORKER)
-                    .set_library("memory_ext")
-                    .set_function("memory_ext_worker_main")
-                    .enable_spi_access()
-                    .set_restart_time(None)
-                    .set_extra(&db)
-                    .set_notify_pid(unsafe { pg_sys::MyProcPid })
-                    .load_dynamic()
-                {
-                    Ok(h) => {
-                        child = Some(h);
-                        if restart_delay > Duration::from_secs(1) {
-                            // reset the backoff once a worker has stayed up for a while
-                            next_start = Instant::now();
-                        }
-                    }
-                    Err(_) => {
-                        set_state("no free background worker slot (raise max_worker_processes)");
-                        next_start = Instant::now() + Duration::from_secs(10);
-                    }
-                }
-            } else {
-                set_state(&format!("waiting for database \"{db}\" to exist"));
-            }
-        }
-        // The postmaster signals us when the child starts or stops (bgw_notify_pid).
-        let timeout = if child.is_some() {
-            Duration::from_secs(10)
-        } else {
-            Duration::from_secs(1)
-        };
-        if !BackgroundWorker::wait_latch(Some(timeout)) {
-            break;
-        }
-        if child.is_some() {
-            restart_delay = Duration::from_secs(1).max(restart_delay / 2);
-        }
-    }
-    if let Some(h) = child.take() {
-        let _ = h.terminate();
-    }
-    if let Some(sh) = shmem::get() {
-        sh.launcher_pid.store(0, Ordering::Release);
-    }
-}
-
-// ---- worker -------------------------------------------------------------------------------
 
 /// Is the extension installed in this database (it may be dropped and re-created any time)?
 fn extension_ready() -> bool {
@@ -267,11 +99,11 @@ impl SummarizerCache {
 }
 
 fn claim_in_transaction(policy: &QueuePolicy) -> Result<Vec<queue::Claim>, String> {
-    in_transaction(|| queue::claim(policy, &[]))?.map_err(|e| e.to_string())
+    in_transaction(|| queue::claim(policy))?.map_err(|e| e.to_string())
 }
 
-/// Claim, summarize inline and apply one batch. Returns the number of chats claimed.
-pub(crate) fn drain_once(
+/// Claim, summarize inline and finish one batch. Returns the number of chats claimed.
+fn drain_once(
     policy: &QueuePolicy,
     summarizer: &Result<Arc<dyn Summarizer>, String>,
 ) -> Result<usize, String> {
@@ -282,250 +114,204 @@ pub(crate) fn drain_once(
     }
     let n = claims.len();
     set_state(&format!("summarizing {n} chat(s)"));
-    let (applied, failed, label) = match summarizer {
-        Ok(s) => {
-            let (a, f) = batch::process_all(claims, s.as_ref(), policy.token_limit);
-            (a, f, s.label())
-        }
+    let (results, label) = match summarizer {
+        Ok(s) => (
+            batch::process_all(claims, s.as_ref(), policy.token_limit),
+            s.label(),
+        ),
         Err(e) => (
-            Vec::new(),
             claims
                 .into_iter()
-                .map(|c| queue::Failed {
-                    chat_id: c.chat_id,
-                    lease_token: c.lease_token,
-                    error: e.clone(),
-                    permanent: false,
-                    retry_after: None,
-                    usage: Usage::default(),
-                })
+                .map(|c| Finished::failed(c.chat_id, c.lease_token, e.clone(), Usage::default()))
                 .collect(),
             settings::string(&settings::SUMMARIZER),
         ),
     };
-    if record(applied, failed, policy, &label) > 0 {
+    if drain::finish_all(results, policy, &label) > 0 {
         note_latency(started.elapsed());
     }
     Ok(n)
 }
 
-/// Apply what was summarized and record what failed. Returns the number of chats applied.
-pub(crate) fn record(
-    applied: Vec<queue::Applied>,
-    mut failed: Vec<queue::Failed>,
-    policy: &QueuePolicy,
-    label: &str,
-) -> usize {
-    // Results whose lease was lost meanwhile are skipped by _apply and not counted.
-    let mut ok = 0usize;
-    if !applied.is_empty() {
-        set_state(&format!("applying {} chat(s)", applied.len()));
-        // Fast path: the whole batch in one transaction. If anything in it fails, apply chat by
-        // chat so one bad chat cannot hold back the others.
-        match in_transaction(|| queue::apply(&applied, label)) {
-            Ok(Ok(k)) => ok = k as usize,
-            _ => {
-                for a in &applied {
-                    match in_transaction(|| queue::apply(std::slice::from_ref(a), label)) {
-                        Ok(Ok(k)) => ok += k as usize,
-                        Ok(Err(e)) => failed.push(apply_failure(a, e.to_string())),
-                        Err(e) => failed.push(apply_failure(a, e)),
-                    }
-                }
-            }
-        }
-    }
-    for f in &failed {
-        record_error(&format!("chat \"{}\": {}", f.chat_id, f.error));
-        if let Err(e) = in_transaction(|| queue::fail(f, policy, label)) {
-            record_error(&format!(
-                "could not record failure of chat \"{}\": {e}",
-                f.chat_id
-            ));
-        }
-    }
-    if let Some(sh) = shmem::get() {
-        sh.processed.fetch_add(ok as u64, Ordering::Relaxed);
-        sh.failed.fetch_add(failed.len() as u64, Ordering::Relaxed);
-        if ok > 0 {
-            sh.broadcast_applied();
-        }
-    }
-    ok
-}
-
-/// Moving average of claim-to-applied time, the basis of enqueue's estimated_completion.
-fn note_latency(d: Duration) {
-    if let Some(sh) = shmem::get() {
-        let us = d.as_micros() as u64;
-        let old = sh.latency_us.load(Ordering::Relaxed);
-        sh.latency_us.store(
-            if old == 0 { us } else { (old * 7 + us) / 8 },
-            Ordering::Relaxed,
-        );
-    }
-}
-
-/// Apply and record the answers the pipeline's threads delivered.
-fn record_done(done: Vec<pipeline::Done>, policy: &QueuePolicy) {
+/// Finish the answers the pipeline's threads delivered.
+fn finish_done(done: Vec<pipeline::Done>, policy: &QueuePolicy) {
     // Grouped by summarizer: a reload may have changed it while requests were in flight.
-    let mut by_label: HashMap<String, (Vec<queue::Applied>, Vec<queue::Failed>)> = HashMap::new();
+    let mut by_label: HashMap<String, Vec<Finished>> = HashMap::new();
     let mut slowest = Duration::ZERO;
     for d in done {
         slowest = slowest.max(d.started.elapsed());
-        let entry = by_label.entry(d.label).or_default();
-        match d.outcome {
-            batch::Outcome::Applied(a) => entry.0.push(a),
-            batch::Outcome::Failed(f) => entry.1.push(f),
-        }
+        by_label.entry(d.label).or_default().push(d.outcome);
     }
-    for (label, (applied, failed)) in by_label {
-        if record(applied, failed, policy, &label) > 0 {
+    for (label, results) in by_label {
+        if drain::finish_all(results, policy, &label) > 0 {
             note_latency(slowest);
         }
     }
 }
 
-fn apply_failure(a: &queue::Applied, error: String) -> queue::Failed {
-    queue::Failed {
-        chat_id: a.chat_id.clone(),
-        lease_token: a.lease_token,
-        error: format!("could not apply memory: {error}"),
-        permanent: false,
-        retry_after: None,
-        usage: a.usage,
+fn release_all(leases: Vec<(String, pgrx::Uuid)>) {
+    for (chat_id, lease) in leases {
+        if let Err(e) = in_transaction(|| queue::release(&chat_id, lease)) {
+            record_error(&format!(
+                "could not give back the lease of chat \"{chat_id}\": {e}"
+            ));
+        }
     }
 }
 
-#[pg_guard]
-#[unsafe(no_mangle)]
-pub extern "C-unwind" fn memory_ext_worker_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let db = BackgroundWorker::get_extra().to_string();
-    BackgroundWorker::connect_worker_to_spi(Some(&db), None);
-    if let Some(sh) = shmem::get() {
-        sh.worker_pid
-            .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
-        sh.database_oid
-            .store(unsafe { pg_sys::MyDatabaseId }.to_u32(), Ordering::Release);
-        sh.started_at.store(shmem::now(), Ordering::Relaxed);
-        sh.set_text(Field::Database, &db);
-    }
-    // Load the tokenizer's vocabulary now, not in the first snippet's latency.
-    crate::tokens::count("warm up");
-    let mut was_ready = false;
-    let mut last_retention: Option<Instant> = None;
-    let mut last_reclaim: Option<Instant> = None;
-    let mut cache = SummarizerCache::default();
-    // Created on first use of a remote summarizer.
-    let mut pipeline: Option<Pipeline> = None;
+/// What one pass did: how many chats it claimed, and whether more could be claimed at once.
+#[derive(Default)]
+struct Pass {
+    claimed: usize,
+    more: bool,
+}
 
-    while !shutdown_requested() {
-        reload_config_if_asked();
-        heartbeat();
+/// Everything the worker keeps between passes.
+#[derive(Default)]
+struct Worker {
+    db: String,
+    was_ready: bool,
+    last_retention: Option<Instant>,
+    last_reclaim: Option<Instant>,
+    cache: SummarizerCache,
+    /// Created on first use of a remote summarizer.
+    pipeline: Option<Pipeline>,
+}
+
+impl Worker {
+    /// One pass; returns how long to sleep (zero: look again at once).
+    fn pass(&mut self) -> Duration {
         if unsafe { pg_sys::RecoveryInProgress() } {
             set_state("idle: server is a hot standby");
-            if !BackgroundWorker::wait_latch(Some(Duration::from_secs(5))) {
-                break;
-            }
-            continue;
+            return Duration::from_secs(5);
         }
         if !extension_ready() {
-            was_ready = false;
+            self.was_ready = false;
             set_state(&format!(
-                "waiting for CREATE EXTENSION memory_ext in \"{db}\""
+                "waiting for CREATE EXTENSION memory_ext in \"{}\"",
+                self.db
             ));
-            if !BackgroundWorker::wait_latch(Some(Duration::from_secs(2))) {
-                break;
-            }
-            continue;
+            return Duration::from_secs(2);
         }
         let policy = QueuePolicy::current();
-        if !was_ready {
+        if !self.was_ready {
             // Leases held by processes that died (a crash, a restart) are taken back at once.
             if let Err(e) = in_transaction(|| queue::reclaim(policy.max_attempts, true)) {
                 record_error(&e);
             }
-            was_ready = true;
+            self.was_ready = true;
         }
+        let summarizer = self.cache.current();
+        let pass = match &summarizer {
+            Ok(s) if s.is_remote() => self.drain_remote(&policy, s),
+            _ => Self::drain_inline(&policy, &summarizer),
+        };
+        self.housekeeping(&policy);
+        self.sleep_time(&pass)
+    }
 
-        let summarizer = cache.current();
-        let remote = matches!(&summarizer, Ok(s) if s.is_remote());
-        let mut claimed = 0;
-        // More chats could be claimed right away (the batch size capped the last claim).
-        let mut more = false;
-        if remote && pipeline.is_none() {
-            match Pipeline::new() {
-                Ok(p) => pipeline = Some(p),
-                Err(e) => record_error(&format!("cannot start LLM request threads: {e}")),
-            }
-        }
-        if let Some(p) = pipeline.as_mut() {
-            // Answers first: they free slots, and a rate limit pauses new requests.
-            let done = p.finished();
-            if !done.is_empty() {
-                record_done(done, &policy);
-            }
-            if let (true, Ok(s)) = (remote, &summarizer) {
-                match p.start_more(&policy, s, settings::LLM_CONCURRENCY.get() as usize, |p| {
-                    claim_in_transaction(p)
-                }) {
-                    Ok((n, m)) => {
-                        claimed = n;
-                        more = m;
-                    }
-                    Err(e) => record_error(&e),
-                }
-                let in_flight = p.in_flight();
-                match p.paused() {
-                    Some(d) => set_state(&format!(
-                        "rate limited: {in_flight} LLM request(s) in flight, new ones in {:.1} s",
-                        d.as_secs_f64()
-                    )),
-                    None if in_flight > 0 => set_state(&format!(
-                        "summarizing: {in_flight} LLM request(s) in flight"
-                    )),
-                    None => {}
-                }
-            }
-        }
-        if !remote {
-            loop {
-                match drain_once(&policy, &summarizer) {
-                    Ok(0) => break,
-                    Ok(n) => claimed += n,
-                    Err(e) => {
-                        record_error(&e);
-                        break;
-                    }
-                }
-                if shutdown_requested() {
+    fn drain_inline(
+        policy: &QueuePolicy,
+        summarizer: &Result<Arc<dyn Summarizer>, String>,
+    ) -> Pass {
+        let mut pass = Pass::default();
+        while !shutdown_requested() {
+            match drain_once(policy, summarizer) {
+                Ok(0) => break,
+                Ok(n) => pass.claimed += n,
+                Err(e) => {
+                    record_error(&e);
                     break;
                 }
             }
         }
-        let busy = pipeline.as_ref().is_some_and(|p| p.in_flight() > 0);
-        if last_reclaim.is_none_or(|t| t.elapsed() >= RECLAIM_EVERY) {
-            last_reclaim = Some(Instant::now());
+        pass
+    }
+
+    fn drain_remote(&mut self, policy: &QueuePolicy, s: &Arc<dyn Summarizer>) -> Pass {
+        if self.pipeline.is_none() {
+            match Pipeline::new() {
+                Ok(p) => self.pipeline = Some(p),
+                Err(e) => {
+                    record_error(&format!("cannot start LLM request threads: {e}"));
+                    return Pass::default();
+                }
+            }
+        }
+        let p = self.pipeline.as_mut().expect("created above");
+        // Answers first: they free slots, and a rate limit pauses new requests.
+        let done = p.finished();
+        if !done.is_empty() {
+            finish_done(done, policy);
+        }
+        let concurrency = settings::LLM_CONCURRENCY.get() as usize;
+        let asked = p
+            .free_slots(concurrency)
+            .min(policy.batch_chats.max(1) as usize);
+        let mut pass = Pass::default();
+        if asked > 0 {
+            let mut limited = policy.clone();
+            limited.batch_chats = asked as i32;
+            match claim_in_transaction(&limited) {
+                Ok(claims) => {
+                    pass.claimed = claims.len();
+                    pass.more = claims.len() == asked && p.in_flight() + asked < concurrency;
+                    if let Err((e, unstarted)) = p.start(claims, s, policy.token_limit) {
+                        record_error(&e);
+                        release_all(unstarted);
+                        pass.more = false;
+                    }
+                }
+                Err(e) => record_error(&e),
+            }
+        }
+        let in_flight = p.in_flight();
+        match p.paused() {
+            Some(d) => set_state(&format!(
+                "rate limited: {in_flight} LLM request(s) in flight, new ones in {:.1} s",
+                d.as_secs_f64()
+            )),
+            None if in_flight > 0 => set_state(&format!(
+                "summarizing: {in_flight} LLM request(s) in flight"
+            )),
+            None => {}
+        }
+        pass
+    }
+
+    fn busy(&self) -> bool {
+        self.pipeline.as_ref().is_some_and(|p| p.in_flight() > 0)
+    }
+
+    /// Expired leases every second, retention every minute (or idle timeout).
+    fn housekeeping(&mut self, policy: &QueuePolicy) {
+        if self
+            .last_reclaim
+            .is_none_or(|t| t.elapsed() >= RECLAIM_EVERY)
+        {
+            self.last_reclaim = Some(Instant::now());
             let _ = in_transaction(|| queue::reclaim(policy.max_attempts, false));
         }
-        if last_retention
+        if self
+            .last_retention
             .is_none_or(|t| t.elapsed() >= RETENTION_EVERY.min(settings::idle_timeout()))
         {
-            last_retention = Some(Instant::now());
+            self.last_retention = Some(Instant::now());
             let retention = settings::RETENTION_S.get();
             let audit = settings::AUDIT_RETENTION_S.get();
             let _ = in_transaction(|| queue::cleanup(retention, RETENTION_BATCH, audit));
         }
         unsafe { pg_sys::pgstat_report_stat(false) };
-        if !busy {
+        if !self.busy() {
             set_state("idle");
         }
+    }
 
-        // Sleep until woken by a commit, a finished LLM request, the next scheduled retry, or
-        // the safety timeout.
+    /// Until a commit, a finished LLM request, the next scheduled retry, or the safety timeout.
+    fn sleep_time(&self, pass: &Pass) -> Duration {
         let idle = settings::idle_timeout();
-        let timeout = if more {
+        let busy = self.busy();
+        let timeout = if pass.more {
             Duration::ZERO
         } else if busy {
             // Finished requests and commits wake us; retries coming due are seen within BUSY_POLL.
@@ -538,43 +324,58 @@ pub extern "C-unwind" fn memory_ext_worker_main(_arg: pg_sys::Datum) {
             match due {
                 // Overdue work that could not be claimed (its chat is busy elsewhere): look
                 // again soon.
-                Some(s) if s <= 0.0 => {
-                    if claimed > 0 {
-                        Duration::ZERO
-                    } else {
-                        Duration::from_millis(500)
-                    }
-                }
+                Some(s) if s <= 0.0 && pass.claimed > 0 => Duration::ZERO,
+                Some(s) if s <= 0.0 => Duration::from_millis(500),
                 Some(s) => Duration::from_secs_f64(s).min(idle),
                 None => idle,
             }
         };
         // While rate limited nothing can be claimed before the pause ends.
-        let timeout = match pipeline.as_ref().and_then(Pipeline::paused) {
+        match self.pipeline.as_ref().and_then(Pipeline::paused) {
             Some(p) if !busy => timeout.max(p.min(idle)),
             _ => timeout,
-        };
-        if timeout > Duration::ZERO {
-            match pipeline.as_mut() {
-                Some(p) => p.wait(timeout),
-                None => {
-                    if !BackgroundWorker::wait_latch(Some(timeout)) {
-                        break;
-                    }
-                }
+        }
+    }
+
+    /// Sleep on the latch (and the pipeline's socket); false when the process must exit.
+    fn sleep(&mut self, timeout: Duration) -> bool {
+        if timeout.is_zero() {
+            return true;
+        }
+        match self.pipeline.as_mut() {
+            Some(p) => {
+                p.wait(timeout);
+                true
             }
+            None => BackgroundWorker::wait_latch(Some(timeout)),
         }
     }
-    if let Some(p) = pipeline.as_mut() {
-        // Keep the answers that arrived; give the rest back without spending an attempt.
-        let done = p.finished();
-        if !done.is_empty() {
-            record_done(done, &QueuePolicy::current());
-        }
-        for (chat_id, lease) in p.abandon() {
-            let _ = in_transaction(|| queue::release(&chat_id, lease));
+
+    /// At SIGTERM: keep the answers that arrived; give the rest back without spending an
+    /// attempt.
+    fn stop(&mut self) {
+        if let Some(p) = self.pipeline.as_mut() {
+            let done = p.finished();
+            if !done.is_empty() {
+                finish_done(done, &QueuePolicy::current());
+            }
+            release_all(p.abandon());
         }
     }
+}
+
+fn announce_start(db: &str) {
+    if let Some(sh) = shmem::get() {
+        sh.worker_pid
+            .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+        sh.database_oid
+            .store(unsafe { pg_sys::MyDatabaseId }.to_u32(), Ordering::Release);
+        sh.started_at.store(shmem::now(), Ordering::Relaxed);
+        sh.set_text(Field::Database, db);
+    }
+}
+
+fn announce_stop() {
     if let Some(sh) = shmem::get() {
         let me = unsafe { pg_sys::MyProcPid };
         let _ = sh
@@ -582,4 +383,29 @@ pub extern "C-unwind" fn memory_ext_worker_main(_arg: pg_sys::Datum) {
             .compare_exchange(me, 0, Ordering::AcqRel, Ordering::Relaxed);
         sh.set_text(Field::State, "stopped");
     }
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn memory_ext_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let db = BackgroundWorker::get_extra().to_string();
+    BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    announce_start(&db);
+    // Load the tokenizer's vocabulary now, not in the first snippet's latency.
+    crate::tokens::count("warm up");
+    let mut worker = Worker {
+        db,
+        ..Default::default()
+    };
+    while !shutdown_requested() {
+        reload_config_if_asked();
+        heartbeat();
+        let timeout = worker.pass();
+        if !worker.sleep(timeout) {
+            break;
+        }
+    }
+    worker.stop();
+    announce_stop();
 }

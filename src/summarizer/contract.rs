@@ -17,7 +17,7 @@
 //! counted), so a model cannot invent user-confirmed facts. An answer that is not valid JSON or
 //! breaks the schema is an [`InvalidAnswer`], which earns one repair request.
 
-use super::{Fact, Memory, Snippet, SummaryUpdate};
+use super::{Fact, Memory, Op, Snippet, SummaryUpdate};
 use crate::merge;
 use serde_json::{Value, json};
 use thiserror::Error;
@@ -162,8 +162,9 @@ fn text_field<'a>(op: &'a Value, name: &str) -> Option<&'a str> {
         .filter(|s| !s.trim().is_empty())
 }
 
-/// Check an answer against the contract and turn it into an update. Returns the update and the
-/// number of operations rejected for want of grounding.
+/// Check an answer against the contract and turn it into an update, keeping the order of the
+/// operations (the prompt lists the snippets oldest first; the model states changes in that
+/// order). Returns the update and the number of operations rejected for want of grounding.
 pub fn to_update(
     answer: &Value,
     snippets: &[Snippet],
@@ -209,15 +210,17 @@ pub fn to_update(
             "confirm" => {
                 let value = value.ok_or_else(|| bad("confirm needs a value"))?;
                 match text_field(op, "evidence") {
-                    Some(e) if is_grounded(e, &sources) => update.confirm.push(Fact { key, value }),
+                    Some(e) if is_grounded(e, &sources) => {
+                        update.ops.push(Op::Confirm(Fact { key, value }))
+                    }
                     _ => rejected += 1,
                 }
             }
             "infer" => {
                 let value = value.ok_or_else(|| bad("infer needs a value"))?;
-                update.infer.push(Fact { key, value });
+                update.ops.push(Op::Infer(Fact { key, value }));
             }
-            "drop_inferred" => update.drop_inferred.push(key),
+            "drop_inferred" => update.ops.push(Op::DropInferred(key)),
             other => {
                 return Err(bad(&format!(
                     "unknown op \"{other}\" (expected confirm, infer or drop_inferred)"
@@ -273,7 +276,7 @@ mod tests {
         let s = snippets(&["Hi, my zip is 94110."]);
         for (name, text) in cases {
             let (u, rejected) = parse_text(&text, &s).unwrap_or_else(|e| panic!("{name}: {e}"));
-            assert_eq!(u.confirm.len(), 1, "{name}");
+            assert_eq!(u.ops.len(), 1, "{name}");
             assert_eq!(rejected, 0, "{name}");
             assert_eq!(u.general_summary.as_deref(), Some("moving"), "{name}");
         }
@@ -337,7 +340,7 @@ mod tests {
                                          "evidence": evidence}],
                                 "general_summary": ""});
             let (u, rejected) = to_update(&answer, &s).unwrap();
-            assert_eq!(u.confirm.len() == 1, grounded, "{evidence:?}");
+            assert_eq!(u.ops.len() == 1, grounded, "{evidence:?}");
             assert_eq!(rejected, u32::from(!grounded), "{evidence:?}");
             assert_eq!(
                 u.general_summary, None,
@@ -369,5 +372,30 @@ mod tests {
             }
         }
         check(&schema());
+    }
+
+    #[test]
+    fn operations_keep_their_order() {
+        let s = snippets(&["inferred k a", "confirmed: k = c"]);
+        let answer = json!({"ops": [
+            {"op": "infer", "key": "k", "value": "a", "evidence": null, "basis": "b"},
+            {"op": "drop_inferred", "key": "k", "value": null, "evidence": null, "basis": "b"},
+            {"op": "infer", "key": "k", "value": "b", "evidence": null, "basis": "b"},
+            {"op": "confirm", "key": "z", "value": "c", "evidence": "k = c", "basis": null}],
+            "general_summary": "s"});
+        let (u, _) = to_update(&answer, &s).unwrap();
+        let kinds: Vec<&str> = u
+            .ops
+            .iter()
+            .map(|o| match o {
+                Op::Confirm(_) => "confirm",
+                Op::Infer(_) => "infer",
+                Op::DropInferred(_) => "drop",
+            })
+            .collect();
+        assert_eq!(kinds, ["infer", "drop", "infer", "confirm"]);
+        let mut m = Memory::default();
+        crate::merge::apply(&mut m, u);
+        assert_eq!(Value::Object(m.llm_inferred), json!({"k": "b"}));
     }
 }

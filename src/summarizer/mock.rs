@@ -5,12 +5,16 @@
 //!   (key and value trimmed; the value is stored as a JSON string);
 //! - `retract: <key>` drops an inferred fact;
 //! - `mock_error: <message>` fails the attempt (transient, retried), `mock_fatal: <message>`
-//!   fails it permanently (no retry), `mock_panic: <message>` panics,
-//!   `mock_sleep_ms: <n>` sleeps: hooks to exercise the worker's failure handling;
+//!   refuses the snippet (it is dead-lettered alone; the chat's other snippets go on),
+//!   `mock_panic: <message>` panics, `mock_sleep_ms: <n>` sleeps: hooks to exercise the
+//!   worker's failure handling;
 //! - every other non-blank line feeds a rolling `general_summary`, lines joined with " | ",
 //!   keeping the last [`SUMMARY_MAX_CHARS`] characters.
+//!
+//! Lines take effect one at a time (the summary is cut after each line), so summarizing
+//! snippets one by one or all together gives the same memory.
 
-use super::{Fact, Memory, Snippet, Summarizer, SummarizerError, SummaryUpdate, Usage};
+use super::{Fact, Memory, Op, Snippet, Summarizer, SummarizerError, SummaryUpdate, Usage};
 use serde_json::Value;
 
 pub const SUMMARY_MAX_CHARS: usize = 2000;
@@ -42,6 +46,15 @@ fn tail(s: &str, max: usize) -> String {
     }
 }
 
+/// The summary after one more line: appended, then cut to the last [`SUMMARY_MAX_CHARS`].
+fn fold_line(summary: &str, line: &str) -> String {
+    if summary.is_empty() {
+        tail(line, SUMMARY_MAX_CHARS)
+    } else {
+        tail(&format!("{summary} | {line}"), SUMMARY_MAX_CHARS)
+    }
+}
+
 impl Summarizer for Mock {
     fn label(&self) -> String {
         "mock".to_string()
@@ -54,7 +67,7 @@ impl Summarizer for Mock {
         _usage: &mut Usage,
     ) -> Result<SummaryUpdate, SummarizerError> {
         let mut update = SummaryUpdate::default();
-        let mut summary_lines: Vec<&str> = Vec::new();
+        let mut summary: Option<String> = None;
         for snippet in snippets {
             for line in snippet
                 .text
@@ -64,31 +77,29 @@ impl Summarizer for Mock {
             {
                 if let Some(rest) = directive(line, "confirmed") {
                     if let Some((key, value)) = key_value(rest) {
-                        update.confirm.push(Fact {
+                        update.ops.push(Op::Confirm(Fact {
                             key,
                             value: Value::String(value),
-                        });
+                        }));
                         continue;
                     }
                 } else if let Some(rest) = directive(line, "inferred") {
                     if let Some((key, value)) = key_value(rest) {
-                        update.infer.push(Fact {
+                        update.ops.push(Op::Infer(Fact {
                             key,
                             value: Value::String(value),
-                        });
+                        }));
                         continue;
                     }
                 } else if let Some(key) = directive(line, "retract") {
                     if !key.is_empty() {
-                        update.drop_inferred.push(key.to_string());
+                        update.ops.push(Op::DropInferred(key.to_string()));
                         continue;
                     }
                 } else if let Some(msg) = directive(line, "mock_error") {
                     return Err(SummarizerError::Transient(format!("mock error: {msg}")));
                 } else if let Some(msg) = directive(line, "mock_fatal") {
-                    return Err(SummarizerError::Permanent(format!(
-                        "mock fatal error: {msg}"
-                    )));
+                    return Err(SummarizerError::Refused(format!("mock fatal error: {msg}")));
                 } else if let Some(msg) = directive(line, "mock_panic") {
                     panic!("mock panic: {msg}");
                 } else if let Some(Ok(ms)) = directive(line, "mock_sleep_ms").map(str::parse::<u64>)
@@ -96,19 +107,11 @@ impl Summarizer for Mock {
                     std::thread::sleep(std::time::Duration::from_millis(ms.min(MAX_SLEEP_MS)));
                     continue;
                 }
-                summary_lines.push(line);
+                let current = summary.as_deref().unwrap_or(&memory.general_summary);
+                summary = Some(fold_line(current, line));
             }
         }
-        if !summary_lines.is_empty() {
-            let mut summary = memory.general_summary.clone();
-            for line in summary_lines {
-                if !summary.is_empty() {
-                    summary.push_str(" | ");
-                }
-                summary.push_str(line);
-            }
-            update.general_summary = Some(tail(&summary, SUMMARY_MAX_CHARS));
-        }
+        update.general_summary = summary;
         Ok(update)
     }
 }
@@ -150,8 +153,13 @@ mod tests {
         ];
         for (text, c, i, d, summary) in cases {
             let u = run(&Memory::default(), &[text]).unwrap();
+            let count = |f: fn(&Op) -> bool| u.ops.iter().filter(|o| f(o)).count();
             assert_eq!(
-                (u.confirm.len(), u.infer.len(), u.drop_inferred.len()),
+                (
+                    count(|o| matches!(o, Op::Confirm(_))),
+                    count(|o| matches!(o, Op::Infer(_))),
+                    count(|o| matches!(o, Op::DropInferred(_)))
+                ),
                 (*c, *i, *d),
                 "{text}"
             );
@@ -159,11 +167,11 @@ mod tests {
         }
         let u = run(&Memory::default(), &["  Inferred :  budget =  low  "]).unwrap();
         assert_eq!(
-            u.infer[0],
-            Fact {
+            u.ops[0],
+            Op::Infer(Fact {
                 key: "budget".into(),
                 value: Value::String("low".into())
-            }
+            })
         );
     }
 
@@ -187,5 +195,45 @@ mod tests {
         let e = run(&Memory::default(), &["ok", "mock_error: boom"]).unwrap_err();
         assert_eq!(e, SummarizerError::Transient("mock error: boom".into()));
         assert!(!e.is_permanent());
+    }
+
+    #[test]
+    fn mock_fatal_refuses_the_input() {
+        let e = run(&Memory::default(), &["ok", "mock_fatal: no"]).unwrap_err();
+        assert_eq!(e, SummarizerError::Refused("mock fatal error: no".into()));
+        assert!(e.is_about_input() && e.is_permanent());
+    }
+
+    /// Summarizing snippets one at a time (each on the memory the previous one produced) or all
+    /// together gives the same memory, also when the summary is cut.
+    #[test]
+    fn batching_never_changes_the_result() {
+        let long = "word ".repeat(390);
+        let texts = [
+            "inferred: k = a",
+            "retract: k",
+            "inferred: k = b\nconfirmed: z = 1",
+            long.as_str(),
+            "inferred: z = 2\nsome text",
+            long.as_str(),
+            "confirmed: k = c\nmore text",
+        ];
+        let fold = |memory: &mut Memory, texts: &[&str]| {
+            let u = run(memory, texts).unwrap();
+            crate::merge::apply(memory, u);
+        };
+        let mut together = Memory::default();
+        fold(&mut together, &texts);
+        for size in 1..texts.len() {
+            let mut chunked = Memory::default();
+            for chunk in texts.chunks(size) {
+                fold(&mut chunked, chunk);
+            }
+            assert_eq!(chunked, together, "chunks of {size}");
+        }
+        assert!(together.general_summary.chars().count() <= SUMMARY_MAX_CHARS);
+        assert!(together.general_summary.ends_with("more text"));
+        assert_eq!(together.user_confirmed["k"], "c");
+        assert!(together.llm_inferred.is_empty());
     }
 }

@@ -42,15 +42,23 @@ pub struct Fact {
     pub value: Value,
 }
 
-/// What a summarizer proposes. Operations are applied in order.
+/// One operation on the memory's facts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// A fact the user stated or confirmed.
+    Confirm(Fact),
+    /// The model's assumption.
+    Infer(Fact),
+    /// Drop an inferred fact (confirmed facts cannot be dropped this way).
+    DropInferred(String),
+}
+
+/// What a summarizer proposes. Operations apply strictly in the order they were stated (snippet
+/// order, then line order within a snippet), so the result never depends on how snippets were
+/// grouped into summarizations.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SummaryUpdate {
-    /// Facts the user stated or confirmed.
-    pub confirm: Vec<Fact>,
-    /// The model's assumptions.
-    pub infer: Vec<Fact>,
-    /// Inferred facts to drop (confirmed facts cannot be dropped this way).
-    pub drop_inferred: Vec<String>,
+    pub ops: Vec<Op>,
     /// The new general summary; `None` keeps the current one.
     pub general_summary: Option<String>,
 }
@@ -80,6 +88,10 @@ pub enum SummarizerError {
     /// The request did not fit the model's context window: split the batch, do not retry it.
     #[error("{0}")]
     ContextLength(String),
+    /// The summarizer refuses this input (not the service as a whole): split the batch so the
+    /// snippet at fault is dead-lettered alone and the others go on.
+    #[error("{0}")]
+    Refused(String),
     /// Retrying cannot help (bad credentials, unknown model): mark the snippets failed now.
     #[error("{0}")]
     Permanent(String),
@@ -93,7 +105,18 @@ impl SummarizerError {
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
-            SummarizerError::Permanent(_) | SummarizerError::ContextLength(_)
+            SummarizerError::Permanent(_)
+                | SummarizerError::ContextLength(_)
+                | SummarizerError::Refused(_)
+        )
+    }
+
+    /// Does the error concern the snippets sent (so a smaller batch may succeed), rather than
+    /// the service?
+    pub fn is_about_input(&self) -> bool {
+        matches!(
+            self,
+            SummarizerError::ContextLength(_) | SummarizerError::Refused(_)
         )
     }
 

@@ -1,8 +1,9 @@
 -- Identity and ownership through PostgREST-style requests: user A's chat is invisible to user B
--- in every function, anon can do nothing, admins can do everything.
+-- in every function -- it reads exactly as a chat that does not exist (404, no existence
+-- oracle) -- anon can do nothing, admins can do everything.
 \ir _helpers.psql
 BEGIN;
-SELECT plan(27);
+SELECT plan(28);
 
 SELECT is(pg_temp.req('authenticated', 'alice', $$SELECT memory.current_identity()$$), 'alice',
           'identity is the JWT sub');
@@ -19,21 +20,27 @@ SELECT id AS qid FROM memory.chat_context_queue WHERE chat_id = 'a-chat' \gset
 
 -- bob, another user of the same role
 SELECT is(pg_temp.req('authenticated', 'bob', $$SELECT user_confirmed FROM memory.get('a-chat')$$),
-          '42501: permission denied for chat "a-chat"', 'bob cannot read it');
+          'P0002: chat "a-chat" not found', 'bob cannot read it: it reads as missing');
+SELECT is(pg_temp.req('authenticated', 'bob', $$SELECT user_confirmed FROM memory.get('zz-chat')$$),
+          'P0002: chat "zz-chat" not found', 'the same error as a chat that does not exist');
 SELECT is(pg_temp.state('authenticated', 'bob', $$SELECT queue_id FROM memory.enqueue('a-chat', 'x')$$),
           '42501', 'bob cannot enqueue into it');
 SELECT is(pg_temp.state('authenticated', 'bob', format($$SELECT memory.wait(%L, '0 s')$$, :'qid')),
-          '42501', 'bob cannot wait on its snippet');
-SELECT is(pg_temp.state('authenticated', 'bob', format($$SELECT status FROM memory.status(%L)$$, :'qid')),
-          '42501', 'bob cannot see its snippet''s status');
+          'P0002', 'bob cannot wait on its snippet');
+SELECT is(replace(pg_temp.req('authenticated', 'bob', format($$SELECT status FROM memory.status(%L)$$, :'qid')),
+                  :'qid', 'ID'),
+          replace(pg_temp.req('authenticated', 'bob', format($$SELECT status FROM memory.status(%L)$$,
+                                                              '00000000-0000-0000-0000-000000000000')),
+                  '00000000-0000-0000-0000-000000000000', 'ID'),
+          'bob cannot see its snippet''s status: the same error as an unknown id');
 SELECT is(pg_temp.state('authenticated', 'bob', $$SELECT count(*) FROM memory.history('a-chat')$$),
-          '42501', 'bob cannot read its history');
+          'P0002', 'bob cannot read its history');
 SELECT is(pg_temp.state('authenticated', 'bob', $$SELECT memory.forget('a-chat')$$),
-          '42501', 'bob cannot forget it');
+          'P0002', 'bob cannot forget it');
 SELECT is(pg_temp.state('authenticated', 'bob', $$SELECT memory.retry_failed('a-chat')$$),
-          '42501', 'bob cannot retry it');
+          'P0002', 'bob cannot retry it');
 SELECT is(pg_temp.state('authenticated', 'bob', $$SELECT memory.create_chat('a-chat')$$),
-          '42501', 'bob cannot take it over');
+          '42501', 'bob cannot take it over (create_chat and enqueue tell: chat ids should be unguessable)');
 UPDATE memory.chat_context_queue SET status = 'failed' WHERE chat_id = 'a-chat';
 SELECT is(pg_temp.req('authenticated', 'bob', $$SELECT memory.retry_failed()$$), '0',
           'bob''s retry of all his chats does not touch alice''s');
@@ -44,7 +51,7 @@ SELECT is((SELECT count(*)::int FROM memory.chat_context_queue WHERE chat_id = '
 
 -- anon: nothing at all
 SELECT is(pg_temp.state('anon', NULL, $$SELECT user_confirmed FROM memory.get('a-chat')$$), '42501',
-          'anon cannot read');
+          'anon cannot read (no EXECUTE at all)');
 SELECT is(pg_temp.state('anon', NULL, $$SELECT queue_id FROM memory.enqueue('anon-chat', 'x')$$),
           '42501', 'anon cannot enqueue');
 SELECT is(pg_temp.state('anon', 'alice', $$SELECT memory.create_chat('x')$$), '42501',

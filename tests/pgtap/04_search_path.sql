@@ -27,13 +27,13 @@ SELECT is(pg_temp.req('authenticated', 'mallory',
           'mallory', 'but not on current_identity()');
 SELECT is(pg_temp.state('authenticated', 'mallory',
           $$SELECT user_confirmed FROM memory.get('a-chat')$$, 'evil, pg_catalog'),
-          '42501', 'nor on the ownership check of get()');
+          'P0002', 'nor on the ownership check of get() (another''s chat reads as missing)');
 SELECT is(pg_temp.state('authenticated', 'mallory',
           $$SELECT queue_id FROM memory.enqueue('a-chat', 'x')$$, 'evil, pg_catalog'),
           '42501', 'nor of enqueue()');
 SELECT is(pg_temp.state('authenticated', 'mallory',
           $$SELECT memory.forget('a-chat')$$, 'evil, pg_catalog'),
-          '42501', 'nor of forget()');
+          'P0002', 'nor of forget()');
 -- pg_temp objects: a temporary table named like the extension's is never used
 CREATE TEMP TABLE chat_metadata (chat_id text, owner text);
 SELECT is(pg_temp.req('authenticated', 'alice',

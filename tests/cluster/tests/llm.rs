@@ -598,3 +598,53 @@ fn a_rate_limit_pauses_requests_for_every_chat() {
     assert_eq!(row(&mut c, &b).1, 0, "chat b spent no attempt");
     assert_no_key_leak(&pg, &mut c);
 }
+
+/// Point 1 of the lease issue: a request that outlives its lease while newer snippets arrive.
+/// The first snippet's rows must go back to pending before the chat is claimed again, so the
+/// three apply in enqueue order, exactly once, and nothing is stranded in 'processing' — also
+/// after the endpoint heals and the lease is raised.
+#[test]
+fn a_request_that_overruns_its_lease_keeps_order_and_strands_nothing() {
+    let fake = FakeLlm::start(Mode::Valid);
+    fake.set_delay(Duration::from_secs(4));
+    let (pg, mut c) = start(
+        "llm_overrun",
+        &fake,
+        "openai",
+        &[
+            "memory_ext.lease_timeout = 2",
+            "memory_ext.max_attempts = 100",
+        ],
+    );
+    let a = enqueue(&mut c, "c1", "confirmed: a = 1");
+    pg.eventually(
+        &mut c,
+        "SELECT lease_until < now() FROM memory.chat_metadata WHERE chat_id = 'c1'",
+        "the first request outlives its lease",
+        T,
+    );
+    let b = enqueue(&mut c, "c1", "confirmed: b = 2");
+    let cc = enqueue(&mut c, "c1", "confirmed: c = 3");
+    // heal: a fast endpoint and a long lease
+    fake.set_delay(Duration::ZERO);
+    c.batch_execute("ALTER SYSTEM SET memory_ext.lease_timeout = 60; SELECT pg_reload_conf()")
+        .unwrap();
+    for id in [&a, &b, &cc] {
+        assert_eq!(wait(&mut c, id), "complete", "{}", pg.diagnostics(&mut c));
+    }
+    assert_eq!(
+        memory_ext_cluster_tests::applied_ids(&mut c, "c1"),
+        vec![a.clone(), b.clone(), cc.clone()],
+        "applied exactly once, in enqueue order"
+    );
+    assert_eq!(memory(&mut c, "c1").0, r#"{"a": "1", "b": "2", "c": "3"}"#);
+    assert_eq!(
+        text(
+            &mut c,
+            "SELECT format('%s/%s', pending, \
+             (SELECT count(*) FROM memory.chat_context_queue WHERE status = 'processing')) \
+             FROM memory.get('c1')"
+        ),
+        "0/0"
+    );
+}
