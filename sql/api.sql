@@ -33,7 +33,9 @@ RETURN coalesce(
 
 -- Admins see and act on every chat: superusers, the extension owner, members of
 -- memory_ext.admin_role (default service_role) when it exists, and members of roles given
--- memory.grant_admin(). Definer rights so RLS policies can call it without table grants.
+-- memory.grant_admin(). Definer rights so RLS policies can call it without table grants. The
+-- setting is read through the library (_admin_role), never with current_setting(): without
+-- shared_preload_libraries an unloaded library's setting is a placeholder any role may SET.
 CREATE FUNCTION memory._is_admin()
 RETURNS bool
 LANGUAGE sql STABLE PARALLEL SAFE
@@ -44,7 +46,7 @@ AS $$
         SELECT r.rolsuper
             OR pg_catalog.pg_has_role(r.oid, e.extowner, 'MEMBER')
             OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles a
-                        WHERE a.rolname = pg_catalog.current_setting('memory_ext.admin_role', true)
+                        WHERE a.rolname = memory._admin_role()
                           AND pg_catalog.pg_has_role(r.oid, a.oid, 'MEMBER'))
             OR EXISTS (SELECT 1 FROM memory.admin_roles g
                         WHERE pg_catalog.pg_has_role(r.oid, g.role::oid, 'MEMBER'))
@@ -65,14 +67,16 @@ AS $$
             p_detail)
 $$;
 
--- The owner of a chat (NULL when unknown), for RLS policies of tables without an owner column.
-CREATE FUNCTION memory._chat_owner(p_chat_id text)
-RETURNS text
+-- Does the caller's identity own this chat? For RLS policies of tables without an owner column.
+-- It answers only about the caller, so it tells nothing about other users' chats.
+CREATE FUNCTION memory._owns_chat(p_chat_id text)
+RETURNS bool
 LANGUAGE sql STABLE PARALLEL SAFE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT m.owner FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id
+    SELECT EXISTS (SELECT 1 FROM memory.chat_metadata m
+                    WHERE m.chat_id = p_chat_id AND m.owner = memory.current_identity())
 $$;
 
 -- 42501 unless the caller is an admin.
@@ -88,17 +92,34 @@ BEGIN
 END
 $$;
 
+-- What is wrong with a chat id, or NULL. One rule for every function: not blank, at most 256
+-- characters, no control or invisible (zero-width, bidi) characters, no surrounding whitespace,
+-- and in Unicode NFC, so ids that look the same are the same id. A SQL expression, so the
+-- planner inlines it into the hot paths (a SQL-standard body, bound at CREATE time, so it needs
+-- no SET search_path, which would prevent inlining).
+CREATE FUNCTION memory._chat_id_problem(p_chat_id text)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE
+    WHEN p_chat_id IS NULL OR pg_catalog.btrim(p_chat_id) = '' THEN 'must not be null or blank'
+    WHEN pg_catalog.length(p_chat_id) > 256 THEN 'is longer than 256 characters'
+    WHEN p_chat_id OPERATOR(pg_catalog.~)
+         '[[:cntrl:]\u00AD\u200B-\u200F\u2028-\u202E\u2060-\u2064\uFEFF]|^\s|\s$'
+        THEN 'must not contain control or invisible characters, nor start or end with whitespace'
+    WHEN pg_catalog.getdatabaseencoding() <> 'UTF8' THEN NULL
+    WHEN p_chat_id IS NOT NFC NORMALIZED THEN 'must be in Unicode normalization form NFC'
+END;
+
 CREATE FUNCTION memory._check_chat_id(p_chat_id text)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_problem text := memory._chat_id_problem(p_chat_id);
 BEGIN
-    IF p_chat_id IS NULL OR btrim(p_chat_id) = '' THEN
-        RAISE EXCEPTION 'chat_id must not be null or blank' USING ERRCODE = '22023';
-    END IF;
-    IF length(p_chat_id) > 256 THEN
-        RAISE EXCEPTION 'chat_id is longer than 256 characters' USING ERRCODE = '22023';
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION 'chat_id %', v_problem USING ERRCODE = '22023';
     END IF;
 END
 $$;
@@ -157,13 +178,12 @@ DECLARE
     v_next timestamptz;
     v_max int := memory._max_snippet_bytes();
     v_wait int;
+    v_problem text;
 BEGIN
-    -- The hot write path: checks inlined as plain expressions (the same as _check_chat_id).
-    IF p_chat_id IS NULL OR btrim(p_chat_id) = '' THEN
-        RAISE EXCEPTION 'chat_id must not be null or blank' USING ERRCODE = '22023';
-    END IF;
-    IF length(p_chat_id) > 256 THEN
-        RAISE EXCEPTION 'chat_id is longer than 256 characters' USING ERRCODE = '22023';
+    -- The hot write path: the checks as an inlined expression (the same as _check_chat_id).
+    v_problem := memory._chat_id_problem(p_chat_id);
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION 'chat_id %', v_problem USING ERRCODE = '22023';
     END IF;
     IF p_snippet IS NULL OR btrim(p_snippet, E' \t\r\n') = '' THEN
         RAISE EXCEPTION 'snippet must not be null or blank' USING ERRCODE = '22023';
@@ -239,32 +259,32 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_owner text;
+    v_problem text;
 BEGIN
-    -- Checks inlined (not _check_chat_id) and one query: this is the hot read path.
-    IF p_chat_id IS NULL OR btrim(p_chat_id) = '' THEN
-        RAISE EXCEPTION 'chat_id must not be null or blank' USING ERRCODE = '22023';
-    END IF;
-    IF length(p_chat_id) > 256 THEN
-        RAISE EXCEPTION 'chat_id is longer than 256 characters' USING ERRCODE = '22023';
+    -- Checks inlined (not _check_chat_id): this is the hot read path.
+    v_problem := memory._chat_id_problem(p_chat_id);
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION 'chat_id %', v_problem USING ERRCODE = '22023';
     END IF;
     SELECT m.chat_id, m.user_confirmed, m.llm_inferred, m.general_summary, m.token_count,
-           m.needs_new_chat, m.version, m.last_updated, m.owner,
-           (SELECT count(*)::int FROM memory.chat_context_queue q
-             WHERE q.chat_id = m.chat_id AND q.status IN ('pending_summarization', 'processing'))
+           m.needs_new_chat, m.version, m.last_updated, m.owner
       INTO chat_id, user_confirmed, llm_inferred, general_summary, token_count, needs_new_chat,
-           version, last_updated, v_owner, pending
+           version, last_updated, v_owner
       FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
-    -- Someone else's chat reads as missing: no existence oracle.
+    -- Someone else's chat reads as missing: no existence oracle. Checked before anything else
+    -- is read, so not even the time taken tells about another chat's backlog.
     IF NOT FOUND OR (v_owner <> memory.current_identity() AND NOT memory._is_admin()) THEN
         RAISE EXCEPTION 'chat "%" not found', p_chat_id USING ERRCODE = 'P0002';
     END IF;
-    IF pg_catalog.current_setting('memory_ext.audit_reads')::bool THEN
+    SELECT count(*)::int INTO pending FROM memory.chat_context_queue q
+     WHERE q.chat_id = p_chat_id AND q.status IN ('pending_summarization', 'processing');
+    IF memory._audit_reads() THEN
         PERFORM memory._audit('get', p_chat_id);
     END IF;
     IF needs_new_chat THEN
         guidance := format('This chat''s memory is %s tokens, over the limit of %s: start a new '
             'chat and carry over the summary and confirmed facts.', token_count,
-            pg_catalog.current_setting('memory_ext.token_limit'));
+            memory._token_limit());
     END IF;
     RETURN NEXT;
 END
@@ -321,7 +341,7 @@ AS $$
 #variable_conflict use_column
 BEGIN
     PERFORM memory._owned_chat(p_chat_id);
-    IF pg_catalog.current_setting('memory_ext.audit_reads')::bool THEN
+    IF memory._audit_reads() THEN
         PERFORM memory._audit('history', p_chat_id);
     END IF;
     RETURN QUERY SELECT h.version, h.queue_ids, h.user_confirmed, h.llm_inferred,

@@ -17,7 +17,9 @@ AS $$
         'memory.wait(uuid, interval)', 'memory.history(text)', 'memory.forget(text)',
         'memory.retry_failed(text)', 'memory.count_tokens(text)',
         -- called by current_identity() and the RLS policies, with the caller's rights
-        'memory._invoker()', 'memory._is_admin()', 'memory._chat_owner(text)',
+        'memory._invoker()', 'memory._is_admin()', 'memory._owns_chat(text)',
+        -- settings read through the library, by get() and _is_admin()
+        'memory._admin_role()', 'memory._audit_reads()', 'memory._token_limit()',
         -- called by wait(), which runs with the caller's rights
         'memory._queue_row_xmin(uuid)'
     ]::regprocedure[]
@@ -159,13 +161,13 @@ CREATE POLICY admin_all ON memory.chat_metadata FOR ALL
 -- By the chat's owner, not enqueued_by: an admin may enqueue on the owner's behalf.
 ALTER TABLE memory.chat_context_queue ENABLE ROW LEVEL SECURITY;
 CREATE POLICY owner_reads ON memory.chat_context_queue FOR SELECT
-    USING (memory._chat_owner(chat_id) = memory.current_identity());
+    USING (memory._owns_chat(chat_id));
 CREATE POLICY admin_all ON memory.chat_context_queue FOR ALL
     USING (memory._is_admin()) WITH CHECK (memory._is_admin());
 
 ALTER TABLE memory.chat_memory_history ENABLE ROW LEVEL SECURITY;
 CREATE POLICY owner_reads ON memory.chat_memory_history FOR SELECT
-    USING (memory._chat_owner(chat_id) = memory.current_identity());
+    USING (memory._owns_chat(chat_id));
 CREATE POLICY admin_all ON memory.chat_memory_history FOR ALL
     USING (memory._is_admin()) WITH CHECK (memory._is_admin());
 

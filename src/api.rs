@@ -77,6 +77,14 @@ fn wait_impl(p_queue_id: pgrx::Uuid, p_timeout: Interval) -> ApiResult<String> {
             "p_timeout must be a non-negative interval without months".into(),
         )
     })?;
+    // A waiting call holds a (pooled) connection: bounded by a setting, not by the caller.
+    let max = settings::max_wait();
+    if timeout > max {
+        return Err(ApiError::InvalidParameter(format!(
+            "p_timeout must be at most memory_ext.max_wait ({} s)",
+            max.as_secs()
+        )));
+    }
     let deadline = Instant::now() + timeout;
     let cv = shmem::get().map(|s| s.cv());
     let mut first = true;
@@ -252,9 +260,20 @@ fn worker_status() -> TableIterator<
     ))
 }
 
+/// The most `count_tokens()` takes: tokenizing is not interruptible (about 20 ms per MB), so a
+/// statement_timeout must not be outrun by one call.
+const COUNT_TOKENS_MAX_BYTES: usize = 1024 * 1024;
+
 /// Tokens in `text` under cl100k_base, the tokenizer behind `token_count`.
 #[pg_extern(immutable, strict, parallel_safe)]
 fn count_tokens(text: &str) -> i32 {
+    if text.len() > COUNT_TOKENS_MAX_BYTES {
+        ApiError::InvalidParameter(format!(
+            "count_tokens() takes at most {COUNT_TOKENS_MAX_BYTES} bytes, got {}",
+            text.len()
+        ))
+        .raise();
+    }
     i32::try_from(tokens::count(text)).unwrap_or(i32::MAX)
 }
 
@@ -262,4 +281,26 @@ fn count_tokens(text: &str) -> i32 {
 #[pg_extern(stable, parallel_safe, name = "_max_snippet_bytes")]
 fn max_snippet_bytes() -> i32 {
     settings::MAX_SNIPPET_BYTES.get()
+}
+
+// Settings that SQL functions need, read through the library. With the library loaded (which
+// calling these does), a setting is the real, superuser-only GUC; `current_setting()` on an
+// unloaded library would read a placeholder any role may SET, or fail with 42704.
+
+/// `memory_ext.admin_role`: members of this role are admins.
+#[pg_extern(stable, parallel_safe, name = "_admin_role")]
+pub fn admin_role() -> String {
+    settings::string(&settings::ADMIN_ROLE)
+}
+
+/// `memory_ext.audit_reads`: also audit get() and history().
+#[pg_extern(stable, parallel_safe, name = "_audit_reads")]
+pub fn audit_reads() -> bool {
+    settings::AUDIT_READS.get()
+}
+
+/// `memory_ext.token_limit`, for get()'s guidance.
+#[pg_extern(stable, parallel_safe, name = "_token_limit")]
+pub fn token_limit() -> i32 {
+    settings::TOKEN_LIMIT.get()
 }

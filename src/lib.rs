@@ -36,12 +36,23 @@ mod worker;
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/queue.sql", name = "queue");
-extension_sql_file!("../sql/api.sql", name = "api");
+// api.sql's SQL-language functions are checked at CREATE time: the settings they read through
+// the library must exist first.
+extension_sql_file!(
+    "../sql/api.sql",
+    name = "api",
+    requires = [api::admin_role, api::audit_reads, api::token_limit]
+);
 // Grants, RLS and revokes: after every function (SQL and Rust) exists.
 extension_sql_file!("../sql/security.sql", name = "security", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    // pgrx attaches a captured Rust backtrace to an error's DETAIL, which reaches the client,
+    // whenever RUST_BACKTRACE / RUST_LIB_BACKTRACE is set in the server's environment. Clients
+    // must never see one: RUST_LIB_BACKTRACE=0 turns capturing off (panic messages in the server
+    // log are unaffected). Safe here: _PG_init runs before this process starts any thread.
+    unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     settings::init(preloading);
     // Without preloading, the SQL API still works; worker_status() explains why no worker runs.

@@ -21,6 +21,7 @@ pub static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
 pub static BATCH_CHATS: GucSetting<i32> = GucSetting::<i32>::new(200);
 pub static BATCH_SNIPPETS: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static IDLE_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(60);
+pub static MAX_WAIT_S: GucSetting<i32> = GucSetting::<i32>::new(300);
 pub static LLM_ENDPOINT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static LLM_MODEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static LLM_API_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -147,6 +148,16 @@ pub fn init(preloading: bool) {
         10_000,
         GucContext::Suset,
         GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"memory_ext.max_wait",
+        c"Longest timeout memory.wait() accepts.",
+        c"A waiting call holds its connection; larger timeouts are refused.",
+        &MAX_WAIT_S,
+        0,
+        24 * 3600,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
         c"memory_ext.idle_timeout",
@@ -301,6 +312,10 @@ impl QueuePolicy {
 
 pub fn idle_timeout() -> Duration {
     Duration::from_secs(IDLE_TIMEOUT_S.get().max(1) as u64)
+}
+
+pub fn max_wait() -> Duration {
+    Duration::from_secs(MAX_WAIT_S.get().max(0) as u64)
 }
 
 /// How `openai` asks for structured output.

@@ -177,6 +177,45 @@ fn get_errors() {
     assert_eq!(sqlstate("SELECT * FROM memory.get('c1')"), "P0002", "reads as missing");
 }
 
+/// Chat ids that look alike are not distinct ids: control and invisible characters, surrounding
+/// whitespace and non-NFC forms are refused by every function, and nothing is created.
+#[pg_test]
+fn chat_ids_that_only_look_alike_are_refused() {
+    let bad = [
+        ("E'\\t'", "control or invisible"),
+        ("E'a\\tb'", "control or invisible"),
+        ("E'chat\\u200b'", "control or invisible"),
+        ("E'\\ufeffchat'", "control or invisible"),
+        ("' chat'", "start or end with whitespace"),
+        ("'chat '", "start or end with whitespace"),
+        ("E'cafe\\u0301'", "normalization form NFC"),
+    ];
+    for (id, message) in bad {
+        for f in ["SELECT memory.create_chat({})", "SELECT 1 FROM memory.enqueue({}, 'x')",
+                  "SELECT 1 FROM memory.get({})", "SELECT memory.forget({})"] {
+            let e = error_of(&f.replace("{}", id));
+            assert!(e.starts_with("22023: chat_id ") && e.contains(message), "{f} {id}: {e}");
+        }
+    }
+    assert_eq!(count("SELECT 1 FROM memory.chat_metadata"), 0, "nothing created");
+    // the NFC form of the same id is fine
+    run("SELECT memory.create_chat(E'caf\\u00e9')");
+    assert_eq!(sqlstate("SELECT memory.create_chat('chat-42 with inner spaces')"), "ok");
+}
+
+/// Calls that hold a connection or a CPU are bounded, with clear errors.
+#[pg_test]
+fn wait_and_count_tokens_are_bounded() {
+    let id = text("SELECT queue_id::text FROM memory.enqueue('c1', 'x')");
+    run("SELECT memory.process_pending()");
+    let e = error_of(&format!("SELECT memory.wait('{id}', '100000000 days')"));
+    assert!(e.starts_with("22023: ") && e.contains("memory_ext.max_wait (300 s)"), "{e}");
+    assert_eq!(sqlstate(&format!("SELECT memory.wait('{id}', '5 minutes')")), "ok");
+    let e = error_of("SELECT memory.count_tokens(repeat('a', 1048577))");
+    assert!(e.starts_with("22023: count_tokens() takes at most 1048576 bytes"), "{e}");
+    assert!(one::<i32>("SELECT memory.count_tokens(repeat('a ', 524288))").unwrap() > 0);
+}
+
 /// A caller who does not own a chat (or queue row) gets exactly the error of one that does not
 /// exist, from every function that takes an id: no way to enumerate other users' chats.
 #[pg_test]

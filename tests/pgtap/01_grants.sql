@@ -1,7 +1,7 @@
 -- Least privilege: nothing for PUBLIC, explicit grants, definer rights with a fixed search_path.
 \ir _helpers.psql
 BEGIN;
-SELECT plan(27);
+SELECT plan(28);
 
 SELECT is((SELECT count(*)::int FROM pg_proc p
             WHERE p.pronamespace = 'memory'::regnamespace
@@ -44,12 +44,27 @@ SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
             WHERE p.pronamespace = 'memory'::regnamespace
               AND p.prosqlbody IS NULL
               AND NOT coalesce(p.proconfig @> ARRAY['search_path=pg_catalog, pg_temp'], false)),
-          ARRAY['_max_snippet_bytes', '_rate_limit', '_wake_at_commit', 'count_tokens'],
+          ARRAY['_admin_role', '_audit_reads', '_max_snippet_bytes', '_rate_limit', '_token_limit',
+                '_wake_at_commit', 'count_tokens'],
           'every memory function pins search_path = pg_catalog, pg_temp, but the C ones running no SQL');
 SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
             WHERE p.pronamespace = 'memory'::regnamespace AND p.prosqlbody IS NOT NULL),
-          ARRAY['_invoker', 'current_identity'],
-          'the hot-path identity functions have SQL-standard bodies instead');
+          ARRAY['_chat_id_problem', '_invoker', 'current_identity'],
+          'the hot-path identity and chat-id functions have SQL-standard bodies instead');
+-- Exactly the documented API (README) is executable by an API role: no internal function is
+-- reachable as /rpc/... but the helpers that answer only about the caller.
+SELECT is((SELECT array_agg(p.oid::regprocedure::text ORDER BY p.oid::regprocedure::text)
+             FROM pg_proc p
+            WHERE p.pronamespace = 'memory'::regnamespace
+              AND has_function_privilege('authenticated', p.oid, 'EXECUTE')),
+          ARRAY['memory._admin_role()', 'memory._audit_reads()', 'memory._invoker()',
+                'memory._is_admin()', 'memory._owns_chat(text)', 'memory._queue_row_xmin(uuid)',
+                'memory._token_limit()', 'memory.count_tokens(text)',
+                'memory.create_chat(text)', 'memory.current_identity()',
+                'memory.enqueue(text,text,text)', 'memory.forget(text)', 'memory.get(text)',
+                'memory.history(text)', 'memory.retry_failed(text)', 'memory.status(uuid)',
+                'memory.wait(uuid,interval)'],
+          'an API role can execute the documented API and caller-only helpers, nothing else');
 SELECT is((SELECT array_agg(f ORDER BY f) FROM unnest(ARRAY[
               'memory.create_chat(text)', 'memory.enqueue(text,text,text)', 'memory.get(text)',
               'memory.status(uuid)', 'memory.history(text)', 'memory.forget(text)',

@@ -3,17 +3,26 @@
 //!
 //! Its "model" reads the snippets out of the request and answers by the same marker language as
 //! the mock summarizer: `confirmed: k = v` (confirmed, quoting the line as evidence),
-//! `inferred: k = v`, `retract: k`; other lines extend the summary. `fake_sleep_ms: N` in a
-//! snippet delays that answer. The [`Mode`] decides how (and whether) the answer is delivered.
-//! Every request is recorded for the tests to inspect.
+//! `inferred: k = v`, `retract: k` (heads trimmed and matched ignoring case; a directive that
+//! does not parse is plain text); other lines extend the summary one by one, joined with " | ",
+//! keeping the last [`SUMMARY_MAX_CHARS`] characters (from a word boundary when one is near), as
+//! the mock does. `fake_sleep_ms: N` in a snippet delays that answer. A request holding a snippet
+//! with a `mock_fatal:` line is input the model rejects, in every mode: 400
+//! `context_length_exceeded`, so the extension isolates that snippet like the mock's
+//! `mock_fatal`. The [`Mode`] decides how (and whether) the answer is delivered. Every request is
+//! recorded for the tests to inspect (unless [`FakeLlm::set_recording`] turned that off).
 
+use crate::Rng;
 use serde_json::{Value, json};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const PROMPT_TOKENS: u64 = 100;
 pub const COMPLETION_TOKENS: u64 = 20;
+/// The summary keeps its last this many characters (as the mock summarizer's).
+pub const SUMMARY_MAX_CHARS: usize = 2000;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Mode {
@@ -39,6 +48,17 @@ pub enum Mode {
     Unauthorized,
     /// 400 context_length_exceeded when a request carries more than `max_snippets` snippets.
     ContextWindow { max_snippets: usize },
+    /// A flaky endpoint, reproducible from `seed` (the sequence restarts whenever this mode is
+    /// set; one draw per request, in arrival order): each request is delayed by up to
+    /// `max_delay_ms` (skewed towards short delays: `max_delay_ms` × u³), then answered 429 with
+    /// probability `p_429` (`retry-after-ms` 200–800, or `Retry-After: 1`), 500 with probability
+    /// `p_500`, else as [`Mode::Valid`].
+    Chaos {
+        seed: u64,
+        p_429: f64,
+        p_500: f64,
+        max_delay_ms: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -73,6 +93,12 @@ struct State {
     /// Answer delay for every request (the benchmark's fixed model latency).
     delay: Mutex<Duration>,
     requests: Mutex<Vec<Recorded>>,
+    /// Whether requests are kept in `requests` (a long stress run turns it off).
+    recording: AtomicBool,
+    /// Responses sent, by HTTP status.
+    statuses: Mutex<BTreeMap<u16, usize>>,
+    /// The draws of [`Mode::Chaos`].
+    rng: Mutex<Rng>,
     served: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
@@ -92,10 +118,14 @@ impl FakeLlm {
     pub fn start_on(port: u16, mode: Mode) -> FakeLlm {
         let server = Arc::new(tiny_http::Server::http(("127.0.0.1", port)).expect("bind"));
         let port = server.server_addr().to_ip().expect("ip").port();
+        let rng = Mutex::new(Rng::new(chaos_seed(&mode)));
         let state = Arc::new(State {
             mode: Mutex::new(mode),
             delay: Mutex::new(Duration::ZERO),
             requests: Mutex::new(Vec::new()),
+            recording: AtomicBool::new(true),
+            statuses: Mutex::new(BTreeMap::new()),
+            rng,
             served: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
@@ -116,7 +146,21 @@ impl FakeLlm {
     }
 
     pub fn set_mode(&self, mode: Mode) {
-        *self.state.mode.lock().unwrap() = mode;
+        let mut m = self.state.mode.lock().unwrap();
+        if let Mode::Chaos { seed, .. } = mode {
+            *self.state.rng.lock().unwrap() = Rng::new(seed);
+        }
+        *m = mode;
+    }
+
+    /// Keep each request for [`FakeLlm::requests`] (the default) or not.
+    pub fn set_recording(&self, on: bool) {
+        self.state.recording.store(on, Ordering::SeqCst);
+    }
+
+    /// How many responses were sent with each HTTP status.
+    pub fn responses_by_status(&self) -> BTreeMap<u16, usize> {
+        self.state.statuses.lock().unwrap().clone()
     }
 
     pub fn set_delay(&self, delay: Duration) {
@@ -163,6 +207,45 @@ pub fn serve_forever(port: u16, delay: Duration) -> ! {
     }
 }
 
+fn chaos_seed(mode: &Mode) -> u64 {
+    match mode {
+        Mode::Chaos { seed, .. } => *seed,
+        _ => 0,
+    }
+}
+
+/// What [`Mode::Chaos`] drew for one request.
+struct ChaosDraw {
+    delay: Duration,
+    /// None: answer.
+    fault: Option<Fault>,
+}
+
+enum Fault {
+    /// 429 with this retry header (name, value).
+    RateLimited(&'static str, String),
+    /// 500.
+    ServerError,
+}
+
+fn chaos_draw(rng: &Mutex<Rng>, p_429: f64, p_500: f64, max_delay_ms: u64) -> ChaosDraw {
+    let mut r = rng.lock().unwrap();
+    let (u_delay, u_kind, u_header) = (r.unit(), r.unit(), r.next_u64());
+    let delay = Duration::from_millis((max_delay_ms as f64 * u_delay.powi(3)) as u64);
+    let fault = if u_kind < p_429 {
+        Some(if u_header % 2 == 0 {
+            Fault::RateLimited("retry-after-ms", (200 + (u_header >> 1) % 601).to_string())
+        } else {
+            Fault::RateLimited("retry-after", "1".to_string())
+        })
+    } else if u_kind < p_429 + p_500 {
+        Some(Fault::ServerError)
+    } else {
+        None
+    };
+    ChaosDraw { delay, fault }
+}
+
 fn handle(mut request: tiny_http::Request, st: &State) {
     let now = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     st.max_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -188,11 +271,22 @@ fn handle(mut request: tiny_http::Request, st: &State) {
                 .map(|a| a.trim_start_matches("Bearer ").to_string())
         })
         .unwrap_or_default();
-    st.requests.lock().unwrap().push(rec);
+    if st.recording.load(Ordering::SeqCst) {
+        st.requests.lock().unwrap().push(rec);
+    }
     let n = st.served.fetch_add(1, Ordering::SeqCst);
     let mode = st.mode.lock().unwrap().clone();
     let delay = *st.delay.lock().unwrap();
     let anthropic = path.ends_with("/v1/messages");
+    let chaos = match mode {
+        Mode::Chaos {
+            p_429,
+            p_500,
+            max_delay_ms,
+            ..
+        } => Some(chaos_draw(&st.rng, p_429, p_500, max_delay_ms)),
+        _ => None,
+    };
 
     let (memory, snippets) = conversation(&body);
     let sleep = snippets
@@ -201,9 +295,14 @@ fn handle(mut request: tiny_http::Request, st: &State) {
         .filter_map(|v| v.parse::<u64>().ok())
         .max()
         .map(Duration::from_millis)
-        .unwrap_or(delay);
+        .unwrap_or(delay + chaos.as_ref().map_or(Duration::ZERO, |c| c.delay));
     std::thread::sleep(sleep);
+    // Input the model rejects: the mock's `mock_fatal`, as a context-length error.
+    let rejected = snippets
+        .iter()
+        .any(|s| s.lines().any(|l| directive(l, "mock_fatal").is_some()));
 
+    let fault = chaos.as_ref().and_then(|c| c.fault.as_ref());
     // A repair request carries the model's earlier answer.
     let repair = body["messages"]
         .as_array()
@@ -229,11 +328,27 @@ fn handle(mut request: tiny_http::Request, st: &State) {
         Mode::ServerError { times } if n < times => {
             reply(500, error("The server had an error", "server_error"), &[])
         }
+        _ if fault.is_some() => match fault {
+            Some(Fault::RateLimited(name, value)) => reply(
+                429,
+                error("Rate limit reached", "rate_limit_exceeded"),
+                &[(name, value.clone())],
+            ),
+            _ => reply(500, error("The server had an error", "server_error"), &[]),
+        },
         Mode::Unauthorized => reply(
             401,
             error(
                 &format!("Incorrect API key provided: {key}"),
                 "invalid_api_key",
+            ),
+            &[],
+        ),
+        _ if rejected => reply(
+            400,
+            error(
+                "This model's maximum context length is 10 tokens",
+                "context_length_exceeded",
             ),
             &[],
         ),
@@ -266,6 +381,11 @@ fn handle(mut request: tiny_http::Request, st: &State) {
             reply(200, wrap(anthropic, text, answer), &[])
         }
     };
+    *st.statuses
+        .lock()
+        .unwrap()
+        .entry(response.status_code().0)
+        .or_default() += 1;
     let _ = request.respond(response);
     st.in_flight.fetch_sub(1, Ordering::SeqCst);
 }
@@ -324,45 +444,205 @@ fn marker<'a>(text: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
-/// The "model": ops from markers, the summary extended with the other lines.
+/// `line` is the directive `name` (head trimmed, any case): what follows the colon, trimmed.
+fn directive<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let (head, rest) = line.split_once(':')?;
+    head.trim().eq_ignore_ascii_case(name).then(|| rest.trim())
+}
+
+/// `key = value`, both trimmed, the key not empty.
+fn key_value(rest: &str) -> Option<(String, String)> {
+    let (k, v) = rest.split_once('=')?;
+    let k = k.trim();
+    (!k.is_empty()).then(|| (k.to_string(), v.trim().to_string()))
+}
+
+/// Keep the last `max` characters, starting after the first space when it is within 40 bytes.
+fn tail(s: &str, max: usize) -> String {
+    let count = s.chars().count();
+    if count <= max {
+        return s.to_string();
+    }
+    let cut: String = s.chars().skip(count - max).collect();
+    match cut.find(' ') {
+        Some(i) if i < 40 => cut[i + 1..].to_string(),
+        _ => cut,
+    }
+}
+
+/// The summary with one more line, capped like the mock's.
+fn fold_summary(summary: &str, line: &str) -> String {
+    if summary.is_empty() {
+        tail(line, SUMMARY_MAX_CHARS)
+    } else {
+        tail(&format!("{summary} | {line}"), SUMMARY_MAX_CHARS)
+    }
+}
+
+/// The "model": ops from markers (in line order), the summary extended with the other lines.
 fn answer(memory: &Value, snippets: &[String], ungrounded: bool) -> Value {
     let mut ops = Vec::new();
-    let mut lines: Vec<String> = memory["general_summary"]
+    let mut summary = memory["general_summary"]
         .as_str()
-        .filter(|s| !s.is_empty())
-        .map(|s| vec![s.to_string()])
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .to_string();
     for text in snippets {
         for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-            let kv = |rest: &str| {
-                rest.split_once('=')
-                    .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-            };
-            let (head, rest) = line.split_once(':').unwrap_or(("", ""));
-            match head.trim() {
-                "confirmed" => {
-                    if let Some((k, v)) = kv(rest) {
-                        let evidence = if ungrounded {
-                            "the user said so in an earlier conversation"
-                        } else {
-                            line
-                        };
-                        ops.push(json!({"op": "confirm", "key": k, "value": v,
-                                        "evidence": evidence, "basis": null}));
-                    }
-                }
-                "inferred" => {
-                    if let Some((k, v)) = kv(rest) {
-                        ops.push(json!({"op": "infer", "key": k, "value": v,
-                                        "evidence": null, "basis": "fake model"}));
-                    }
-                }
-                "retract" => ops.push(json!({"op": "drop_inferred", "key": rest.trim(),
-                                             "value": null, "evidence": null, "basis": "retracted"})),
-                "fake_sleep_ms" => {}
-                _ => lines.push(line.to_string()),
+            if let Some((k, v)) = directive(line, "confirmed").and_then(key_value) {
+                let evidence = if ungrounded {
+                    "the user said so in an earlier conversation"
+                } else {
+                    line
+                };
+                ops.push(json!({"op": "confirm", "key": k, "value": v,
+                                "evidence": evidence, "basis": null}));
+            } else if let Some((k, v)) = directive(line, "inferred").and_then(key_value) {
+                ops.push(json!({"op": "infer", "key": k, "value": v,
+                                "evidence": null, "basis": "fake model"}));
+            } else if let Some(k) = directive(line, "retract").filter(|k| !k.is_empty()) {
+                ops.push(json!({"op": "drop_inferred", "key": k,
+                                "value": null, "evidence": null, "basis": "retracted"}));
+            } else if directive(line, "fake_sleep_ms").is_none() {
+                summary = fold_summary(&summary, line);
             }
         }
     }
-    json!({"ops": ops, "general_summary": lines.join(" | ")})
+    json!({"ops": ops, "general_summary": summary})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// POST an OpenAI request (the memory's `summary` and `snippets`): status, head, body.
+    fn post(f: &FakeLlm, summary: &str, snippets: &[&str]) -> (u16, String, Value) {
+        let payload = json!({
+            "current_memory": {"user_confirmed": {}, "llm_inferred": {}, "general_summary": summary},
+            "new_snippets": snippets.iter().enumerate()
+                .map(|(i, t)| json!({"id": i.to_string(), "text": t})).collect::<Vec<_>>(),
+        });
+        let body = json!({"model": "m", "messages": [
+            {"role": "system", "content": "rules"},
+            {"role": "user", "content": format!("Update the memory.\n\n{payload}")}]})
+        .to_string();
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", f.port)).unwrap();
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        (
+            status,
+            head.to_ascii_lowercase(),
+            serde_json::from_str(body).unwrap(),
+        )
+    }
+
+    fn answer_of(v: &Value) -> Value {
+        serde_json::from_str(v["choices"][0]["message"]["content"].as_str().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn folds_the_summary_like_the_mock_and_parses_heads_like_it() {
+        let f = FakeLlm::start(Mode::Valid);
+        let (status, _, v) = post(
+            &f,
+            "earlier",
+            &[
+                "  Confirmed : a = 1 \nINFERRED: b = 2\nretract: c",
+                "confirmed: no equals\nretract:\nconfirmed:  = x\nfake_sleep_ms: 1\nbye",
+            ],
+        );
+        assert_eq!(status, 200);
+        let a = answer_of(&v);
+        let ops: Vec<(String, String)> = a["ops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                (
+                    o["op"].as_str().unwrap().to_string(),
+                    o["key"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            ops,
+            [("confirm", "a"), ("infer", "b"), ("drop_inferred", "c")]
+                .map(|(o, k)| (o.to_string(), k.to_string()))
+        );
+        assert_eq!(a["ops"][0]["evidence"], "Confirmed : a = 1");
+        assert_eq!(
+            a["general_summary"],
+            "earlier | confirmed: no equals | retract: | confirmed:  = x | bye"
+        );
+        // capped line by line: the last 2000 characters, from a word boundary
+        let long = "w ".repeat(1100);
+        let (_, _, v) = post(&f, long.trim_end(), &["one more line"]);
+        let s = answer_of(&v)["general_summary"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            s,
+            tail(&format!("{} | one more line", long.trim_end()), 2000)
+        );
+        assert!(s.chars().count() <= SUMMARY_MAX_CHARS && s.ends_with("| one more line"));
+    }
+
+    #[test]
+    fn rejected_input_is_a_context_length_error_in_every_mode() {
+        for mode in [
+            Mode::Valid,
+            Mode::Fenced,
+            Mode::ContextWindow { max_snippets: 9 },
+        ] {
+            let f = FakeLlm::start(mode);
+            let (status, _, v) = post(&f, "", &["fine", "x\n Mock_Fatal : nope"]);
+            assert_eq!(status, 400);
+            assert_eq!(v["error"]["code"], "context_length_exceeded");
+            let (status, _, _) = post(&f, "", &["fine"]);
+            assert_eq!(status, 200);
+        }
+    }
+
+    #[test]
+    fn chaos_is_reproducible_from_its_seed() {
+        let chaos = Mode::Chaos {
+            seed: 42,
+            p_429: 0.3,
+            p_500: 0.3,
+            max_delay_ms: 5,
+        };
+        let run = |f: &FakeLlm| -> Vec<(u16, bool)> {
+            (0..40)
+                .map(|_| {
+                    let (status, head, _) = post(f, "", &["confirmed: a = 1"]);
+                    let retry =
+                        head.contains("retry-after-ms: ") || head.contains("retry-after: 1");
+                    (status, retry)
+                })
+                .collect()
+        };
+        let f = FakeLlm::start(chaos.clone());
+        let first = run(&f);
+        f.set_mode(chaos.clone());
+        assert_eq!(run(&f), first, "set_mode restarts the sequence");
+        assert_eq!(run(&FakeLlm::start(chaos)), first);
+        for (status, retry) in &first {
+            assert!([200, 429, 500].contains(status));
+            assert_eq!(*retry, *status == 429, "a 429 says when to retry");
+        }
+        for s in [200, 429, 500] {
+            assert!(first.iter().any(|x| x.0 == s), "{s} in {first:?}");
+        }
+        assert_eq!(f.responses_by_status().values().sum::<usize>(), 80);
+    }
 }

@@ -147,16 +147,29 @@ impl Cluster {
     }
 
     pub fn ctl_args(&self, args: &[&str]) {
+        self.ctl_env(&[], args);
+    }
+
+    /// Stop the server and start it again with `env` (NAME=value) in its environment.
+    pub fn restart_with_env(&self, env: &[&str]) {
+        self.ctl("stop");
+        self.ctl_env(env, &["start"]);
+    }
+
+    fn ctl_env(&self, env: &[&str], args: &[&str]) {
         let log = self.dir.join("server.log").display().to_string();
         let data = self.data();
-        let mut a = vec![
+        let mut a: Vec<String> = std::iter::once("env".to_string())
+            .chain(env.iter().map(|e| e.to_string()))
+            .collect();
+        a.extend([
             format!("{PG_BIN}/pg_ctl"),
             "-D".into(),
             data,
             "-l".into(),
             log,
             "-w".into(),
-        ];
+        ]);
         a.extend(args.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = a.iter().map(String::as_str).collect();
         let out = as_postgres(&refs);
@@ -172,7 +185,14 @@ impl Cluster {
     }
 
     pub fn client_db(&self, db: &str) -> Client {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.try_client_db(db, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("connect: {e}"))
+    }
+
+    /// Connect to `db`, retrying for up to `timeout` (the server may be starting or
+    /// crash-restarting); the last error once it has passed.
+    pub fn try_client_db(&self, db: &str, timeout: Duration) -> Result<Client, postgres::Error> {
+        let deadline = Instant::now() + timeout;
         loop {
             match postgres::Config::new()
                 .host_path(&self.dir)
@@ -181,14 +201,20 @@ impl Cluster {
                 .dbname(db)
                 .connect(NoTls)
             {
-                Ok(c) => return c,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
+                Ok(c) => return Ok(c),
+                Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                Err(e) => panic!("connect: {e}"),
+                Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Is the postmaster running (`pg_ctl status`)?
+    pub fn running(&self) -> bool {
+        as_postgres(&[&format!("{PG_BIN}/pg_ctl"), "-D", &self.data(), "status"])
+            .status
+            .success()
     }
 
     /// Worker status and queue state, for failure messages.
@@ -205,6 +231,13 @@ impl Cluster {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    /// The last `lines` lines of the server log, for failure messages of long-running tests.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     pub fn worker_pid(&self, c: &mut Client) -> Option<i32> {
@@ -300,4 +333,50 @@ pub fn enqueued_ids(c: &mut Client, chat: &str) -> Vec<String> {
     .iter()
     .map(|r| r.get(0))
     .collect()
+}
+
+/// A small seeded PRNG (splitmix64) for reproducible randomized tests: the same seed gives the
+/// same sequence on every platform, with no dependency.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    /// An independent stream for `index` (a thread, a component) derived from `seed`.
+    pub fn derived(seed: u64, index: u64) -> Rng {
+        let mut r = Rng(seed ^ index.wrapping_mul(0xA076_1D64_78BD_642F));
+        Rng(r.next_u64())
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        assert!(n > 0);
+        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        self.unit() < p
+    }
 }

@@ -723,3 +723,88 @@ fn a_bulk_enqueue_drains_promptly_before_statistics_catch_up() {
     );
     assert_applied_once_in_order(&mut c, "bulk7");
 }
+
+/// Without shared_preload_libraries the library loads on first use, and until then its settings
+/// are placeholders any role may SET. A role that sets `memory_ext.admin_role` to its own role
+/// must not become an admin, and get() must work on a fresh connection (it once failed with
+/// 42704 until some C function had loaded the library).
+#[test]
+fn without_preload_settings_cannot_be_spoofed() {
+    let pg = Cluster::start_with("nopreload_spoof", &[], false);
+    let mut c = pg.client();
+    c.batch_execute(
+        "CREATE ROLE authenticated NOLOGIN; SELECT memory.grant_usage('authenticated'); \
+         BEGIN; SET LOCAL ROLE authenticated; \
+         SELECT set_config('request.jwt.claims', '{\"sub\": \"alice\"}', true); \
+         SELECT memory.enqueue('alices-chat', 'confirmed: secret = 42'); COMMIT",
+    )
+    .unwrap();
+    // fresh connections: the library is not loaded in them yet
+    let mut alice = pg.client();
+    alice
+        .batch_execute(
+            "SET ROLE authenticated; \
+             SELECT set_config('request.jwt.claims', '{\"sub\": \"alice\"}', false)",
+        )
+        .unwrap();
+    assert_eq!(
+        alice
+            .query_one("SELECT pending FROM memory.get('alices-chat')", &[])
+            .map(|r| r.get::<_, i32>(0))
+            .map_err(|e| e.to_string()),
+        Ok(1),
+        "get() works on a fresh connection"
+    );
+    let mut bob = pg.client();
+    bob.batch_execute(
+        "SET ROLE authenticated; \
+         SET memory_ext.admin_role = 'authenticated'; SET memory_ext.audit_reads = off; \
+         SELECT set_config('request.jwt.claims', '{\"sub\": \"bob\"}', false)",
+    )
+    .unwrap();
+    for sql in [
+        "SELECT memory._is_admin()::text",
+        "SELECT user_confirmed::text FROM memory.get('alices-chat')",
+        "SELECT memory.forget('alices-chat')::text",
+    ] {
+        let got = bob
+            .query_one(sql, &[])
+            .map(|r| r.get::<_, String>(0))
+            .map_err(|e| e.code().map(|s| s.code().to_string()).unwrap_or_default());
+        assert!(
+            matches!(got.as_ref().map(String::as_str), Ok("false"))
+                || matches!(got.as_ref().map_err(String::as_str), Err("P0002")),
+            "{sql}: {got:?}"
+        );
+    }
+    assert_eq!(
+        text(
+            &mut c,
+            "SELECT count(*)::text FROM memory.chat_context_queue"
+        ),
+        "1",
+        "alice's chat is untouched"
+    );
+}
+
+/// With RUST_BACKTRACE set in the server's environment, an error must still carry no Rust
+/// backtrace to the client.
+#[test]
+fn errors_carry_no_backtrace_to_the_client() {
+    let pg = Cluster::start("backtrace", &[]);
+    pg.restart_with_env(&["RUST_BACKTRACE=1"]);
+    let mut c = pg.client();
+    for sql in [
+        "SELECT memory.wait(gen_random_uuid(), '-1 second')",
+        "SELECT memory.count_tokens(repeat('a', 2000000))",
+    ] {
+        let e = c.query_one(sql, &[]).unwrap_err();
+        let db = e.as_db_error().expect("an SQL error");
+        assert_eq!(db.code().code(), "22023", "{sql}");
+        let detail = db.detail().unwrap_or_default();
+        assert!(
+            !detail.contains("backtrace") && !detail.contains(".rs:"),
+            "{sql}: DETAIL carries a backtrace: {detail}"
+        );
+    }
+}
