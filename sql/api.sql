@@ -21,15 +21,23 @@ RETURNS name
 LANGUAGE sql STABLE PARALLEL SAFE
 RETURN coalesce(nullif(pg_catalog.current_setting('role'), 'none'), session_user)::name;
 
--- The caller: the JWT `sub` claim when PostgREST/Supabase set request.jwt.claims, else the
--- invoking role.
+-- The JWT `sub` claim PostgREST/Supabase put in request.jwt.claims (trimmed), or NULL.
+CREATE FUNCTION memory._jwt_sub()
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN nullif(pg_catalog.btrim(
+    nullif(pg_catalog.current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub'), '');
+
+-- The caller, in one of two namespaces that never collide: the JWT `sub` claim as it is, or
+-- `role:<name>` for the invoking role (a direct connection, or a JWT without a usable sub). A
+-- `sub` that itself starts with `role:` is no identity (NULL): it could pose as a role.
 CREATE FUNCTION memory.current_identity()
 RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE
-RETURN coalesce(
-    nullif(nullif(pg_catalog.current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub',
-           ''),
-    memory._invoker()::text);
+RETURN (SELECT CASE WHEN s.sub IS NULL THEN 'role:' OPERATOR(pg_catalog.||) memory._invoker()
+                    WHEN s.sub OPERATOR(pg_catalog.~~) 'role:%' THEN NULL
+                    ELSE s.sub END
+          FROM (SELECT memory._jwt_sub() AS sub) s);
 
 -- Admins see and act on every chat: superusers, the extension owner, members of
 -- memory_ext.admin_role (default service_role) when it exists, and members of roles given
@@ -54,6 +62,42 @@ AS $$
          WHERE r.rolname = memory._invoker() AND e.extname = 'memory_ext'), false)
 $$;
 
+-- Why the caller may not create chats, or NULL. A request that carries JWT claims but no usable
+-- `sub` would otherwise act as its role (every such user sharing `role:authenticated`): refused
+-- unless an admin (a backend with the service role). A `sub` posing as a role is refused too.
+CREATE FUNCTION memory._identity_problem()
+RETURNS text
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF memory.current_identity() IS NULL THEN
+        RETURN 'a JWT sub may not start with "role:"';
+    END IF;
+    IF memory._jwt_sub() IS NULL
+       AND nullif(pg_catalog.current_setting('request.jwt.claims', true), '') IS NOT NULL
+       AND NOT memory._is_admin() THEN
+        RETURN 'the request''s JWT has no usable sub claim: it cannot own chats';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- 42501 when the caller has no identity that may own chats (see _identity_problem).
+CREATE FUNCTION memory._require_identity()
+RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_problem text := memory._identity_problem();
+BEGIN
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_problem USING ERRCODE = '42501';
+    END IF;
+END
+$$;
+
 -- Record an action in the audit log (callers are definer functions; see audit_log in schema.sql).
 CREATE FUNCTION memory._audit(p_action text, p_chat_id text DEFAULT NULL,
                               p_queue_id uuid DEFAULT NULL, p_detail text DEFAULT NULL)
@@ -63,8 +107,8 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     INSERT INTO memory.audit_log (identity, role, action, chat_id, queue_id, detail)
-    VALUES (memory.current_identity(), memory._invoker(), p_action, p_chat_id, p_queue_id,
-            p_detail)
+    VALUES (coalesce(memory.current_identity(), 'role:' || memory._invoker()), memory._invoker(),
+            p_action, p_chat_id, p_queue_id, p_detail)
 $$;
 
 -- Does the caller's identity own this chat? For RLS policies of tables without an owner column.
@@ -124,9 +168,23 @@ BEGIN
 END
 $$;
 
--- Look up a chat the caller may act on. P0002 both when it does not exist and when it is someone
--- else's: the answer must not tell a caller which chat ids other users have.
-CREATE FUNCTION memory._owned_chat(p_chat_id text)
+-- Refuse a cross-tenant attempt: note it for the audit log (the ERROR rolls back any row this
+-- transaction could write; the worker copies the note into memory.audit_log), then raise.
+CREATE FUNCTION memory._refuse(p_action text, p_chat_id text, p_errcode text, p_message text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM memory._note_denied(p_action, coalesce(p_chat_id, ''),
+                                coalesce(memory.current_identity(), '(none)'), memory._invoker());
+    RAISE EXCEPTION '%', p_message USING ERRCODE = p_errcode;
+END
+$$;
+
+-- Look up a chat the caller may act on (for p_action). P0002 both when it does not exist and when
+-- it is someone else's: the answer must not tell a caller which chat ids other users have.
+CREATE FUNCTION memory._owned_chat(p_chat_id text, p_action text DEFAULT 'access')
 RETURNS memory.chat_metadata
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SECURITY DEFINER
@@ -137,10 +195,49 @@ DECLARE
 BEGIN
     PERFORM memory._check_chat_id(p_chat_id);
     SELECT * INTO c FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
-    IF NOT FOUND OR (c.owner <> memory.current_identity() AND NOT memory._is_admin()) THEN
+    IF NOT FOUND THEN
         RAISE EXCEPTION 'chat "%" not found', p_chat_id USING ERRCODE = 'P0002';
     END IF;
+    -- IS DISTINCT FROM: a caller without identity (NULL) owns nothing.
+    IF c.owner IS DISTINCT FROM memory.current_identity() AND NOT memory._is_admin() THEN
+        PERFORM memory._refuse(p_action, p_chat_id, 'P0002',
+                               format('chat "%s" not found', p_chat_id));
+    END IF;
     RETURN c;
+END
+$$;
+
+-- Over memory_ext.rate_limit_per_minute: PostgREST's custom-status convention turns this into
+-- HTTP 429 with Retry-After. Raised before anything is written.
+CREATE FUNCTION memory._raise_rate_limited(p_wait int)
+RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE SQLSTATE 'PGRST' USING
+        MESSAGE = json_build_object('code', 'MX429',
+            'message', 'rate limit exceeded',
+            'details', format('at most %s writing calls per minute per identity',
+                              current_setting('memory_ext.rate_limit_per_minute')),
+            'hint', format('retry after %s seconds', p_wait))::text,
+        DETAIL = json_build_object('status', 429,
+            'headers', json_build_object('Retry-After', p_wait::text))::text;
+END
+$$;
+
+-- Every writing call takes a token of the caller's bucket (admins are exempt).
+CREATE FUNCTION memory._take_rate_token(p_identity text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_wait int := memory._rate_limit(p_identity);
+BEGIN
+    IF v_wait > 0 AND NOT memory._is_admin() THEN
+        PERFORM memory._raise_rate_limited(v_wait);
+    END IF;
 END
 $$;
 
@@ -155,11 +252,14 @@ DECLARE
     v_owner text;
 BEGIN
     PERFORM memory._check_chat_id(p_chat_id);
+    PERFORM memory._require_identity();
+    PERFORM memory._take_rate_token(v_identity);
     INSERT INTO memory.chat_metadata (chat_id, owner) VALUES (p_chat_id, v_identity)
     ON CONFLICT (chat_id) DO NOTHING;
     SELECT m.owner INTO v_owner FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
-    IF v_owner <> v_identity AND NOT memory._is_admin() THEN
-        RAISE EXCEPTION 'permission denied for chat "%"', p_chat_id USING ERRCODE = '42501';
+    IF v_owner IS DISTINCT FROM v_identity AND NOT memory._is_admin() THEN
+        PERFORM memory._refuse('create_chat', p_chat_id, '42501',
+                               format('permission denied for chat "%s"', p_chat_id));
     END IF;
     PERFORM memory._audit('create_chat', p_chat_id);
     RETURN p_chat_id;
@@ -200,14 +300,7 @@ BEGIN
     -- only when the bucket is empty, to keep the common path cheap.
     v_wait := memory._rate_limit(v_identity);
     IF v_wait > 0 AND NOT memory._is_admin() THEN
-        RAISE SQLSTATE 'PGRST' USING
-            MESSAGE = json_build_object('code', 'MX429',
-                'message', 'rate limit exceeded',
-                'details', format('at most %s snippets per minute per identity',
-                                  current_setting('memory_ext.rate_limit_per_minute')),
-                'hint', format('retry after %s seconds', v_wait))::text,
-            DETAIL = json_build_object('status', 429,
-                'headers', json_build_object('Retry-After', v_wait::text))::text;
+        PERFORM memory._raise_rate_limited(v_wait);
     END IF;
 
     -- Common case, one statement: the chat exists and is the caller's. A chat in backoff holds its
@@ -225,11 +318,13 @@ BEGIN
     IF NOT FOUND THEN
         -- A new chat (create it for the caller) or someone else's (refuse, unless an admin
         -- enqueues on the owner's behalf, e.g. a backend with the service role).
+        PERFORM memory._require_identity();
         INSERT INTO memory.chat_metadata (chat_id, owner) VALUES (p_chat_id, v_identity)
         ON CONFLICT (chat_id) DO NOTHING;
         SELECT m.owner INTO v_owner FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
-        IF v_owner <> v_identity AND NOT memory._is_admin() THEN
-            RAISE EXCEPTION 'permission denied for chat "%"', p_chat_id USING ERRCODE = '42501';
+        IF v_owner IS DISTINCT FROM v_identity AND NOT memory._is_admin() THEN
+            PERFORM memory._refuse('enqueue', p_chat_id, '42501',
+                                   format('permission denied for chat "%s"', p_chat_id));
         END IF;
         INSERT INTO memory.chat_context_queue (chat_id, new_context_snippet, trigger_source,
                                                enqueued_by, next_attempt_at)
@@ -238,6 +333,11 @@ BEGIN
            FOR KEY SHARE OF m
         RETURNING id, next_attempt_at INTO queue_id, v_next;
     END IF;
+    -- The first enqueue into an idle chat makes it a claim candidate. Only then is the chat row
+    -- written (and locked): never while it has work or is being summarized, so enqueues do not
+    -- queue up behind each other or the worker. See _return_claimed for the other side.
+    UPDATE memory.chat_metadata m SET due_at = v_next
+     WHERE m.chat_id = p_chat_id AND m.due_at IS NULL;
 
     INSERT INTO memory.audit_log (identity, role, action, chat_id, queue_id)
     VALUES (v_identity, memory._invoker(), 'enqueue', p_chat_id, queue_id);
@@ -273,8 +373,11 @@ BEGIN
       FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
     -- Someone else's chat reads as missing: no existence oracle. Checked before anything else
     -- is read, so not even the time taken tells about another chat's backlog.
-    IF NOT FOUND OR (v_owner <> memory.current_identity() AND NOT memory._is_admin()) THEN
+    IF NOT FOUND THEN
         RAISE EXCEPTION 'chat "%" not found', p_chat_id USING ERRCODE = 'P0002';
+    END IF;
+    IF v_owner IS DISTINCT FROM memory.current_identity() AND NOT memory._is_admin() THEN
+        PERFORM memory._refuse('get', p_chat_id, 'P0002', format('chat "%s" not found', p_chat_id));
     END IF;
     SELECT count(*)::int INTO pending FROM memory.chat_context_queue q
      WHERE q.chat_id = p_chat_id AND q.status IN ('pending_summarization', 'processing');
@@ -310,10 +413,18 @@ BEGIN
         SELECT m.owner INTO v_owner FROM memory.chat_metadata m WHERE m.chat_id = q.chat_id;
     END IF;
     -- Someone else's snippet reads as missing: no existence oracle.
-    IF NOT FOUND OR (v_owner <> memory.current_identity() AND NOT memory._is_admin()) THEN
+    IF NOT FOUND THEN
         RAISE EXCEPTION 'queue row % not found', p_queue_id USING ERRCODE = 'P0002';
     END IF;
-    RETURN QUERY SELECT q.status, q.retry_count, q.error_message, q.created_at, q.processed_at;
+    IF v_owner IS DISTINCT FROM memory.current_identity() AND NOT memory._is_admin() THEN
+        PERFORM memory._refuse('status', q.chat_id, 'P0002',
+                               format('queue row %s not found', p_queue_id));
+    END IF;
+    -- The owner is told the error's class; the full text (it may quote the provider) is for
+    -- admins.
+    RETURN QUERY SELECT q.status, q.retry_count,
+        CASE WHEN memory._is_admin() THEN q.error_message ELSE q.error_public END,
+        q.created_at, q.processed_at;
 END
 $$;
 
@@ -340,7 +451,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
-    PERFORM memory._owned_chat(p_chat_id);
+    PERFORM memory._owned_chat(p_chat_id, 'history');
     IF memory._audit_reads() THEN
         PERFORM memory._audit('history', p_chat_id);
     END IF;
@@ -359,7 +470,8 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM memory._owned_chat(p_chat_id);
+    PERFORM memory._owned_chat(p_chat_id, 'forget');
+    PERFORM memory._take_rate_token(memory.current_identity());
     PERFORM memory._audit('forget', p_chat_id);
     -- Lock the chat like the worker does, so a summarization in flight cannot apply after this.
     PERFORM 1 FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id FOR UPDATE;
@@ -383,8 +495,9 @@ DECLARE
     v_admin bool := memory._is_admin();
 BEGIN
     IF p_chat_id IS NOT NULL THEN
-        PERFORM memory._owned_chat(p_chat_id);
+        PERFORM memory._owned_chat(p_chat_id, 'retry_failed');
     END IF;
+    PERFORM memory._take_rate_token(v_identity);
     -- Re-queued snippets go to the end of their chat's queue (a new seq, their relative order
     -- kept): the chat's later snippets may already be applied. The chat rows are locked first,
     -- as enqueue does, so no claim sees a new seq before it commits.
@@ -408,6 +521,10 @@ BEGIN
            processed_at = NULL, seq = requeued.seq
       FROM requeued WHERE q.id = requeued.id;
     GET DIAGNOSTICS v_n = ROW_COUNT;
+    UPDATE memory.chat_metadata m SET due_at = now()
+     WHERE m.due_at IS NULL AND m.chat_id IN (SELECT q.chat_id FROM memory.chat_context_queue q
+                                                WHERE q.status = 'pending_summarization'
+                                                  AND (q.chat_id = p_chat_id OR p_chat_id IS NULL));
     IF v_n > 0 THEN
         PERFORM memory._wake_at_commit();
     END IF;

@@ -2,20 +2,29 @@
 -- summarizing and the merge rules; these functions own every row movement. Internal: no caller
 -- but the extension's own code should run them.
 
--- Chats with due pending work, for a claim of up to p_max_chats: taken from the due index in
--- order, a chat once however many rows it has. Dynamic SQL, planned afresh each time.
+-- Candidate chats for a claim of up to p_max_chats, best first (ord). Fair by construction:
+-- - a chat is one row however long its backlog, and a leased chat is no candidate at all;
+-- - owners take turns: each owner's first chat (by due_at) comes before anyone's second, and
+--   among those the owner served longest ago (owner_turns) comes first;
+-- so a due chat of an owner with no chat in flight is claimed at the next claim with a free
+-- slot, whatever other owners have queued. Ranked among the oldest 10,000 due chats.
 CREATE FUNCTION memory._due_chats(p_max_chats int)
-RETURNS TABLE (chat_id text)
+RETURNS TABLE (chat_id text, ord bigint)
 LANGUAGE plpgsql STABLE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    -- Dynamic SQL: planned afresh each time (see _claim).
     RETURN QUERY EXECUTE $q$
-        SELECT DISTINCT d.chat_id
-          FROM (SELECT q.chat_id FROM memory.chat_context_queue q
-                 WHERE q.status = 'pending_summarization' AND q.next_attempt_at <= now()
-                 ORDER BY q.next_attempt_at, q.seq
-                 LIMIT $1 * 8) d
+        SELECT d.chat_id, row_number() OVER (ORDER BY d.turn, t.served_at NULLS FIRST, d.due_at)
+          FROM (SELECT c.chat_id, c.owner, c.due_at,
+                       row_number() OVER (PARTITION BY c.owner ORDER BY c.due_at) AS turn
+                  FROM (SELECT m.chat_id, m.owner, m.due_at FROM memory.chat_metadata m
+                         WHERE m.due_at <= now() AND m.lease_token IS NULL
+                         ORDER BY m.due_at LIMIT 10000) c) d
+          LEFT JOIN memory.owner_turns t ON t.owner = d.owner
+         ORDER BY 2
+         LIMIT $1 * 4
     $q$ USING p_max_chats;
 END
 $$;
@@ -46,8 +55,8 @@ BEGIN
         WITH locked AS (
             SELECT c.chat_id FROM memory.chat_metadata c
               JOIN memory._due_chats($1) cand ON cand.chat_id = c.chat_id
-            WHERE c.lease_token IS NULL
-              AND (c.retry_at IS NULL OR c.retry_at <= now())
+            WHERE c.lease_token IS NULL AND c.due_at <= now()
+            ORDER BY cand.ord
             LIMIT $1
             FOR UPDATE OF c SKIP LOCKED
         ), leased AS (
@@ -59,7 +68,11 @@ BEGIN
                    lease_until = now() + make_interval(secs => $2),
                    retry_at = NULL
               FROM locked WHERE c.chat_id = locked.chat_id
-            RETURNING c.chat_id
+            RETURNING c.chat_id, c.owner
+        ), turns AS (
+            INSERT INTO memory.owner_turns AS t (owner, served_at)
+            SELECT DISTINCT leased.owner, now() FROM leased
+            ON CONFLICT (owner) DO UPDATE SET served_at = excluded.served_at
         )
         SELECT array_agg(leased.chat_id) FROM leased
     $q$ INTO v_chats USING p_max_chats, p_lease_seconds;
@@ -103,11 +116,12 @@ BEGIN
          GROUP BY c.chat_id
     $q$ USING v_ids;
 
-    -- A chat whose rows vanished between the scan and the lease must not stay leased.
+    -- A chat with no pending rows (they vanished, or due_at was a "maybe" left by _return_claimed)
+    -- must not stay leased, and has no work: we hold it FOR UPDATE, so no enqueue is in flight.
     EXECUTE $q$
         UPDATE memory.chat_metadata c
            SET lease_token = NULL, lease_owner = NULL, lease_owner_start = NULL,
-               lease_until = NULL
+               lease_until = NULL, due_at = NULL
          WHERE c.chat_id = ANY ($1) AND NOT (c.chat_id = ANY (coalesce($2, '{}')))
     $q$ USING v_chats, v_with_rows;
 END
@@ -134,8 +148,8 @@ BEGIN
                          FROM memory.chat_context_queue o
                         WHERE o.chat_id = c.chat_id AND o.status = 'pending_summarization'
                         ORDER BY o.seq LIMIT $2) o) s
-         WHERE c.lease_token IS NULL AND (c.retry_at IS NULL OR c.retry_at <= now())
-           AND s.snippets IS NOT NULL
+         WHERE c.lease_token IS NULL AND s.snippets IS NOT NULL
+         ORDER BY cand.ord
          LIMIT $1
     $q$ USING p_max_chats, p_max_snippets;
 END
@@ -157,7 +171,7 @@ BEGIN
     -- FOR UPDATE, as in _claim: no enqueue into the chat is in progress once we hold it.
     PERFORM 1 FROM memory.chat_metadata c
      WHERE c.chat_id = p_chat_id AND c.lease_token IS NULL AND c.version = p_version
-       AND (c.retry_at IS NULL OR c.retry_at <= now())
+       AND c.due_at <= now()
        FOR UPDATE SKIP LOCKED;
     IF NOT FOUND OR (SELECT array_agg(o.id ORDER BY o.seq)
                        FROM (SELECT o.id, o.seq FROM memory.chat_context_queue o
@@ -203,6 +217,24 @@ AS $$
            rejected_ops = u.rejected_ops + excluded.rejected_ops
 $$;
 
+-- What a snippet's owner is told about a failed attempt: its class, never the provider's text
+-- (which may quote a masked key, an organisation id, an upstream host). Admins see the full
+-- error_message through memory.status().
+CREATE FUNCTION memory._public_error(p_kind text)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE p_kind
+    WHEN 'transient' THEN 'the summarizer failed; it will be retried'
+    WHEN 'rate_limited' THEN 'the summarizer is rate limited; it will be retried'
+    WHEN 'too_long' THEN 'the snippet does not fit the model''s context'
+    WHEN 'refused' THEN 'the summarizer refused the snippet'
+    WHEN 'permanent' THEN 'the summarizer rejected the request; an admin must check its settings'
+    WHEN 'config' THEN 'the summarizer is not configured; it will be retried once it is'
+    WHEN 'apply' THEN 'the memory could not be written; it will be retried'
+    WHEN 'lease' THEN 'the summarization was interrupted; it will be retried'
+    ELSE 'the summarization failed'
+END;
+
 -- Give back every row a chat has claimed and end its lease. The one way a lease ends without
 -- applying: a failed attempt (_finish), an expired lease or a dead holder (_reclaim), a stopping
 -- worker (_release). The caller holds the chat row lock. All of the chat's 'processing' rows go,
@@ -212,7 +244,7 @@ $$;
 -- p_max_attempts, or all rows when p_permanent, become 'failed'). p_retry_at: nothing of the chat
 -- is claimed before it (backoff), newer rows included, so order is kept.
 CREATE FUNCTION memory._return_claimed(p_chat_id text, p_count_attempt bool, p_permanent bool,
-                                       p_error text, p_max_attempts int,
+                                       p_error text, p_kind text, p_max_attempts int,
                                        p_retry_at timestamptz)
 RETURNS int
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
@@ -221,11 +253,14 @@ AS $$
 DECLARE
     v_n int;
     v_due timestamptz := greatest(p_retry_at, now());
+    v_next timestamptz;
 BEGIN
     UPDATE memory.chat_context_queue q
        SET retry_count = q.retry_count + CASE WHEN p_count_attempt THEN 1 ELSE 0 END,
            error_message = CASE WHEN p_count_attempt THEN left(p_error, 2000)
                                 ELSE q.error_message END,
+           error_public = CASE WHEN p_count_attempt THEN memory._public_error(p_kind)
+                               ELSE q.error_public END,
            status = CASE WHEN p_permanent
                            OR (p_count_attempt AND q.retry_count + 1 >= p_max_attempts)
                          THEN 'failed' ELSE 'pending_summarization' END,
@@ -241,13 +276,23 @@ BEGIN
          WHERE q.chat_id = p_chat_id AND q.status = 'pending_summarization'
            AND q.next_attempt_at < v_due;
     END IF;
+    SELECT greatest(min(q.next_attempt_at), v_due) INTO v_next FROM memory.chat_context_queue q
+     WHERE q.chat_id = p_chat_id AND q.status = 'pending_summarization';
+    IF v_next IS NULL THEN
+        -- No pending row we can see. An enqueue still in flight holds KEY SHARE on the chat and
+        -- left due_at as it was (it writes due_at only when it is NULL): clear it only if no
+        -- such enqueue exists (FOR UPDATE would conflict), else leave a "maybe" for the next
+        -- claim to settle. Never a lost wake-up.
+        PERFORM 1 FROM memory.chat_metadata c WHERE c.chat_id = p_chat_id FOR UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
+            v_next := now();
+        END IF;
+    END IF;
     UPDATE memory.chat_metadata c
        SET lease_token = NULL, lease_owner = NULL, lease_owner_start = NULL, lease_until = NULL,
-           retry_at = CASE WHEN v_due > now()
-                            AND EXISTS (SELECT 1 FROM memory.chat_context_queue q
-                                         WHERE q.chat_id = c.chat_id
-                                           AND q.status = 'pending_summarization')
-                           THEN v_due END
+           retry_at = CASE WHEN v_due > now() AND v_next IS NOT NULL THEN v_due END,
+           -- behind every chat already waiting: chats take turns
+           due_at = v_next
      WHERE c.chat_id = p_chat_id;
     RETURN v_n;
 END
@@ -262,16 +307,21 @@ $$;
 --    usage: {llm_requests, prompt_tokens, completion_tokens, rejected_ops}}
 -- A result whose lease is no longer held (it expired and was reclaimed, or the chat was
 -- forgotten) changes nothing: a snippet is never applied twice. The memory update, the rows'
--- new status and the end of the lease commit together. Returns the number of chats applied.
+-- new status and the end of the lease commit together.
+-- The worker never waits for a client's lock: a chat row another transaction holds (a client's
+-- open forget(), an admin's SELECT ... FOR UPDATE) is skipped and reported busy; the caller keeps
+-- that result and finishes it later, spending no attempt. Returns {applied: n, busy: [chat ids]}.
 CREATE FUNCTION memory._finish(p_results jsonb, p_summarizer text, p_max_attempts int,
-                               p_backoff_base_ms int, p_backoff_max_ms int)
-RETURNS int
+                               p_backoff_base_ms int, p_backoff_max_ms int,
+                               p_history_versions int DEFAULT 0)
+RETURNS jsonb
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     r record;
     v_applied int := 0;
+    v_busy text[] := '{}';
     v_done bool;
 BEGIN
     FOR r IN SELECT * FROM jsonb_to_recordset(p_results) AS x(
@@ -281,18 +331,23 @@ BEGIN
     LOOP
         -- NO KEY UPDATE: excludes the other finishers and reclaimers of this chat, not enqueues.
         PERFORM 1 FROM memory.chat_metadata c
-         WHERE c.chat_id = r.chat_id AND c.lease_token = r.lease_token FOR NO KEY UPDATE;
+         WHERE c.chat_id = r.chat_id AND c.lease_token = r.lease_token
+           FOR NO KEY UPDATE SKIP LOCKED;
         IF NOT FOUND THEN
+            IF EXISTS (SELECT 1 FROM memory.chat_metadata c
+                        WHERE c.chat_id = r.chat_id AND c.lease_token = r.lease_token) THEN
+                v_busy := v_busy || r.chat_id;
+            END IF;
             CONTINUE;
         END IF;
         v_done := memory._finish_applied(r.chat_id, r.lease_token, r.applied_ids,
                                          r.user_confirmed, r.llm_inferred, r.general_summary,
                                          r.token_count, r.needs_new_chat, p_summarizer,
-                                         r.usage);
+                                         r.usage, p_history_versions);
         PERFORM memory._finish_dead(r.chat_id, r.lease_token, r.dead);
         PERFORM memory._return_claimed(r.chat_id, r.failure IS NOT NULL,
             coalesce((r.failure ->> 'permanent')::bool, false), r.failure ->> 'error',
-            p_max_attempts,
+            r.failure ->> 'kind', p_max_attempts,
             CASE WHEN r.failure IS NULL THEN now()
                  ELSE memory._backoff_until(r.chat_id, r.lease_token,
                           (r.failure ->> 'retry_after_ms')::int, p_backoff_base_ms,
@@ -306,7 +361,7 @@ BEGIN
             coalesce((r.usage ->> 'rejected_ops')::bigint, 0));
         v_applied := v_applied + v_done::int;
     END LOOP;
-    RETURN v_applied;
+    RETURN jsonb_build_object('applied', v_applied, 'busy', to_jsonb(v_busy));
 END
 $$;
 
@@ -330,7 +385,8 @@ $$;
 CREATE FUNCTION memory._finish_applied(p_chat_id text, p_lease_token uuid, p_ids uuid[],
                                        p_confirmed jsonb, p_inferred jsonb, p_summary text,
                                        p_token_count int, p_needs_new_chat bool,
-                                       p_summarizer text, p_usage jsonb)
+                                       p_summarizer text, p_usage jsonb,
+                                       p_history_versions int)
 RETURNS bool
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -367,6 +423,12 @@ BEGIN
         coalesce((p_usage ->> 'prompt_tokens')::bigint, 0),
         coalesce((p_usage ->> 'completion_tokens')::bigint, 0),
         coalesce((p_usage ->> 'rejected_ops')::int, 0));
+    -- Keep the newest p_history_versions versions (0: all): every version stores the whole
+    -- memory, so unbounded history grows with versions x memory size.
+    IF p_history_versions > 0 THEN
+        DELETE FROM memory.chat_memory_history h
+         WHERE h.chat_id = p_chat_id AND h.version <= old.version + 1 - p_history_versions;
+    END IF;
     RETURN true;
 END
 $$;
@@ -383,8 +445,9 @@ DECLARE
 BEGIN
     UPDATE memory.chat_context_queue q
        SET status = 'failed', retry_count = q.retry_count + 1, processed_at = now(),
-           error_message = left(d.error, 2000), claim_token = NULL, lease_expires_at = NULL
-      FROM jsonb_to_recordset(coalesce(p_dead, '[]')) AS d(id uuid, error text)
+           error_message = left(d.error, 2000), error_public = memory._public_error(d.kind),
+           claim_token = NULL, lease_expires_at = NULL
+      FROM jsonb_to_recordset(coalesce(p_dead, '[]')) AS d(id uuid, error text, kind text)
      WHERE q.id = d.id AND q.chat_id = p_chat_id AND q.status = 'processing'
        AND q.claim_token = p_lease_token;
     GET DIAGNOSTICS v_n = ROW_COUNT;
@@ -393,7 +456,8 @@ END
 $$;
 
 -- Give a lease back without counting an attempt: the worker is stopping while the chat's LLM
--- request is still in flight. Its snippets are pending again, due at once.
+-- request is still in flight. Its snippets are pending again, due at once. A chat a client holds
+-- locked is left alone (the worker must not wait on it): its lease expires and is reclaimed.
 CREATE FUNCTION memory._release(p_chat_id text, p_lease_token uuid)
 RETURNS int
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
@@ -401,11 +465,11 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM 1 FROM memory.chat_metadata c
-     WHERE c.chat_id = p_chat_id AND c.lease_token = p_lease_token FOR NO KEY UPDATE;
+     WHERE c.chat_id = p_chat_id AND c.lease_token = p_lease_token FOR NO KEY UPDATE SKIP LOCKED;
     IF NOT FOUND THEN
         RETURN 0;
     END IF;
-    RETURN memory._return_claimed(p_chat_id, false, false, NULL, 1, now());
+    RETURN memory._return_claimed(p_chat_id, false, false, NULL, NULL, 1, now());
 END
 $$;
 
@@ -436,7 +500,7 @@ BEGIN
     LOOP
         v_n := v_n + memory._return_claimed(v_chat, true, false,
             'lease expired: the process summarizing this snippet stopped or took longer than '
-            'memory_ext.lease_timeout', p_max_attempts, now());
+            'memory_ext.lease_timeout', 'lease', p_max_attempts, now());
     END LOOP;
     RETURN v_n;
 END
@@ -465,31 +529,35 @@ AS $$
          LIMIT p_batch
     ), gone_audit AS (
         DELETE FROM memory.audit_log a USING old_audit WHERE a.ctid = old_audit.ctid RETURNING 1
+    ), gone_turns AS (
+        -- owners not served for a day: they simply rank as never served
+        DELETE FROM memory.owner_turns t WHERE t.served_at < now() - interval '1 day' RETURNING 1
     )
-    SELECT ((SELECT count(*) FROM gone) + (SELECT count(*) FROM gone_audit))::int
+    SELECT ((SELECT count(*) FROM gone) + (SELECT count(*) FROM gone_audit)
+            + (SELECT count(*) FROM gone_turns))::int
 $$;
 
--- When the worker must look again even if nobody wakes it: the next backoff expiry or lease
--- expiry. NULL when nothing is scheduled.
+-- When the worker must look again even if nobody wakes it: the next chat coming due (a backoff
+-- ending) or lease expiry. NULL when nothing is scheduled.
 CREATE FUNCTION memory._next_due()
 RETURNS timestamptz
 LANGUAGE sql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT least(
-        (SELECT min(q.next_attempt_at) FROM memory.chat_context_queue q
-          WHERE q.status = 'pending_summarization'),
-        (SELECT min(q.lease_expires_at) FROM memory.chat_context_queue q
-          WHERE q.status = 'processing'))
+        (SELECT min(m.due_at) FROM memory.chat_metadata m
+          WHERE m.due_at IS NOT NULL AND m.lease_token IS NULL),
+        (SELECT min(m.lease_until) FROM memory.chat_metadata m WHERE m.lease_token IS NOT NULL))
 $$;
 
 REVOKE ALL ON FUNCTION memory._due_chats(int), memory._claim(int, int, int),
     memory._peek(int, int),
     memory._claim_exact(text, bigint, uuid[], int),
-    memory._finish(jsonb, text, int, int, int),
-    memory._finish_applied(text, uuid, uuid[], jsonb, jsonb, text, int, bool, text, jsonb),
+    memory._finish(jsonb, text, int, int, int, int),
+    memory._finish_applied(text, uuid, uuid[], jsonb, jsonb, text, int, bool, text, jsonb, int),
     memory._finish_dead(text, uuid, jsonb), memory._backoff_until(text, uuid, int, int, int),
-    memory._return_claimed(text, bool, bool, text, int, timestamptz),
+    memory._return_claimed(text, bool, bool, text, text, int, timestamptz),
+    memory._public_error(text),
     memory._release(text, uuid), memory._reclaim(int, bool),
     memory._record_usage(text, int, int, bigint, bigint, bigint, bigint),
     memory._cleanup(int, int, int), memory._next_due() FROM PUBLIC;

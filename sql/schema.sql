@@ -22,9 +22,15 @@ CREATE TABLE memory.chat_metadata (
     lease_owner_start timestamptz,
     lease_until     timestamptz,
     -- backoff after a failed attempt: nothing of this chat is claimed before retry_at
-    retry_at        timestamptz
+    retry_at        timestamptz,
+    -- when the chat has work to claim (NULL: none). Set by the first enqueue into an idle chat,
+    -- put behind every waiting chat after each summarization (round robin), pushed to the
+    -- backoff after a failure. Claims pick chats by it, so one chat's backlog is one candidate.
+    due_at          timestamptz
 );
 CREATE INDEX chat_metadata_owner_idx ON memory.chat_metadata (owner);
+-- Claiming: chats with work, in the order it came due.
+CREATE INDEX chat_metadata_due_idx ON memory.chat_metadata (due_at) WHERE due_at IS NOT NULL;
 -- Reclaiming looks only at chats in flight.
 CREATE INDEX chat_metadata_leased_idx ON memory.chat_metadata (lease_until)
     WHERE lease_token IS NOT NULL;
@@ -48,7 +54,11 @@ CREATE TABLE memory.chat_context_queue (
     lease_expires_at    timestamptz,
     processed_at        timestamptz,
     retry_count         int NOT NULL DEFAULT 0,
-    error_message       text
+    -- the last error in full, for admins: it may quote the LLM provider (a masked key, an
+    -- organisation id, an upstream host)
+    error_message       text,
+    -- what the snippet's owner is told: the error's class only (memory._public_error)
+    error_public        text
 );
 ALTER SEQUENCE memory.chat_context_queue_seq OWNED BY memory.chat_context_queue.seq;
 
@@ -66,6 +76,13 @@ CREATE INDEX chat_context_queue_done_idx ON memory.chat_context_queue (processed
     WHERE status = 'complete';
 -- forget(), retry_failed() and the foreign key's cascade.
 CREATE INDEX chat_context_queue_chat_idx ON memory.chat_context_queue (chat_id, status);
+
+-- When each owner last had a chat claimed: claims serve the owners waiting longest first, so one
+-- owner's many chats cannot hold back another owner's. Scheduling state only (not dumped).
+CREATE TABLE memory.owner_turns (
+    owner       text PRIMARY KEY,
+    served_at   timestamptz NOT NULL
+);
 
 -- Every applied version of a chat's memory, with the snippets that produced it.
 CREATE TABLE memory.chat_memory_history (

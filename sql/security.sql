@@ -17,7 +17,7 @@ AS $$
         'memory.wait(uuid, interval)', 'memory.history(text)', 'memory.forget(text)',
         'memory.retry_failed(text)', 'memory.count_tokens(text)',
         -- called by current_identity() and the RLS policies, with the caller's rights
-        'memory._invoker()', 'memory._is_admin()', 'memory._owns_chat(text)',
+        'memory._invoker()', 'memory._jwt_sub()', 'memory._is_admin()', 'memory._owns_chat(text)',
         -- settings read through the library, by get() and _is_admin()
         'memory._admin_role()', 'memory._audit_reads()', 'memory._token_limit()',
         -- called by wait(), which runs with the caller's rights
@@ -34,7 +34,10 @@ AS $$
     SELECT ARRAY[
         'memory.process_pending(integer)', 'memory.worker_status()',
         'memory.grant_usage(regrole)', 'memory.revoke_usage(regrole)',
-        'memory.grant_admin(regrole)', 'memory.revoke_admin(regrole)'
+        'memory.grant_admin(regrole)', 'memory.revoke_admin(regrole)',
+        -- the audit_direct_write triggers' WHEN runs with the writer's rights: a role given table
+        -- privileges without it cannot write them at all (rather than unaudited)
+        'memory._superuser()'
     ]::regprocedure[]
 $$;
 
@@ -180,6 +183,9 @@ CREATE POLICY admin_reads ON memory.llm_usage_daily FOR SELECT USING (memory._is
 ALTER TABLE memory.admin_roles ENABLE ROW LEVEL SECURITY;
 CREATE POLICY admin_reads ON memory.admin_roles FOR SELECT USING (memory._is_admin());
 
+ALTER TABLE memory.owner_turns ENABLE ROW LEVEL SECURITY;
+CREATE POLICY admin_reads ON memory.owner_turns FOR SELECT USING (memory._is_admin());
+
 -- The audit log is append-only for everyone but superusers (the worker's retention included),
 -- whatever privileges or ownership a role has.
 CREATE FUNCTION memory._audit_log_append_only()
@@ -198,6 +204,35 @@ END
 $$;
 CREATE TRIGGER append_only BEFORE UPDATE OR DELETE ON memory.audit_log
     FOR EACH ROW EXECUTE FUNCTION memory._audit_log_append_only();
+
+-- Direct writes to the chat tables (an admin with table privileges changing an owner, deleting a
+-- history) bypass the API's checks and its audit rows: every such statement is audited. The API's
+-- definer functions and the worker run as superusers, which skip the trigger (WHEN), so the hot
+-- paths pay one cheap test per statement.
+CREATE FUNCTION memory._audit_direct_write()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM memory._audit('direct_' || lower(TG_OP), NULL, NULL,
+        format('%s on memory.%s: %s', TG_OP, TG_TABLE_NAME, left(current_query(), 500)));
+    RETURN NULL;
+END
+$$;
+DO $$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['chat_metadata', 'chat_context_queue', 'chat_memory_history',
+                             'admin_roles'] LOOP
+        EXECUTE format('CREATE TRIGGER audit_direct_write AFTER INSERT OR UPDATE OR DELETE '
+                       'ON memory.%I FOR EACH STATEMENT WHEN (NOT memory._superuser()) '
+                       'EXECUTE FUNCTION memory._audit_direct_write()', t);
+    END LOOP;
+END
+$$;
 CREATE TRIGGER append_only_truncate BEFORE TRUNCATE ON memory.audit_log
     FOR EACH STATEMENT EXECUTE FUNCTION memory._audit_log_append_only();
 

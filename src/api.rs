@@ -175,12 +175,16 @@ fn process_pending_impl(p_max: i32) -> ApiResult<i32> {
     queue::reclaim(policy.max_attempts, true)?;
     let mut applied_snippets = 0;
     for peeked in queue::peek(&policy)? {
-        let mut result = batch::process(peeked.clone(), summarizer.as_ref(), policy.token_limit);
+        let mut result = batch::process(
+            peeked.clone(),
+            summarizer.as_ref(),
+            batch::Bounds::of(&policy),
+        );
         let Some(lease) = queue::claim_exact(&peeked, &policy)? else {
             continue; // the chat changed or is busy elsewhere: its work is not lost, only not done here
         };
         result.lease_token = lease;
-        if queue::finish(std::slice::from_ref(&result), &policy, &label)? > 0 {
+        if queue::finish(std::slice::from_ref(&result), &policy, &label)?.applied > 0 {
             applied_snippets += result.applied.len() as i32;
         }
     }
@@ -303,4 +307,12 @@ pub fn audit_reads() -> bool {
 #[pg_extern(stable, parallel_safe, name = "_token_limit")]
 pub fn token_limit() -> i32 {
     settings::TOKEN_LIMIT.get()
+}
+
+/// Is the current user (the definer inside SECURITY DEFINER functions) a superuser? The API's
+/// functions and the worker are; an admin role writing the tables directly is not (see the
+/// audit_direct_write triggers).
+#[pg_extern(stable, parallel_safe, name = "_superuser")]
+fn current_user_is_superuser() -> bool {
+    unsafe { pg_sys::superuser() }
 }

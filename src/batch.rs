@@ -8,7 +8,7 @@
 //! the batch there: what was merged before it is applied, the rest is retried later.
 
 use crate::merge;
-use crate::queue::{Claim, Failure, Finished};
+use crate::queue::{Claim, Dead, Failure, Finished};
 use crate::summarizer::{Memory, Snippet, Summarizer, SummarizerError, Usage};
 use crate::tokens;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -23,12 +23,29 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// The bounds a merged memory must keep.
+#[derive(Clone, Copy, Debug)]
+pub struct Bounds {
+    /// Above it the memory is flagged `needs_new_chat`.
+    pub token_limit: i32,
+    pub max_facts: usize,
+}
+
+impl Bounds {
+    pub fn of(policy: &crate::settings::QueuePolicy) -> Self {
+        Self {
+            token_limit: policy.token_limit,
+            max_facts: policy.max_facts.max(1) as usize,
+        }
+    }
+}
+
 /// What summarizing a claim achieved so far.
 #[derive(Default)]
 struct Progress {
     memory: Memory,
     applied: Vec<String>,
-    dead: Vec<(String, String)>,
+    dead: Vec<Dead>,
     usage: Usage,
 }
 
@@ -37,14 +54,15 @@ fn summarize_into(
     summarizer: &dyn Summarizer,
     progress: &mut Progress,
     snippets: &[Snippet],
+    max_facts: usize,
 ) -> Result<(), SummarizerError> {
     match summarizer.summarize(&progress.memory, snippets, &mut progress.usage) {
         Ok(update) => {
             merge::validate(&update).map_err(|e| {
                 SummarizerError::Transient(format!("invalid summarizer output: {e}"))
             })?;
-            let stats = merge::apply(&mut progress.memory, update);
-            progress.usage.rejected_ops += stats.rejected_inferences as u32;
+            let stats = merge::apply(&mut progress.memory, update, max_facts);
+            progress.usage.rejected_ops += stats.rejected() as u32;
             progress
                 .applied
                 .extend(snippets.iter().map(|s| s.id.clone()));
@@ -52,18 +70,22 @@ fn summarize_into(
         }
         Err(e) if e.is_about_input() && snippets.len() > 1 => {
             let (first, second) = snippets.split_at(snippets.len() / 2);
-            summarize_into(summarizer, progress, first)?;
-            summarize_into(summarizer, progress, second)
+            summarize_into(summarizer, progress, first, max_facts)?;
+            summarize_into(summarizer, progress, second, max_facts)
         }
-        Err(SummarizerError::ContextLength(m)) => {
-            let error = format!(
-                "{m} (a single snippet with the current memory does not fit the model's context)"
-            );
-            progress.dead.push((snippets[0].id.clone(), error));
-            Ok(())
-        }
-        Err(e @ SummarizerError::Refused(_)) => {
-            progress.dead.push((snippets[0].id.clone(), e.to_string()));
+        Err(e) if e.is_about_input() => {
+            let error = match &e {
+                SummarizerError::ContextLength(m) => format!(
+                    "{m} (a single snippet with the current memory does not fit the model's \
+                     context)"
+                ),
+                e => e.to_string(),
+            };
+            progress.dead.push(Dead {
+                id: snippets[0].id.clone(),
+                error,
+                kind: e.kind(),
+            });
             Ok(())
         }
         Err(e) => Err(e),
@@ -73,6 +95,7 @@ fn summarize_into(
 fn failure(e: &SummarizerError) -> Failure {
     Failure {
         error: e.to_string(),
+        kind: e.kind(),
         permanent: e.is_permanent(),
         retry_after: e.retry_after(),
     }
@@ -80,13 +103,13 @@ fn failure(e: &SummarizerError) -> Failure {
 
 /// Summarize one claimed chat. A panic in the summarizer fails the whole claim (transiently):
 /// nothing of a batch that panicked is applied.
-pub fn process(claim: Claim, summarizer: &dyn Summarizer, token_limit: i32) -> Finished {
+pub fn process(claim: Claim, summarizer: &dyn Summarizer, bounds: Bounds) -> Finished {
     let mut progress = Progress {
         memory: claim.memory.clone(),
         ..Default::default()
     };
     let result = catch_unwind(AssertUnwindSafe(|| {
-        summarize_into(summarizer, &mut progress, &claim.snippets)
+        summarize_into(summarizer, &mut progress, &claim.snippets, bounds.max_facts)
     }));
     let failure = match result {
         Ok(Ok(())) => None,
@@ -114,7 +137,7 @@ pub fn process(claim: Claim, summarizer: &dyn Summarizer, token_limit: i32) -> F
         applied: progress.applied,
         memory: progress.memory,
         token_count,
-        needs_new_chat: token_count > token_limit,
+        needs_new_chat: token_count > bounds.token_limit,
         dead: progress.dead,
         failure,
         usage: progress.usage,
@@ -124,11 +147,11 @@ pub fn process(claim: Claim, summarizer: &dyn Summarizer, token_limit: i32) -> F
 pub fn process_all(
     claims: Vec<Claim>,
     summarizer: &dyn Summarizer,
-    token_limit: i32,
+    bounds: Bounds,
 ) -> Vec<Finished> {
     claims
         .into_iter()
-        .map(|c| process(c, summarizer, token_limit))
+        .map(|c| process(c, summarizer, bounds))
         .collect()
 }
 
@@ -189,6 +212,11 @@ mod tests {
         }
     }
 
+    const TEST_BOUNDS: Bounds = Bounds {
+        token_limit: 8000,
+        max_facts: usize::MAX,
+    };
+
     fn claim(texts: &[&str]) -> Claim {
         Claim {
             chat_id: "c".into(),
@@ -209,7 +237,7 @@ mod tests {
     #[test]
     fn context_length_splits_in_order() {
         let s = Window::new(2);
-        let f = process(claim(&["0", "1", "2", "3", "4"]), &s, 8000);
+        let f = process(claim(&["0", "1", "2", "3", "4"]), &s, TEST_BOUNDS);
         assert!(f.failure.is_none() && f.dead.is_empty());
         assert_eq!(f.memory.user_confirmed.len(), 5);
         assert_eq!(f.applied, ["0", "1", "2", "3", "4"]);
@@ -222,21 +250,30 @@ mod tests {
     #[test]
     fn a_snippet_that_never_fits_is_dead_lettered_alone() {
         for texts in [["a", "huge"], ["huge", "a"]] {
-            let f = process(claim(&texts), &Window::new(8), 8000);
+            let f = process(claim(&texts), &Window::new(8), TEST_BOUNDS);
             let huge = texts.iter().position(|t| *t == "huge").unwrap().to_string();
             let other = texts.iter().position(|t| *t == "a").unwrap().to_string();
             assert!(f.failure.is_none(), "{texts:?}");
             assert_eq!(f.applied, [other], "{texts:?}");
             assert_eq!(f.dead.len(), 1);
-            assert_eq!(f.dead[0].0, huge);
-            assert!(f.dead[0].1.contains("does not fit"), "{}", f.dead[0].1);
+            assert_eq!(f.dead[0].id, huge);
+            assert_eq!(f.dead[0].kind, "too_long");
+            assert!(
+                f.dead[0].error.contains("does not fit"),
+                "{}",
+                f.dead[0].error
+            );
             assert_eq!(f.memory.general_summary, "a");
         }
     }
 
     #[test]
     fn a_transient_error_keeps_the_applied_prefix_and_retries_the_rest() {
-        let f = process(claim(&["0", "1", "flaky", "3"]), &Window::new(2), 8000);
+        let f = process(
+            claim(&["0", "1", "flaky", "3"]),
+            &Window::new(2),
+            TEST_BOUNDS,
+        );
         assert_eq!(f.applied, ["0", "1"]);
         let failure = f.failure.expect("the rest fails");
         assert!(!failure.permanent);
@@ -246,11 +283,11 @@ mod tests {
 
     #[test]
     fn inferences_refused_by_the_merge_count_as_rejected() {
-        let m = crate::summarizer::mock::Mock;
+        let m = crate::summarizer::mock::Mock { directives: true };
         let f = process(
             claim(&["confirmed: plan = PPO", "inferred: plan = HMO"]),
             &m,
-            8000,
+            TEST_BOUNDS,
         );
         assert_eq!(f.usage.rejected_ops, 1);
         assert_eq!(f.memory.user_confirmed["plan"], "PPO");
@@ -258,8 +295,12 @@ mod tests {
 
     #[test]
     fn a_panic_applies_nothing() {
-        let m = crate::summarizer::mock::Mock;
-        let f = process(claim(&["confirmed: a = 1", "mock_panic: boom"]), &m, 8000);
+        let m = crate::summarizer::mock::Mock { directives: true };
+        let f = process(
+            claim(&["confirmed: a = 1", "mock_panic: boom"]),
+            &m,
+            TEST_BOUNDS,
+        );
         assert!(f.applied.is_empty());
         assert!(f.failure.unwrap().error.contains("boom"));
     }

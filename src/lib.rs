@@ -20,6 +20,7 @@ pgrx::pg_module_magic!();
 mod api;
 mod batch;
 mod bgw;
+mod denials;
 mod drain;
 mod error;
 mod launcher;
@@ -79,6 +80,8 @@ pub mod pg_test {
         vec![
             "shared_preload_libraries = 'memory_ext'",
             "memory_ext.database = 'postgres'",
+            // the tests drive failures through the mock's directives
+            "memory_ext.mock_directives = on",
         ]
     }
 }

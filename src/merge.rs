@@ -4,7 +4,10 @@
 //! - an inferred fact that gets confirmed moves to `user_confirmed`;
 //! - a confirmed fact with a new value supersedes the old (the old value stays in history);
 //! - nothing is deleted by omission: only an explicit drop removes an inferred fact, and
-//!   confirmed facts are never removed by a summarizer.
+//!   confirmed facts are never removed by a summarizer;
+//! - bounded: a chat holds at most `max_facts` facts (confirmed and inferred together) and no value
+//!   longer than [`MAX_VALUE_CHARS`]; an operation that would add a new key beyond the bound, or
+//!   store a longer value, is refused (counted), while changes to existing keys go on.
 //!
 //! Operations apply one by one in the order stated, so folding snippets one at a time or all
 //! together gives the same memory.
@@ -14,6 +17,7 @@ use thiserror::Error;
 
 pub const MAX_KEY_CHARS: usize = 200;
 pub const MAX_SUMMARY_CHARS: usize = 100_000;
+pub const MAX_VALUE_CHARS: usize = 1_000;
 
 #[derive(Debug, Error, PartialEq)]
 pub enum InvalidUpdate {
@@ -35,6 +39,26 @@ pub struct MergeStats {
     pub promoted: usize,
     /// Inferences refused because the key is confirmed.
     pub rejected_inferences: usize,
+    /// Operations refused by the bounds: a new key beyond `max_facts`, or a value too long.
+    pub rejected_over_bounds: usize,
+}
+
+impl MergeStats {
+    /// Operations the merge refused.
+    pub fn rejected(&self) -> usize {
+        self.rejected_inferences + self.rejected_over_bounds
+    }
+}
+
+/// May `key` be set to `value` without breaking the bounds?
+fn within_bounds(memory: &Memory, key: &str, value: &serde_json::Value, max_facts: usize) -> bool {
+    let long = match value {
+        serde_json::Value::String(s) => s.chars().count() > MAX_VALUE_CHARS,
+        v => v.to_string().chars().count() > MAX_VALUE_CHARS,
+    };
+    let known = memory.user_confirmed.contains_key(key) || memory.llm_inferred.contains_key(key);
+    let facts = memory.user_confirmed.len() + memory.llm_inferred.len();
+    !long && (known || facts < max_facts)
 }
 
 fn check_key(key: &str) -> Result<(), InvalidUpdate> {
@@ -70,11 +94,17 @@ pub fn validate(update: &SummaryUpdate) -> Result<(), InvalidUpdate> {
     Ok(())
 }
 
-/// Apply a validated update to `memory`, one operation at a time in the order stated.
-pub fn apply(memory: &mut Memory, update: SummaryUpdate) -> MergeStats {
+/// Apply a validated update to `memory`, one operation at a time in the order stated, keeping
+/// at most `max_facts` facts.
+pub fn apply(memory: &mut Memory, update: SummaryUpdate, max_facts: usize) -> MergeStats {
     let mut stats = MergeStats::default();
     for op in update.ops {
         match op {
+            Op::Confirm(fact) | Op::Infer(fact)
+                if !within_bounds(memory, &fact.key, &fact.value, max_facts) =>
+            {
+                stats.rejected_over_bounds += 1;
+            }
             Op::Confirm(fact) => {
                 if memory.llm_inferred.remove(&fact.key).is_some() {
                     stats.promoted += 1;
@@ -187,7 +217,7 @@ mod tests {
         for (name, c, i, update, ec, ei) in cases {
             let mut m = memory(c, i);
             validate(&update).unwrap();
-            apply(&mut m, update);
+            apply(&mut m, update, usize::MAX);
             assert_eq!(Value::Object(m.user_confirmed), ec, "{name}");
             assert_eq!(Value::Object(m.llm_inferred), ei, "{name}");
             assert_eq!(
@@ -211,13 +241,15 @@ mod tests {
                 general_summary: Some("new".into()),
                 ..Default::default()
             },
+            usize::MAX,
         );
         assert_eq!(
             stats,
             MergeStats {
                 superseded: 1,
                 promoted: 1,
-                rejected_inferences: 1
+                rejected_inferences: 1,
+                rejected_over_bounds: 0,
             }
         );
         assert_eq!(m.general_summary, "new");
@@ -285,6 +317,7 @@ mod tests {
                             ops: ops.clone(),
                             ..Default::default()
                         },
+                        usize::MAX,
                     );
                     let mut single = Memory::default();
                     for op in ops {
@@ -294,6 +327,7 @@ mod tests {
                                 ops: vec![op],
                                 ..Default::default()
                             },
+                            usize::MAX,
                         );
                     }
                     assert_eq!(together, single, "{a:?} {b:?} {c:?}");
@@ -310,7 +344,39 @@ mod tests {
                 ops: vec![kinds[0].clone(), kinds[1].clone(), kinds[2].clone()],
                 ..Default::default()
             },
+            usize::MAX,
         );
         assert_eq!(Value::Object(m.llm_inferred), json!({"k": "b"}));
+    }
+
+    /// At the bound, new keys are refused (counted) while existing keys still change, and a
+    /// value too long is refused; nothing already stored is evicted.
+    #[test]
+    fn bounds_refuse_new_keys_and_long_values() {
+        let mut m = memory(json!({"a": "1"}), json!({"b": "2"}));
+        let long = "x".repeat(MAX_VALUE_CHARS + 1);
+        let stats = apply(
+            &mut m,
+            SummaryUpdate {
+                ops: vec![
+                    Op::Confirm(fact("c", "3")),   // third fact: at the bound of 3
+                    Op::Confirm(fact("d", "4")),   // a fourth: refused
+                    Op::Infer(fact("e", "5")),     // refused
+                    Op::Confirm(fact("a", "9")),   // an existing key changes
+                    Op::Confirm(fact("b", "2")),   // promotion keeps the count
+                    Op::DropInferred("x".into()),  // drops are never refused
+                    Op::Confirm(fact("a", &long)), // too long: refused
+                ],
+                ..Default::default()
+            },
+            3,
+        );
+        assert_eq!(stats.rejected_over_bounds, 3);
+        assert_eq!(stats.rejected(), 3);
+        assert_eq!(
+            Value::Object(m.user_confirmed),
+            json!({"a": "9", "b": "2", "c": "3"})
+        );
+        assert!(m.llm_inferred.is_empty());
     }
 }

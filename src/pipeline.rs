@@ -160,7 +160,7 @@ impl Pipeline {
         &mut self,
         claims: Vec<Claim>,
         summarizer: &Arc<dyn Summarizer>,
-        token_limit: i32,
+        bounds: batch::Bounds,
     ) -> Result<(), (String, Vec<(String, pgrx::Uuid)>)> {
         let label = summarizer.label();
         let mut claims = claims.into_iter();
@@ -171,7 +171,7 @@ impl Pipeline {
                 wake,
                 summarizer: Arc::clone(summarizer),
                 label: label.clone(),
-                token_limit,
+                bounds,
             });
             let started = job.and_then(|job| spawn_without_signals(move || job.run(c)));
             if let Err(e) = started {
@@ -203,13 +203,13 @@ struct Job {
     wake: UnixStream,
     summarizer: Arc<dyn Summarizer>,
     label: String,
-    token_limit: i32,
+    bounds: batch::Bounds,
 }
 
 impl Job {
     fn run(mut self, claim: Claim) {
         let started = Instant::now();
-        let outcome = batch::process(claim, self.summarizer.as_ref(), self.token_limit);
+        let outcome = batch::process(claim, self.summarizer.as_ref(), self.bounds);
         let _ = self.tx.send(Done {
             outcome,
             label: self.label,

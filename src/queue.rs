@@ -41,25 +41,43 @@ pub struct Finished {
     pub memory: Memory,
     pub token_count: i32,
     pub needs_new_chat: bool,
-    /// (queue id, error) of snippets dead-lettered alone.
-    pub dead: Vec<(String, String)>,
+    /// Snippets dead-lettered alone.
+    pub dead: Vec<Dead>,
     pub failure: Option<Failure>,
     pub usage: Usage,
+}
+
+/// A snippet the summarizer refused on its own.
+#[derive(Clone, Debug)]
+pub struct Dead {
+    pub id: String,
+    pub error: String,
+    /// The error's class (see [`Failure::kind`]).
+    pub kind: &'static str,
 }
 
 /// A failed attempt for the claimed snippets that were neither applied nor dead-lettered.
 #[derive(Clone, Debug)]
 pub struct Failure {
+    /// The full text, for admins: it may quote the provider.
     pub error: String,
+    /// The class (`SummarizerError::kind`, or `apply`): what the snippet's owner is told.
+    pub kind: &'static str,
     pub permanent: bool,
     /// The endpoint's Retry-After: the delay to use instead of the backoff.
     pub retry_after: Option<Duration>,
 }
 
 impl Finished {
-    /// The whole claim failed with `error`, nothing applied (e.g. the summarizer could not be
-    /// configured, or the result could not be written).
-    pub fn failed(chat_id: String, lease_token: pgrx::Uuid, error: String, usage: Usage) -> Self {
+    /// The whole claim failed with `error` of class `kind`, nothing applied (e.g. the summarizer
+    /// could not be configured, or the result could not be written).
+    pub fn failed(
+        chat_id: String,
+        lease_token: pgrx::Uuid,
+        error: String,
+        kind: &'static str,
+        usage: Usage,
+    ) -> Self {
         Finished {
             chat_id,
             lease_token,
@@ -70,6 +88,7 @@ impl Finished {
             dead: Vec::new(),
             failure: Some(Failure {
                 error,
+                kind,
                 permanent: false,
                 retry_after: None,
             }),
@@ -81,6 +100,7 @@ impl Finished {
         let failure = self.failure.as_ref().map(|f| {
             serde_json::json!({
                 "error": f.error,
+                "kind": f.kind,
                 "permanent": f.permanent,
                 "retry_after_ms": f.retry_after.map(|d| i32::try_from(d.as_millis()).unwrap_or(i32::MAX)),
             })
@@ -88,7 +108,7 @@ impl Finished {
         let dead: Vec<Value> = self
             .dead
             .iter()
-            .map(|(id, error)| serde_json::json!({"id": id, "error": error}))
+            .map(|d| serde_json::json!({"id": d.id, "error": d.error, "kind": d.kind}))
             .collect();
         serde_json::json!({
             "chat_id": self.chat_id,
@@ -199,25 +219,46 @@ pub fn claim_exact(peeked: &Claim, policy: &QueuePolicy) -> Result<Option<pgrx::
     )?)
 }
 
+/// What [`finish`] did: how many chats' memory changed, and which chats it skipped because
+/// another transaction holds their row (to finish later).
+#[derive(Debug, Default)]
+pub struct FinishOutcome {
+    pub applied: usize,
+    pub busy: Vec<String>,
+}
+
 /// Write how leased summarizations ended (see [`Finished`]). Results whose lease was lost
-/// meanwhile change nothing. Returns the number of chats whose memory was updated.
+/// meanwhile change nothing; chats a client holds locked are skipped, never waited for.
 pub fn finish(
     results: &[Finished],
     policy: &QueuePolicy,
     summarizer: &str,
-) -> Result<i32, SpiError> {
+) -> Result<FinishOutcome, SpiError> {
     let payload = Value::Array(results.iter().map(Finished::to_json).collect());
-    Spi::get_one_with_args::<i32>(
-        "SELECT memory._finish($1, $2, $3, $4, $5)",
+    let outcome = Spi::get_one_with_args::<JsonB>(
+        "SELECT memory._finish($1, $2, $3, $4, $5, $6)",
         &[
             JsonB(payload).into(),
             summarizer.into(),
             policy.max_attempts.into(),
             policy.backoff_base_ms.into(),
             policy.backoff_max_ms.into(),
+            policy.history_versions.into(),
         ],
-    )
-    .map(|n| n.unwrap_or(0))
+    )?
+    .map(|j| j.0)
+    .unwrap_or_default();
+    Ok(FinishOutcome {
+        applied: outcome["applied"].as_u64().unwrap_or(0) as usize,
+        busy: outcome["busy"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| c.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    })
 }
 
 /// Give a lease back untouched (the worker is stopping with the request still in flight): the

@@ -1,5 +1,10 @@
-//! Per-identity rate limit on enqueue (`memory_ext.rate_limit_per_minute`): a token bucket per
-//! identity in shared memory. Bursts up to the limit, refilled evenly over a minute.
+//! Per-identity rate limit on every writing call (`memory_ext.rate_limit_per_minute`): a token
+//! bucket per identity in shared memory. Bursts up to the limit, refilled evenly over a minute.
+//!
+//! Slots are found by a hash keyed with a secret drawn at server start, so nobody can compute
+//! offline which identities share a probe window; and a bucket still in deficit is never evicted
+//! (that would hand its identity a full bucket): with no evictable slot the caller waits until one
+//! refills.
 //!
 //! Shared memory rather than a table: a counter row per identity would serialize every enqueue of
 //! that identity on one row lock until commit, and cost a write per call. The check is a hash, a
@@ -31,6 +36,8 @@ struct Slot {
 #[repr(C)]
 struct Table {
     lock: *mut pg_sys::LWLock,
+    /// The hash key, drawn when the segment is created.
+    secret: [u8; 16],
     slots: [Slot; SLOTS],
 }
 
@@ -40,14 +47,20 @@ static TABLE: AtomicPtr<Table> = AtomicPtr::new(std::ptr::null_mut());
 pub unsafe fn attach(memory: *mut u8, lock: *mut pg_sys::LWLock, found: bool) {
     let p = memory.cast::<Table>();
     if !found {
-        unsafe { (*p).lock = lock };
+        unsafe {
+            (*p).lock = lock;
+            // Without a strong random source the key stays zero: still a working limiter.
+            let _ = pg_sys::pg_strong_random((*p).secret.as_mut_ptr().cast(), 16);
+        }
     }
     TABLE.store(p, Ordering::Release);
 }
 
-fn key_of(identity: &str) -> u64 {
-    // SipHash with fixed keys: the same identity hashes alike in every backend.
+fn key_of(secret: &[u8; 16], identity: &str) -> u64 {
+    // SipHash over the shared secret and the identity: alike in every backend, unpredictable
+    // without the secret.
     let mut h = std::hash::DefaultHasher::new();
+    secret.hash(&mut h);
     identity.hash(&mut h);
     h.finish().max(1)
 }
@@ -66,30 +79,42 @@ fn take(slot: &mut Slot, now: i64, limit: f64) -> Option<u32> {
     }
 }
 
-/// The slot of `key` among its probe window: its own, a free one, or the least recently used
-/// (whose bucket has most likely refilled anyway).
-fn slot_for(slots: &mut [Slot; SLOTS], key: u64, now: i64, limit: f64) -> &mut Slot {
+/// Microseconds until `slot`'s bucket is full again (0: full, so it may be recycled).
+fn until_full(slot: &Slot, now: i64, limit: f64) -> i64 {
+    let missing = limit - slot.tokens;
+    let needed = (missing / (limit / 60e6)).ceil() as i64;
+    (slot.at + needed - now).max(0)
+}
+
+/// The slot of `key` among its probe window: its own, a free one, or one whose bucket has refilled
+/// (nothing is lost by recycling it). Err: every slot is another identity's bucket in deficit;
+/// the microseconds until the first of them is full.
+fn slot_for(slots: &mut [Slot; SLOTS], key: u64, now: i64, limit: f64) -> Result<&mut Slot, i64> {
     let start = (key as usize) % SLOTS;
-    let mut victim = start;
+    let mut free = None;
+    let mut soonest = i64::MAX;
     for i in 0..PROBE {
         let j = (start + i) % SLOTS;
         if slots[j].key == key {
-            return &mut slots[j];
+            return Ok(&mut slots[j]);
         }
-        if slots[j].key == 0 {
-            victim = j;
-            break;
+        let wait = if slots[j].key == 0 {
+            0
+        } else {
+            until_full(&slots[j], now, limit)
+        };
+        if wait == 0 && free.is_none() {
+            free = Some(j);
         }
-        if slots[j].at < slots[victim].at {
-            victim = j;
-        }
+        soonest = soonest.min(wait);
     }
-    slots[victim] = Slot {
+    let j = free.ok_or(soonest)?;
+    slots[j] = Slot {
         key,
         tokens: limit,
         at: now,
     };
-    &mut slots[victim]
+    Ok(&mut slots[j])
 }
 
 /// Superusers (bulk loads, maintenance) are never limited. The invoker is SET ROLE's role or
@@ -116,12 +141,16 @@ fn rate_limit(identity: &str) -> i32 {
     if limit <= 0 || table.is_null() || invoker_is_superuser() {
         return 0;
     }
-    let key = key_of(identity);
+    let limit = limit as f64;
     unsafe {
         let now = pg_sys::GetCurrentTimestamp();
         pg_sys::LWLockAcquire((*table).lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let slot = slot_for(&mut (*table).slots, key, now, limit as f64);
-        let wait = take(slot, now, limit as f64);
+        // Nothing between acquire and release can raise an ERROR.
+        let key = key_of(&(*table).secret, identity);
+        let wait = match slot_for(&mut (*table).slots, key, now, limit) {
+            Ok(slot) => take(slot, now, limit),
+            Err(us) => Some(((us as f64) / 1e6).ceil().max(1.0) as u32),
+        };
         pg_sys::LWLockRelease((*table).lock);
         wait.map_or(0, |s| s as i32)
     }
@@ -164,15 +193,52 @@ mod tests {
             tokens: 0.0,
             at: 0,
         }; SLOTS];
-        let a = slot_for(&mut slots, 5, 10, 100.0) as *const Slot;
-        assert_eq!(slot_for(&mut slots, 5, 20, 100.0) as *const Slot, a);
+        let a = slot_for(&mut slots, 5, 10, 100.0).unwrap() as *const Slot;
+        assert_eq!(
+            slot_for(&mut slots, 5, 20, 100.0).unwrap() as *const Slot,
+            a
+        );
         // fill a probe window with other keys colliding on the same start
         for i in 1..PROBE as u64 {
-            slot_for(&mut slots, 5 + i * SLOTS as u64, 100 + i as i64, 100.0);
+            slot_for(&mut slots, 5 + i * SLOTS as u64, 100 + i as i64, 100.0).unwrap();
         }
-        // one more colliding key evicts the least recently used (key 5, at = 10)
-        let b = slot_for(&mut slots, 5 + 99 * SLOTS as u64, 1000, 100.0);
+        // every bucket is full: one more colliding key recycles one of them
+        let b = slot_for(&mut slots, 5 + 99 * SLOTS as u64, 1000, 100.0).unwrap();
         assert_eq!(b.key, 5 + 99 * SLOTS as u64);
-        assert!(!slots.iter().any(|s| s.key == 5));
+    }
+
+    /// Identities whose buckets share a window cannot evict each other's deficit: the
+    /// exhausted bucket stays, and a newcomer waits for a bucket to refill instead.
+    #[test]
+    fn a_bucket_in_deficit_is_never_evicted() {
+        let mut slots = [Slot {
+            key: 0,
+            tokens: 0.0,
+            at: 0,
+        }; SLOTS];
+        let limit = 60.0; // a token a second
+        let keys: Vec<u64> = (0..PROBE as u64).map(|i| 7 + i * SLOTS as u64).collect();
+        for &k in &keys {
+            let s = slot_for(&mut slots, k, 0, limit).unwrap();
+            while take(s, 0, limit).is_none() {}
+        }
+        let newcomer = 7 + 500 * SLOTS as u64;
+        assert_eq!(
+            slot_for(&mut slots, newcomer, 1_000_000, limit).map(|_| ()),
+            Err(59_000_000),
+            "no slot: wait until the first bucket is full (59 s)"
+        );
+        for &k in &keys {
+            let s = slot_for(&mut slots, k, 1_000_000, limit).unwrap();
+            assert!(s.tokens < 1.0, "key {k} kept its deficit");
+        }
+        assert!(slot_for(&mut slots, newcomer, 60_000_000, limit).is_ok());
+    }
+
+    #[test]
+    fn the_hash_depends_on_the_secret() {
+        let a = key_of(&[0; 16], "alice");
+        assert_eq!(a, key_of(&[0; 16], "alice"));
+        assert_ne!(a, key_of(&[1; 16], "alice"));
     }
 }

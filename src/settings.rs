@@ -22,6 +22,8 @@ pub static BATCH_CHATS: GucSetting<i32> = GucSetting::<i32>::new(200);
 pub static BATCH_SNIPPETS: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static IDLE_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 pub static MAX_WAIT_S: GucSetting<i32> = GucSetting::<i32>::new(300);
+pub static MAX_FACTS: GucSetting<i32> = GucSetting::<i32>::new(500);
+pub static HISTORY_VERSIONS: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static LLM_ENDPOINT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static LLM_MODEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static LLM_API_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -33,6 +35,7 @@ pub static ADMIN_ROLE: GucSetting<Option<CString>> =
 pub static RATE_LIMIT_PER_MINUTE: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static AUDIT_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(30 * 24 * 3600);
 pub static AUDIT_READS: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static MOCK_DIRECTIVES: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static LLM_STRUCTURED_OUTPUT: GucSetting<StructuredOutput> =
     GucSetting::<StructuredOutput>::new(StructuredOutput::JsonSchema);
 
@@ -149,6 +152,36 @@ pub fn init(preloading: bool) {
         GucContext::Suset,
         GucFlags::empty(),
     );
+    // Test hooks that make the mock fail, panic or sleep: off, so no caller's snippet can stall
+    // the worker; superuser-only, so only a test or demo setup turns them on.
+    GucRegistry::define_bool_guc(
+        c"memory_ext.mock_directives",
+        c"Honour the mock summarizer's test directives (mock_error, mock_fatal, mock_panic, mock_sleep_ms).",
+        c"Off: those lines are plain text. For tests only.",
+        &MOCK_DIRECTIVES,
+        GucContext::Suset,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"memory_ext.max_facts",
+        c"Most facts (confirmed and inferred together) one chat's memory holds.",
+        c"At the bound new keys are refused (counted in rejected_ops); existing keys still change.",
+        &MAX_FACTS,
+        1,
+        100_000,
+        GucContext::Suset,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"memory_ext.history_versions",
+        c"Memory versions kept per chat in memory.chat_memory_history (0: all).",
+        c"Older versions are deleted as new ones are applied.",
+        &HISTORY_VERSIONS,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::empty(),
+    );
     GucRegistry::define_int_guc(
         c"memory_ext.max_wait",
         c"Longest timeout memory.wait() accepts.",
@@ -187,15 +220,21 @@ pub fn init(preloading: bool) {
         GucContext::Suset,
         GucFlags::empty(),
     );
-    GucRegistry::define_string_guc(
-        c"memory_ext.llm_api_key",
-        c"API key for the LLM endpoint, or file:/path or env:NAME to read it from there.",
-        c"Prefer file: or env:: a literal key set in postgresql.conf is printed by the \
-          postmaster's own 'parameter changed' message on reload.",
-        &LLM_API_KEY,
-        GucContext::Suset,
-        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
-    );
+    // SAFETY: the hook cannot panic (pg_guard'ed all the same) and only reads its arguments.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"memory_ext.llm_api_key",
+            c"API key for the LLM endpoint, or file:/path or env:NAME to read it from there.",
+            c"Prefer file: or env:: a literal key set in postgresql.conf is printed by the \
+              postmaster's own 'parameter changed' message on reload.",
+            &LLM_API_KEY,
+            GucContext::Suset,
+            GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+            Some(check_api_key),
+            None,
+            None,
+        );
+    }
     GucRegistry::define_int_guc(
         c"memory_ext.llm_timeout_ms",
         c"Time limit of one LLM request, connecting included.",
@@ -294,6 +333,8 @@ pub struct QueuePolicy {
     pub backoff_base_ms: i32,
     pub backoff_max_ms: i32,
     pub token_limit: i32,
+    pub max_facts: i32,
+    pub history_versions: i32,
 }
 
 impl QueuePolicy {
@@ -306,6 +347,8 @@ impl QueuePolicy {
             backoff_base_ms: BACKOFF_BASE_MS.get(),
             backoff_max_ms: BACKOFF_MAX_MS.get(),
             token_limit: TOKEN_LIMIT.get(),
+            max_facts: MAX_FACTS.get(),
+            history_versions: HISTORY_VERSIONS.get(),
         }
     }
 }
@@ -340,6 +383,8 @@ pub struct LlmConfig {
     pub timeout: Duration,
     pub max_output_tokens: u32,
     pub structured_output: StructuredOutput,
+    /// The mock's test directives (`mock_error:` …) are honoured, not plain text.
+    pub mock_directives: bool,
 }
 
 impl std::fmt::Debug for LlmConfig {
@@ -374,8 +419,57 @@ impl LlmConfig {
             timeout: Duration::from_millis(LLM_TIMEOUT_MS.get().max(1) as u64),
             max_output_tokens: LLM_MAX_OUTPUT_TOKENS.get().max(0) as u32,
             structured_output: LLM_STRUCTURED_OUTPUT.get(),
+            mock_directives: MOCK_DIRECTIVES.get(),
         })
     }
+}
+
+/// Is this a key itself, rather than where to read one (`file:`, `env:`) or nothing?
+fn is_literal_key(raw: &str) -> bool {
+    let raw = raw.trim();
+    !(raw.is_empty() || raw.starts_with("file:") || raw.starts_with("env:"))
+}
+
+/// Refuse a literal key set with `ALTER DATABASE`/`ALTER ROLE ... SET` (validated with source
+/// PGC_S_TEST, applied at connection with the database/role sources): those values are stored in
+/// `pg_db_role_setting`, which every role can read. `ALTER SYSTEM` and postgresql.conf are not
+/// readable by other roles; `file:`/`env:` are fine everywhere.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_api_key(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    source: pgrx::pg_sys::GucSource::Type,
+) -> bool {
+    use pgrx::pg_sys::GucSource;
+    let from_catalog = matches!(
+        source,
+        GucSource::PGC_S_TEST
+            | GucSource::PGC_S_DATABASE
+            | GucSource::PGC_S_USER
+            | GucSource::PGC_S_DATABASE_USER
+    );
+    let value = unsafe { newval.as_ref().filter(|p| !p.is_null()) }
+        .map(|p| {
+            unsafe { std::ffi::CStr::from_ptr(*p) }
+                .to_string_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default();
+    if from_catalog && is_literal_key(&value) {
+        unsafe {
+            pgrx::pg_sys::GUC_check_errmsg_string = pgrx::pg_sys::pstrdup(
+                c"a literal memory_ext.llm_api_key set with ALTER DATABASE or ALTER ROLE would be \
+                  readable by every role (pg_db_role_setting)"
+                    .as_ptr(),
+            );
+            pgrx::pg_sys::GUC_check_errhint_string = pgrx::pg_sys::pstrdup(
+                c"Use ALTER SYSTEM SET memory_ext.llm_api_key = 'file:/path/to/key' (or 'env:NAME')."
+                    .as_ptr(),
+            );
+        }
+        return false;
+    }
+    true
 }
 
 /// `file:/path` reads the key from a file (trimmed), `env:NAME` from the server's environment,

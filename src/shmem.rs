@@ -47,8 +47,9 @@ struct Segment {
     attach: unsafe fn(memory: *mut u8, lock: *mut pg_sys::LWLock, found: bool),
 }
 
-/// Every segment of the extension: this module's, and the rate limiter's buckets.
-const SEGMENTS: [Segment; 2] = [
+/// Every segment of the extension: this module's, the rate limiter's buckets, and the ring of
+/// refused attempts.
+const SEGMENTS: [Segment; 3] = [
     Segment {
         name: NAME,
         size: size_of::<Shared>(),
@@ -58,6 +59,11 @@ const SEGMENTS: [Segment; 2] = [
         name: crate::rate_limit::SHMEM_NAME,
         size: crate::rate_limit::SHMEM_SIZE,
         attach: crate::rate_limit::attach,
+    },
+    Segment {
+        name: crate::denials::SHMEM_NAME,
+        size: crate::denials::SHMEM_SIZE,
+        attach: crate::denials::attach,
     },
 ];
 

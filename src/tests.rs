@@ -58,20 +58,47 @@ fn become_app_role() {
 
 #[pg_test]
 fn current_identity_prefers_jwt_sub() {
-    let me = text("SELECT current_user::text");
+    // Two namespaces that never collide: a JWT sub as it is, a role as `role:<name>`.
+    let me = Some(format!("role:{}", text("SELECT current_user::text")));
     let cases = [
         (None, me.clone()),
         (Some(""), me.clone()),
         (Some(r#"{"role": "authenticated"}"#), me.clone()),
         (Some(r#"{"sub": ""}"#), me.clone()),
-        (Some(r#"{"sub": "user-123", "role": "authenticated"}"#), "user-123".to_string()),
+        (Some(r#"{"sub": null}"#), me.clone()),
+        (Some(r#"{"sub": "  "}"#), me.clone()),
+        (Some(r#"{"sub": "user-123", "role": "authenticated"}"#), Some("user-123".to_string())),
+        (Some(r#"{"sub": "role:postgres"}"#), None),
     ];
     for (claims, expected) in cases {
         if let Some(c) = claims {
             run(&format!("SELECT set_config('request.jwt.claims', '{c}', true)"));
         }
-        assert_eq!(text("SELECT memory.current_identity()"), expected, "{claims:?}");
+        assert_eq!(one::<String>("SELECT memory.current_identity()"), expected, "{claims:?}");
     }
+}
+
+/// A JWT without a usable sub must not act as its role (every such user would share one
+/// identity), and a sub may not pose as a role: both get 42501 and create nothing. Admins
+/// (a backend with the service role and no sub) act as their role.
+#[pg_test]
+fn a_jwt_without_a_usable_sub_cannot_own_chats() {
+    become_app_role();
+    for claims in [r#"{"role": "authenticated"}"#, r#"{"sub": ""}"#, r#"{"sub": "role:memory_test_app"}"#] {
+        run(&format!("SELECT set_config('request.jwt.claims', '{claims}', true)"));
+        for f in ["SELECT memory.create_chat('c1')", "SELECT 1 FROM memory.enqueue('c1', 'x')"] {
+            assert_eq!(sqlstate(f), "42501", "{claims} {f}");
+        }
+    }
+    run("RESET ROLE");
+    assert_eq!(count("SELECT 1 FROM memory.chat_metadata"), 0, "nothing created");
+    run(r#"SELECT set_config('request.jwt.claims', '{"role": "service_role"}', true)"#);
+    run("SELECT memory.create_chat('c2')");
+    assert_eq!(
+        text("SELECT owner FROM memory.chat_metadata WHERE chat_id = 'c2'"),
+        format!("role:{}", text("SELECT current_user::text")),
+        "an admin without a sub acts as its role"
+    );
 }
 
 #[pg_test]
@@ -214,6 +241,28 @@ fn wait_and_count_tokens_are_bounded() {
     let e = error_of("SELECT memory.count_tokens(repeat('a', 1048577))");
     assert!(e.starts_with("22023: count_tokens() takes at most 1048576 bytes"), "{e}");
     assert!(one::<i32>("SELECT memory.count_tokens(repeat('a ', 524288))").unwrap() > 0);
+}
+
+/// get() of another owner's chat answers before it reads the chat's queue rows: its time cannot
+/// tell how long another user's backlog is. (Counted with this transaction's own scan counters.)
+#[pg_test]
+fn get_of_another_owners_chat_reads_no_queue_rows() {
+    as_user("alice");
+    for i in 0..50 {
+        run(&format!("SELECT memory.enqueue('busy', 'line {i}')"));
+    }
+    let scans = "SELECT coalesce(sum(seq_scan + coalesce(idx_scan, 0)), 0)::bigint \
+                 FROM pg_stat_xact_user_tables WHERE relname = 'chat_context_queue'";
+    let before = one::<i64>(scans).unwrap();
+    become_app_role();
+    as_user("bob");
+    assert_eq!(sqlstate("SELECT pending FROM memory.get('busy')"), "P0002");
+    run("RESET ROLE");
+    assert_eq!(one::<i64>(scans).unwrap(), before, "the queue was not read");
+    // the owner's own get() does read it (the counter works)
+    as_user("alice");
+    assert_eq!(one::<i32>("SELECT pending FROM memory.get('busy')"), Some(50));
+    assert!(one::<i64>(scans).unwrap() > before);
 }
 
 /// A caller who does not own a chat (or queue row) gets exactly the error of one that does not
@@ -376,6 +425,34 @@ fn retry_failed_requeues_at_the_end() {
     );
 }
 
+/// A chat's memory and history are bounded: at memory_ext.max_facts new keys are refused
+/// (counted) while existing keys still change; only the newest memory_ext.history_versions
+/// versions are kept.
+#[pg_test]
+fn memory_and_history_are_bounded() {
+    run("SET LOCAL memory_ext.max_facts = 3");
+    run("SET LOCAL memory_ext.history_versions = 2");
+    run("SELECT memory.enqueue('c1', E'confirmed: a = 1\\nconfirmed: b = 2\\ninferred: c = 3\\nconfirmed: d = 4')");
+    run("SELECT memory.process_pending()");
+    assert_eq!(one::<i32>("SELECT rejected_ops FROM memory.chat_memory_history"), Some(1));
+    run("SELECT memory.enqueue('c1', E'confirmed: a = 9\\nconfirmed: c = 3\\ninferred: e = 5')");
+    run("SELECT memory.process_pending()");
+    assert_eq!(
+        text("SELECT user_confirmed::text || llm_inferred::text FROM memory.get('c1')"),
+        r#"{"a": "9", "b": "2", "c": "3"}{}"#,
+        "a changed, c promoted, e refused"
+    );
+    for i in 0..3 {
+        run(&format!("SELECT memory.enqueue('c1', 'step {i}')"));
+        run("SELECT memory.process_pending()");
+    }
+    assert_eq!(
+        text("SELECT string_agg(version::text, ',' ORDER BY version) FROM memory.history('c1')"),
+        "4,5"
+    );
+    assert_eq!(one::<i64>("SELECT version FROM memory.get('c1')"), Some(5));
+}
+
 /// Inferences the merge refuses (the key is confirmed) are counted in rejected_ops.
 #[pg_test]
 fn refused_inferences_count_as_rejected_ops() {
@@ -398,6 +475,40 @@ fn backoff_holds_back_the_chats_newer_snippets() {
         "SELECT bool_and(next_attempt_at > now() + interval '20 seconds') \
          FROM memory.chat_context_queue WHERE chat_id = 'c1'"
     ).unwrap());
+}
+
+/// The mock's test directives are plain text unless a superuser turns them on: no caller can make
+/// the worker sleep, fail or panic.
+#[pg_test]
+fn mock_directives_are_text_unless_a_superuser_enables_them() {
+    run("SET LOCAL memory_ext.mock_directives = off");
+    run("SELECT memory.enqueue('c1', E'mock_sleep_ms: 60000\\nmock_panic: x\\nmock_fatal: y')");
+    let started = std::time::Instant::now();
+    assert_eq!(one::<i32>("SELECT memory.process_pending()"), Some(1));
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "did not sleep");
+    assert_eq!(
+        text("SELECT general_summary FROM memory.get('c1')"),
+        "mock_sleep_ms: 60000 | mock_panic: x | mock_fatal: y"
+    );
+    become_app_role();
+    assert_eq!(sqlstate("SET memory_ext.mock_directives = on"), "42501");
+}
+
+/// A snippet's owner is told the class of an error, never the provider's text (a masked key, an
+/// organisation id); admins see it in full.
+#[pg_test]
+fn owners_see_the_error_class_admins_the_detail() {
+    as_user("alice");
+    let detail = "mock error: key sk-ab***1234 of org-42 was refused";
+    let id = text(&format!(
+        "SELECT queue_id::text FROM memory.enqueue('c1', 'mock_error: key sk-ab***1234 of org-42 was refused')"
+    ));
+    run("SELECT memory.process_pending()");
+    let status = format!("SELECT error_message FROM memory.status('{id}')");
+    assert_eq!(text(&status), detail, "an admin sees the detail");
+    become_app_role();
+    as_user("alice");
+    assert_eq!(text(&status), "the summarizer failed; it will be retried");
 }
 
 #[pg_test]
@@ -505,6 +616,31 @@ fn worker_status_explains_itself() {
     assert_eq!(count("SELECT 1 FROM memory.worker_status()"), 1);
     let state = text("SELECT state FROM memory.worker_status()");
     assert!(state.contains("serves database \"postgres\""), "{state}");
+}
+
+/// A literal key in ALTER DATABASE / ALTER ROLE settings would be readable by every role in
+/// pg_db_role_setting: refused, with a hint; file:/env: forms are fine.
+#[pg_test]
+fn a_literal_key_is_refused_in_database_and_role_settings() {
+    let database = format!("DATABASE {}", text("SELECT quote_ident(current_database())"));
+    for target in [database.as_str(), "ROLE CURRENT_USER"] {
+        let e = error_of(&format!("ALTER {target} SET memory_ext.llm_api_key = 'sk-literal-1234'"));
+        assert!(
+            e.starts_with("22023: ") && e.contains("readable by every role"),
+            "{target}: {e}"
+        );
+        assert_eq!(
+            sqlstate(&format!("ALTER {target} SET memory_ext.llm_api_key = 'file:/etc/memory/key'")),
+            "ok",
+            "{target}"
+        );
+    }
+    assert_eq!(
+        count("SELECT 1 FROM pg_db_role_setting, unnest(setconfig) c WHERE c LIKE '%sk-literal%'"),
+        0
+    );
+    // a session may still set one for itself (superuser only)
+    assert_eq!(sqlstate("SET LOCAL memory_ext.llm_api_key = 'sk-literal-1234'"), "ok");
 }
 
 #[pg_test]

@@ -36,6 +36,7 @@ const RETENTION_EVERY: Duration = Duration::from_secs(60);
 const RETENTION_BATCH: i32 = 1000;
 const RECLAIM_EVERY: Duration = Duration::from_secs(1);
 const BUSY_POLL: Duration = Duration::from_secs(1);
+const DEFERRED_POLL: Duration = Duration::from_millis(200);
 
 /// The worker for database `db`, as the launcher starts it.
 pub fn builder(db: &str) -> BackgroundWorkerBuilder {
@@ -102,10 +103,27 @@ fn claim_in_transaction(policy: &QueuePolicy) -> Result<Vec<queue::Claim>, Strin
     in_transaction(|| queue::claim(policy))?.map_err(|e| e.to_string())
 }
 
+/// Results whose chat a client held locked, with their summarizer's label: finished on a later
+/// pass (until their lease expires, when finishing them changes nothing).
+type Deferred = Vec<(String, Finished)>;
+
+/// Finish `results`, keeping those whose chat was busy in `deferred`. Returns the chats applied.
+fn finish_keeping_busy(
+    results: Vec<Finished>,
+    policy: &QueuePolicy,
+    label: &str,
+    deferred: &mut Deferred,
+) -> usize {
+    let (applied, busy) = drain::finish_all(results, policy, label);
+    deferred.extend(busy.into_iter().map(|r| (label.to_string(), r)));
+    applied
+}
+
 /// Claim, summarize inline and finish one batch. Returns the number of chats claimed.
 fn drain_once(
     policy: &QueuePolicy,
     summarizer: &Result<Arc<dyn Summarizer>, String>,
+    deferred: &mut Deferred,
 ) -> Result<usize, String> {
     let started = Instant::now();
     let claims = claim_in_transaction(policy)?;
@@ -116,36 +134,54 @@ fn drain_once(
     set_state(&format!("summarizing {n} chat(s)"));
     let (results, label) = match summarizer {
         Ok(s) => (
-            batch::process_all(claims, s.as_ref(), policy.token_limit),
+            batch::process_all(claims, s.as_ref(), batch::Bounds::of(policy)),
             s.label(),
         ),
         Err(e) => (
             claims
                 .into_iter()
-                .map(|c| Finished::failed(c.chat_id, c.lease_token, e.clone(), Usage::default()))
+                .map(|c| {
+                    Finished::failed(
+                        c.chat_id,
+                        c.lease_token,
+                        e.clone(),
+                        "config",
+                        Usage::default(),
+                    )
+                })
                 .collect(),
             settings::string(&settings::SUMMARIZER),
         ),
     };
-    if drain::finish_all(results, policy, &label) > 0 {
+    if finish_keeping_busy(results, policy, &label, deferred) > 0 {
         note_latency(started.elapsed());
     }
     Ok(n)
 }
 
-/// Finish the answers the pipeline's threads delivered.
-fn finish_done(done: Vec<pipeline::Done>, policy: &QueuePolicy) {
-    // Grouped by summarizer: a reload may have changed it while requests were in flight.
+/// Finish results grouped by summarizer: a reload may have changed it while requests were in
+/// flight, and deferred results may come from before it.
+fn finish_grouped(
+    results: impl IntoIterator<Item = (String, Finished)>,
+    policy: &QueuePolicy,
+    deferred: &mut Deferred,
+) -> usize {
     let mut by_label: HashMap<String, Vec<Finished>> = HashMap::new();
-    let mut slowest = Duration::ZERO;
-    for d in done {
-        slowest = slowest.max(d.started.elapsed());
-        by_label.entry(d.label).or_default().push(d.outcome);
+    for (label, r) in results {
+        by_label.entry(label).or_default().push(r);
     }
-    for (label, results) in by_label {
-        if drain::finish_all(results, policy, &label) > 0 {
-            note_latency(slowest);
-        }
+    by_label
+        .into_iter()
+        .map(|(label, results)| finish_keeping_busy(results, policy, &label, deferred))
+        .sum()
+}
+
+/// Finish the answers the pipeline's threads delivered.
+fn finish_done(done: Vec<pipeline::Done>, policy: &QueuePolicy, deferred: &mut Deferred) {
+    let slowest = done.iter().map(|d| d.started.elapsed()).max();
+    let results = done.into_iter().map(|d| (d.label, d.outcome));
+    if finish_grouped(results, policy, deferred) > 0 {
+        note_latency(slowest.unwrap_or_default());
     }
 }
 
@@ -176,6 +212,7 @@ struct Worker {
     cache: SummarizerCache,
     /// Created on first use of a remote summarizer.
     pipeline: Option<Pipeline>,
+    deferred: Deferred,
 }
 
 impl Worker {
@@ -201,10 +238,14 @@ impl Worker {
             }
             self.was_ready = true;
         }
+        if !self.deferred.is_empty() {
+            let deferred = std::mem::take(&mut self.deferred);
+            finish_grouped(deferred, &policy, &mut self.deferred);
+        }
         let summarizer = self.cache.current();
         let pass = match &summarizer {
             Ok(s) if s.is_remote() => self.drain_remote(&policy, s),
-            _ => Self::drain_inline(&policy, &summarizer),
+            _ => Self::drain_inline(&policy, &summarizer, &mut self.deferred),
         };
         self.housekeeping(&policy);
         self.sleep_time(&pass)
@@ -213,10 +254,11 @@ impl Worker {
     fn drain_inline(
         policy: &QueuePolicy,
         summarizer: &Result<Arc<dyn Summarizer>, String>,
+        deferred: &mut Deferred,
     ) -> Pass {
         let mut pass = Pass::default();
         while !shutdown_requested() {
-            match drain_once(policy, summarizer) {
+            match drain_once(policy, summarizer, deferred) {
                 Ok(0) => break,
                 Ok(n) => pass.claimed += n,
                 Err(e) => {
@@ -242,7 +284,7 @@ impl Worker {
         // Answers first: they free slots, and a rate limit pauses new requests.
         let done = p.finished();
         if !done.is_empty() {
-            finish_done(done, policy);
+            finish_done(done, policy, &mut self.deferred);
         }
         let concurrency = settings::LLM_CONCURRENCY.get() as usize;
         let asked = p
@@ -256,7 +298,7 @@ impl Worker {
                 Ok(claims) => {
                     pass.claimed = claims.len();
                     pass.more = claims.len() == asked && p.in_flight() + asked < concurrency;
-                    if let Err((e, unstarted)) = p.start(claims, s, policy.token_limit) {
+                    if let Err((e, unstarted)) = p.start(claims, s, batch::Bounds::of(policy)) {
                         record_error(&e);
                         release_all(unstarted);
                         pass.more = false;
@@ -283,8 +325,14 @@ impl Worker {
         self.pipeline.as_ref().is_some_and(|p| p.in_flight() > 0)
     }
 
-    /// Expired leases every second, retention every minute (or idle timeout).
+    /// Expired leases every second, retention every minute (or idle timeout), refused attempts
+    /// into the audit log on every pass.
     fn housekeeping(&mut self, policy: &QueuePolicy) {
+        match in_transaction(crate::denials::flush) {
+            Ok(Err(e)) => record_error(&format!("could not audit refused attempts: {e}")),
+            Err(e) => record_error(&format!("could not audit refused attempts: {e}")),
+            Ok(Ok(_)) => {}
+        }
         if self
             .last_reclaim
             .is_none_or(|t| t.elapsed() >= RECLAIM_EVERY)
@@ -331,9 +379,15 @@ impl Worker {
             }
         };
         // While rate limited nothing can be claimed before the pause ends.
-        match self.pipeline.as_ref().and_then(Pipeline::paused) {
+        let timeout = match self.pipeline.as_ref().and_then(Pipeline::paused) {
             Some(p) if !busy => timeout.max(p.min(idle)),
             _ => timeout,
+        };
+        // Results waiting for a client's lock are tried again soon.
+        if self.deferred.is_empty() {
+            timeout
+        } else {
+            timeout.min(DEFERRED_POLL)
         }
     }
 
@@ -354,13 +408,18 @@ impl Worker {
     /// At SIGTERM: keep the answers that arrived; give the rest back without spending an
     /// attempt.
     fn stop(&mut self) {
+        let policy = QueuePolicy::current();
+        let mut busy = Deferred::new();
         if let Some(p) = self.pipeline.as_mut() {
             let done = p.finished();
             if !done.is_empty() {
-                finish_done(done, &QueuePolicy::current());
+                finish_done(done, &policy, &mut busy);
             }
             release_all(p.abandon());
         }
+        // Results still waiting for a client's lock: their leases expire and are reclaimed.
+        let deferred = std::mem::take(&mut self.deferred);
+        finish_grouped(deferred, &policy, &mut busy);
     }
 }
 

@@ -122,6 +122,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             max_output_tokens: 0,
             structured_output: StructuredOutput::None,
+            mock_directives: false,
         };
         let body = Anthropic.request(&config, &[]);
         assert_eq!(

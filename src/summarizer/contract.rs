@@ -395,7 +395,7 @@ mod tests {
             .collect();
         assert_eq!(kinds, ["infer", "drop", "infer", "confirm"]);
         let mut m = Memory::default();
-        crate::merge::apply(&mut m, u);
+        crate::merge::apply(&mut m, u, usize::MAX);
         assert_eq!(Value::Object(m.llm_inferred), json!({"k": "b"}));
     }
 }

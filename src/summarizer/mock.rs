@@ -4,10 +4,12 @@
 //! - `confirmed: <key> = <value>` confirms a fact, `inferred: <key> = <value>` infers one
 //!   (key and value trimmed; the value is stored as a JSON string);
 //! - `retract: <key>` drops an inferred fact;
-//! - `mock_error: <message>` fails the attempt (transient, retried), `mock_fatal: <message>`
+//! - only when `memory_ext.mock_directives` is on (a superuser-only test setting; otherwise they
+//!   are plain text, so no caller can make the worker fail, panic or sleep):
+//!   `mock_error: <message>` fails the attempt (transient, retried), `mock_fatal: <message>`
 //!   refuses the snippet (it is dead-lettered alone; the chat's other snippets go on),
-//!   `mock_panic: <message>` panics, `mock_sleep_ms: <n>` sleeps: hooks to exercise the
-//!   worker's failure handling;
+//!   `mock_panic: <message>` panics, `mock_sleep_ms: <n>` sleeps (at most
+//!   [`MAX_SLEEP_MS`] in all per summarization): hooks to exercise the worker's failure handling;
 //! - every other non-blank line feeds a rolling `general_summary`, lines joined with " | ",
 //!   keeping the last [`SUMMARY_MAX_CHARS`] characters.
 //!
@@ -18,9 +20,13 @@ use super::{Fact, Memory, Op, Snippet, Summarizer, SummarizerError, SummaryUpdat
 use serde_json::Value;
 
 pub const SUMMARY_MAX_CHARS: usize = 2000;
-const MAX_SLEEP_MS: u64 = 60_000;
+/// Total sleep of one summarization: the mock runs on the worker's main thread.
+pub const MAX_SLEEP_MS: u64 = 5_000;
 
-pub struct Mock;
+pub struct Mock {
+    /// Honour the test directives (`memory_ext.mock_directives`).
+    pub directives: bool,
+}
 
 fn directive<'a>(line: &'a str, name: &str) -> Option<&'a str> {
     let (head, rest) = line.split_once(':')?;
@@ -68,6 +74,7 @@ impl Summarizer for Mock {
     ) -> Result<SummaryUpdate, SummarizerError> {
         let mut update = SummaryUpdate::default();
         let mut summary: Option<String> = None;
+        let mut slept_ms = 0;
         for snippet in snippets {
             for line in snippet
                 .text
@@ -96,6 +103,8 @@ impl Summarizer for Mock {
                         update.ops.push(Op::DropInferred(key.to_string()));
                         continue;
                     }
+                } else if !self.directives {
+                    // test directives are plain text
                 } else if let Some(msg) = directive(line, "mock_error") {
                     return Err(SummarizerError::Transient(format!("mock error: {msg}")));
                 } else if let Some(msg) = directive(line, "mock_fatal") {
@@ -104,7 +113,9 @@ impl Summarizer for Mock {
                     panic!("mock panic: {msg}");
                 } else if let Some(Ok(ms)) = directive(line, "mock_sleep_ms").map(str::parse::<u64>)
                 {
-                    std::thread::sleep(std::time::Duration::from_millis(ms.min(MAX_SLEEP_MS)));
+                    let ms = ms.min(MAX_SLEEP_MS - slept_ms);
+                    slept_ms += ms;
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
                     continue;
                 }
                 let current = summary.as_deref().unwrap_or(&memory.general_summary);
@@ -129,7 +140,7 @@ mod tests {
                 text: t.to_string(),
             })
             .collect();
-        Mock.summarize(memory, &snippets, &mut Usage::default())
+        Mock { directives: true }.summarize(memory, &snippets, &mut Usage::default())
     }
 
     #[test]
@@ -220,7 +231,7 @@ mod tests {
         ];
         let fold = |memory: &mut Memory, texts: &[&str]| {
             let u = run(memory, texts).unwrap();
-            crate::merge::apply(memory, u);
+            crate::merge::apply(memory, u, usize::MAX);
         };
         let mut together = Memory::default();
         fold(&mut together, &texts);
@@ -235,5 +246,38 @@ mod tests {
         assert!(together.general_summary.ends_with("more text"));
         assert_eq!(together.user_confirmed["k"], "c");
         assert!(together.llm_inferred.is_empty());
+    }
+
+    /// Without memory_ext.mock_directives, test directives are plain text: no caller can make
+    /// the worker fail, panic or sleep.
+    #[test]
+    fn directives_are_plain_text_unless_enabled() {
+        let snippets = [Snippet {
+            id: "0".into(),
+            text: "mock_panic: x\nmock_fatal: y\nmock_error: z\nmock_sleep_ms: 60000".into(),
+        }];
+        let started = std::time::Instant::now();
+        let u = Mock { directives: false }
+            .summarize(&Memory::default(), &snippets, &mut Usage::default())
+            .unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert_eq!(
+            u.general_summary.as_deref(),
+            Some("mock_panic: x | mock_fatal: y | mock_error: z | mock_sleep_ms: 60000")
+        );
+    }
+
+    #[test]
+    fn sleeping_is_capped_per_summarization() {
+        let started = std::time::Instant::now();
+        let lines = "mock_sleep_ms: 2000\n".repeat(3) + "mock_sleep_ms: 60000";
+        let many: Vec<&str> = vec![&lines];
+        let _ = run(&Memory::default(), &many);
+        let took = started.elapsed();
+        assert!(took >= std::time::Duration::from_millis(MAX_SLEEP_MS));
+        assert!(
+            took < std::time::Duration::from_millis(MAX_SLEEP_MS + 2000),
+            "{took:?}"
+        );
     }
 }

@@ -120,6 +120,19 @@ impl SummarizerError {
         )
     }
 
+    /// The class of the error, all an end user is shown (`memory._public_error` words it); the
+    /// full text, which may quote the provider, is for admins.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SummarizerError::Transient(_) => "transient",
+            SummarizerError::RateLimited { .. } => "rate_limited",
+            SummarizerError::ContextLength(_) => "too_long",
+            SummarizerError::Refused(_) => "refused",
+            SummarizerError::Permanent(_) => "permanent",
+            SummarizerError::Config(_) => "config",
+        }
+    }
+
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             SummarizerError::RateLimited { retry_after, .. } => *retry_after,
@@ -150,7 +163,9 @@ pub trait Summarizer: Send + Sync {
 /// The implementation named by `memory_ext.summarizer`, configured from a settings snapshot.
 pub fn from_config(config: &LlmConfig) -> Result<Arc<dyn Summarizer>, SummarizerError> {
     match config.summarizer.trim().to_ascii_lowercase().as_str() {
-        "mock" => Ok(Arc::new(mock::Mock)),
+        "mock" => Ok(Arc::new(mock::Mock {
+            directives: config.mock_directives,
+        })),
         "openai" => Ok(Arc::new(llm::Llm::new(openai::OpenAi, config.clone())?)),
         "anthropic" => Ok(Arc::new(llm::Llm::new(
             anthropic::Anthropic,

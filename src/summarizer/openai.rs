@@ -103,6 +103,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             max_output_tokens,
             structured_output,
+            mock_directives: false,
         }
     }
 

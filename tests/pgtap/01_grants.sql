@@ -44,12 +44,12 @@ SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
             WHERE p.pronamespace = 'memory'::regnamespace
               AND p.prosqlbody IS NULL
               AND NOT coalesce(p.proconfig @> ARRAY['search_path=pg_catalog, pg_temp'], false)),
-          ARRAY['_admin_role', '_audit_reads', '_max_snippet_bytes', '_rate_limit', '_token_limit',
-                '_wake_at_commit', 'count_tokens'],
+          ARRAY['_admin_role', '_audit_reads', '_max_snippet_bytes', '_note_denied', '_rate_limit',
+                '_superuser', '_token_limit', '_wake_at_commit', 'count_tokens'],
           'every memory function pins search_path = pg_catalog, pg_temp, but the C ones running no SQL');
 SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
             WHERE p.pronamespace = 'memory'::regnamespace AND p.prosqlbody IS NOT NULL),
-          ARRAY['_chat_id_problem', '_invoker', 'current_identity'],
+          ARRAY['_chat_id_problem', '_invoker', '_jwt_sub', '_public_error', 'current_identity'],
           'the hot-path identity and chat-id functions have SQL-standard bodies instead');
 -- Exactly the documented API (README) is executable by an API role: no internal function is
 -- reachable as /rpc/... but the helpers that answer only about the caller.
@@ -58,7 +58,8 @@ SELECT is((SELECT array_agg(p.oid::regprocedure::text ORDER BY p.oid::regprocedu
             WHERE p.pronamespace = 'memory'::regnamespace
               AND has_function_privilege('authenticated', p.oid, 'EXECUTE')),
           ARRAY['memory._admin_role()', 'memory._audit_reads()', 'memory._invoker()',
-                'memory._is_admin()', 'memory._owns_chat(text)', 'memory._queue_row_xmin(uuid)',
+                'memory._is_admin()', 'memory._jwt_sub()', 'memory._owns_chat(text)',
+                'memory._queue_row_xmin(uuid)',
                 'memory._token_limit()', 'memory.count_tokens(text)',
                 'memory.create_chat(text)', 'memory.current_identity()',
                 'memory.enqueue(text,text,text)', 'memory.forget(text)', 'memory.get(text)',

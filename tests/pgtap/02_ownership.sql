@@ -3,12 +3,12 @@
 -- oracle) -- anon can do nothing, admins can do everything.
 \ir _helpers.psql
 BEGIN;
-SELECT plan(28);
+SELECT plan(31);
 
 SELECT is(pg_temp.req('authenticated', 'alice', $$SELECT memory.current_identity()$$), 'alice',
           'identity is the JWT sub');
-SELECT is(pg_temp.req('service_role', NULL, $$SELECT memory.current_identity()$$), 'service_role',
-          'without a sub, the invoking role (not the definer)');
+SELECT is(pg_temp.req('service_role', NULL, $$SELECT memory.current_identity()$$), 'role:service_role',
+          'without a sub, the invoking role (not the definer), in its own namespace');
 SELECT is(pg_temp.req('authenticated', 'alice', $$SELECT memory.create_chat('a-chat')$$), 'a-chat',
           'alice creates a chat');
 SELECT is(pg_temp.state('authenticated', 'alice',
@@ -77,6 +77,15 @@ SELECT is(pg_temp.req('service_role', NULL, $$SELECT memory.create_chat('a-chat'
           'create_chat is idempotent for an admin on someone else''s chat');
 SELECT is((SELECT owner FROM memory.chat_metadata WHERE chat_id = 'a-chat'), 'alice',
           'the chat still belongs to alice');
+
+-- JWT identities and role identities never collide: a user whose sub is 'service_role' is not
+-- the service role, and does not own what the backend created under it.
+SELECT is(pg_temp.req('service_role', NULL, $$SELECT memory.create_chat('backend-chat')$$), 'backend-chat',
+          'the backend (service role, no sub) creates a chat');
+SELECT is(pg_temp.state('authenticated', 'service_role', $$SELECT version FROM memory.get('backend-chat')$$),
+          'P0002', 'a user whose sub is "service_role" cannot read it');
+SELECT is(pg_temp.state('authenticated', NULL, $$SELECT queue_id FROM memory.enqueue('no-sub-chat', 'x')$$),
+          '42501', 'a JWT without a sub cannot own chats');
 
 SELECT * FROM finish();
 ROLLBACK;

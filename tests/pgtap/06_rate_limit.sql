@@ -1,9 +1,10 @@
--- memory_ext.rate_limit_per_minute: over the limit, enqueue fails with PostgREST's 429
--- convention (SQLSTATE PGRST, JSON message, status + Retry-After in the detail) and enqueues
--- nothing. Identities are fresh per run: the buckets live in shared memory.
+-- memory_ext.rate_limit_per_minute: over the limit, a writing call (enqueue, create_chat,
+-- retry_failed, forget) fails with PostgREST's 429 convention (SQLSTATE PGRST, JSON message,
+-- status + Retry-After in the detail) and writes nothing. Identities are fresh per run: the
+-- buckets live in shared memory.
 \ir _helpers.psql
 BEGIN;
-SELECT plan(10);
+SELECT plan(17);
 
 SELECT 'rl-' || gen_random_uuid() AS sub, 'rl-' || gen_random_uuid() AS other \gset
 SET LOCAL memory_ext.rate_limit_per_minute = 3;
@@ -28,6 +29,20 @@ SELECT is((SELECT count(*)::int FROM (SELECT pg_temp.state('service_role', NULL,
               $$SELECT queue_id FROM memory.enqueue('rl-admin', 'bulk')$$) s
               FROM generate_series(1, 5)) x WHERE s = 'ok'), 5,
           'admins (bulk loads, the service role) are not limited');
+
+-- Every writing call draws on the same budget.
+SELECT 'rl-' || gen_random_uuid() AS third \gset
+SELECT is(pg_temp.state('authenticated', :'third', format($$SELECT memory.create_chat('rl-%s-' || memory.current_identity())$$, n)), 'ok',
+          format('create_chat %s of 3', n))
+  FROM generate_series(1, 3) n;
+SELECT is(pg_temp.state('authenticated', :'third', $$SELECT memory.create_chat('rl-4-' || memory.current_identity())$$),
+          'PGRST', 'create_chat is limited too');
+SELECT is(pg_temp.state('authenticated', :'third', $$SELECT memory.retry_failed()$$), 'PGRST',
+          'so is retry_failed');
+SELECT is(pg_temp.state('authenticated', :'third', $$SELECT memory.forget('rl-1-' || memory.current_identity())$$),
+          'PGRST', 'and forget');
+SELECT is((SELECT count(*)::int FROM memory.chat_metadata WHERE owner = :'third'), 3,
+          'the refused calls wrote nothing: no chat created or forgotten');
 
 SELECT * FROM finish();
 ROLLBACK;

@@ -2,7 +2,7 @@
 -- readable by admins only; append-only for everyone but superusers; trimmed by retention.
 \ir _helpers.psql
 BEGIN;
-SELECT plan(10);
+SELECT plan(13);
 
 SELECT 'au-' || gen_random_uuid() AS sub \gset
 SELECT pg_temp.req('authenticated', :'sub', $$SELECT memory.create_chat('au-chat')$$) AS s1,
@@ -23,7 +23,7 @@ SELECT is((SELECT queue_id::text FROM memory.audit_log WHERE identity = :'sub' A
 SELECT is((SELECT DISTINCT role::text FROM memory.audit_log WHERE identity = :'sub'), 'authenticated',
           'and the role the request ran as');
 SELECT pg_temp.req('service_role', NULL, $$SELECT memory.process_pending()$$) AS s7 \gset
-SELECT ok(EXISTS (SELECT 1 FROM memory.audit_log WHERE identity = 'service_role' AND action = 'process_pending'),
+SELECT ok(EXISTS (SELECT 1 FROM memory.audit_log WHERE identity = 'role:service_role' AND action = 'process_pending'),
           'admin actions are logged');
 
 SELECT is(pg_temp.state('authenticated', :'sub', $$SELECT count(*) FROM memory.audit_log$$), '42501',
@@ -40,6 +40,20 @@ SELECT is(pg_temp.req('pgtap_auditor', NULL, $$UPDATE memory.audit_log SET detai
           '42501: memory.audit_log is append-only', 'even a role granted UPDATE and bypassing RLS cannot change it');
 SELECT is(pg_temp.state('pgtap_auditor', NULL, $$TRUNCATE memory.audit_log$$), '42501',
           'nor TRUNCATE it');
+
+-- An admin writing a chat table directly (bypassing the API's checks) is audited; the API's own
+-- writes are not audited twice.
+SELECT 'au-' || gen_random_uuid() AS sub2 \gset
+SELECT pg_temp.req('authenticated', :'sub2', $$SELECT memory.create_chat('au-direct')$$) AS s8 \gset
+SELECT is(pg_temp.req('service_role', NULL,
+              $$UPDATE memory.chat_metadata SET owner = 'mallory' WHERE chat_id = 'au-direct' RETURNING owner$$),
+          'mallory', 'an admin changes an owner directly');
+SELECT ok(EXISTS (SELECT 1 FROM memory.audit_log
+                   WHERE action = 'direct_update' AND role = 'service_role'
+                     AND detail LIKE 'UPDATE on memory.chat_metadata: %SET owner = ''mallory''%'),
+          'the direct write is audited, with its statement');
+SELECT is((SELECT count(*)::int FROM memory.audit_log WHERE action LIKE 'direct_%' AND role <> 'service_role'),
+          0, 'the API''s own writes are not "direct"');
 
 -- retention (what the worker runs): old rows go, recent ones stay
 INSERT INTO memory.audit_log (at, identity, role, action) VALUES (now() - interval '40 days', :'sub', 'x', 'old');

@@ -88,6 +88,8 @@ impl Cluster {
             format!("shared_preload_libraries = '{preload}'"),
             "memory_ext.database = 'postgres'".into(),
             "max_connections = 60".into(),
+            // the tests drive failures through the mock's directives
+            "memory_ext.mock_directives = on".into(),
         ];
         lines.extend(conf.iter().map(|s| s.to_string()));
         let c = Cluster::configured(dir, &lines);

@@ -649,3 +649,93 @@ fn a_request_that_overruns_its_lease_keeps_order_and_strands_nothing() {
         "0/0"
     );
 }
+
+/// Act as JWT subject `sub` on this connection (the superuser test role is an admin, so it may
+/// create chats for any owner).
+fn be(c: &mut Client, sub: &str) {
+    c.execute(
+        "SELECT set_config('request.jwt.claims', json_build_object('sub', $1::text)::text, false)",
+        &[&sub],
+    )
+    .unwrap();
+}
+
+fn pending(c: &mut Client, chats_like: &str) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM memory.chat_context_queue \
+         WHERE chat_id LIKE $1 AND status <> 'complete'",
+        &[&chats_like],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// One chat's backlog is one claim candidate: while a chat with 60 pending snippets is being
+/// summarized one snippet per request, another owner's snippet is claimed with the next free slot
+/// instead of waiting behind the backlog.
+#[test]
+fn a_backlog_never_holds_back_another_owners_chat() {
+    let fake = FakeLlm::start(Mode::Valid);
+    fake.set_delay(Duration::from_millis(300));
+    let (pg, mut c) = start(
+        "llm_backlog",
+        &fake,
+        "openai",
+        &[
+            "memory_ext.llm_concurrency = 2",
+            "memory_ext.batch_snippets = 1",
+        ],
+    );
+    be(&mut c, "owner-x");
+    let backlog: Vec<(String, String)> = (0..60)
+        .map(|i| ("x-chat".to_string(), format!("step {i}")))
+        .collect();
+    enqueue_together(&mut c, &backlog);
+    pg.eventually(
+        &mut c,
+        "SELECT count(*) > 0 FROM memory.chat_context_queue WHERE status = 'processing'",
+        "the backlog is being summarized",
+        T,
+    );
+    be(&mut c, "owner-y");
+    let other = enqueue(&mut c, "y-chat", "confirmed: y = 1");
+    assert_eq!(wait(&mut c, &other), "complete");
+    let left = pending(&mut c, "x-chat");
+    assert!(
+        left >= 50,
+        "the other owner's snippet waited for the backlog: only {left} of 60 left"
+    );
+}
+
+/// Owners take turns: with one request at a time, an owner with one chat is served right after
+/// the request in flight, not after another owner's twenty chats that came due earlier.
+#[test]
+fn owners_take_turns() {
+    let fake = FakeLlm::start(Mode::Valid);
+    fake.set_delay(Duration::from_millis(300));
+    let (pg, mut c) = start(
+        "llm_turns",
+        &fake,
+        "openai",
+        &["memory_ext.llm_concurrency = 1"],
+    );
+    be(&mut c, "owner-x");
+    let many: Vec<(String, String)> = (0..20)
+        .map(|i| (format!("x-{i}"), format!("note {i}")))
+        .collect();
+    enqueue_together(&mut c, &many);
+    pg.eventually(
+        &mut c,
+        "SELECT count(*) > 0 FROM memory.chat_context_queue WHERE status = 'processing'",
+        "owner x is being served",
+        T,
+    );
+    be(&mut c, "owner-y");
+    let mine = enqueue(&mut c, "y-0", "confirmed: y = 1");
+    assert_eq!(wait(&mut c, &mine), "complete");
+    let left = pending(&mut c, "x-%");
+    assert!(
+        left >= 17,
+        "owner y waited for owner x's chats: only {left} of 20 left"
+    );
+}

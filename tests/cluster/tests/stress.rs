@@ -843,6 +843,8 @@ fn stress_chaos_keeps_order_exactly_once_and_isolates_rejected_snippets() {
         "memory_ext.lease_timeout = 1".into(),
         "memory_ext.rate_limit_per_minute = 0".into(),
         "memory_ext.retention = '30d'".into(),
+        // the invariants read every version's queue_ids
+        "memory_ext.history_versions = 0".into(),
         format!("memory_ext.batch_chats = {}", rng.range(3, 50)),
         format!("memory_ext.batch_snippets = {}", rng.range(1, 10)),
     ];

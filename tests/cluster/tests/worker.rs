@@ -808,3 +808,130 @@ fn errors_carry_no_backtrace_to_the_client() {
         );
     }
 }
+
+/// A client's lock never stalls the worker: an open transaction that enqueued into a chat (its
+/// KEY SHARE lock) does not delay that chat's earlier snippet, and a chat row an admin holds FOR
+/// UPDATE is skipped — other tenants' snippets are applied meanwhile — and finished once the lock
+/// goes, without spending an attempt.
+#[test]
+fn a_client_holding_a_lock_never_stalls_the_worker() {
+    let pg = Cluster::start("locks", &[]);
+    let mut c = pg.client();
+    let slow = "mock_sleep_ms: 1000\nconfirmed: a = 1";
+    let open_first = enqueue(&mut c, "open", slow);
+    let held = enqueue(&mut c, "held", slow);
+    for id in [&open_first, &held] {
+        pg.eventually(
+            &mut c,
+            &format!("SELECT status = 'processing' FROM memory.status('{id}')"),
+            "claimed",
+            T,
+        );
+    }
+    // While both are being summarized: a client enqueues into "open" and keeps its transaction
+    // open; an admin locks "held"'s row and keeps it.
+    let mut client = pg.client();
+    client.batch_execute("BEGIN").unwrap();
+    let second: String = client
+        .query_one(
+            "SELECT queue_id::text FROM memory.enqueue('open', 'second')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let mut admin = pg.client();
+    admin
+        .batch_execute(
+            "BEGIN; SELECT 1 FROM memory.chat_metadata WHERE chat_id = 'held' FOR UPDATE",
+        )
+        .unwrap();
+    assert_eq!(
+        wait(&mut c, &open_first),
+        "complete",
+        "an open enqueue into the chat does not hold back its earlier snippet"
+    );
+    let other = enqueue(&mut c, "other", "confirmed: b = 2");
+    assert_eq!(
+        wait(&mut c, &other),
+        "complete",
+        "another tenant is served while a chat row is held"
+    );
+    assert_eq!(
+        text(
+            &mut c,
+            &format!("SELECT status FROM memory.status('{held}')")
+        ),
+        "processing",
+        "the held chat waits for its lock, and the worker does not"
+    );
+    admin.batch_execute("COMMIT").unwrap();
+    client.batch_execute("COMMIT").unwrap();
+    assert_eq!(wait(&mut c, &held), "complete");
+    assert_eq!(wait(&mut c, &second), "complete");
+    assert_eq!(
+        text(
+            &mut c,
+            &format!("SELECT retry_count::text FROM memory.status('{held}')")
+        ),
+        "0",
+        "no attempt spent"
+    );
+    assert_applied_once_in_order(&mut c, "open");
+}
+
+/// Refused cross-tenant attempts roll back with their ERROR, so they are noted in shared memory
+/// and the worker writes them into the audit log: an admin can see who probed whose chats.
+#[test]
+fn refused_cross_tenant_attempts_reach_the_audit_log() {
+    let pg = Cluster::start("denials", &["memory_ext.idle_timeout = 1"]);
+    let mut c = pg.client();
+    c.batch_execute(
+        "CREATE ROLE authenticated NOLOGIN; SELECT memory.grant_usage('authenticated')",
+    )
+    .unwrap();
+    let as_user = |c: &mut Client, sub: &str, sql: &str| -> Result<(), String> {
+        let mut tx = c.transaction().unwrap();
+        tx.batch_execute(&format!(
+            "SET LOCAL ROLE authenticated; \
+             SELECT set_config('request.jwt.claims', '{{\"sub\": \"{sub}\"}}', true)"
+        ))
+        .unwrap();
+        let r = tx.batch_execute(sql).map_err(|e| {
+            e.as_db_error()
+                .map(|d| d.code().code().to_string())
+                .unwrap_or_default()
+        });
+        let _ = tx.rollback();
+        r
+    };
+    let mut alice = pg.client();
+    alice
+        .batch_execute(
+            "SELECT set_config('request.jwt.claims', '{\"sub\": \"alice\"}', false); \
+             SELECT memory.create_chat('alices-chat')",
+        )
+        .unwrap();
+    for (sql, code) in [
+        ("SELECT * FROM memory.get('alices-chat')", "P0002"),
+        ("SELECT memory.forget('alices-chat')", "P0002"),
+        ("SELECT memory.enqueue('alices-chat', 'x')", "42501"),
+        ("SELECT * FROM memory.get('no-such-chat')", "P0002"),
+    ] {
+        assert_eq!(as_user(&mut c, "bob", sql), Err(code.to_string()), "{sql}");
+    }
+    pg.eventually(
+        &mut c,
+        "SELECT coalesce(array_agg(action ORDER BY at) = ARRAY['denied:get', 'denied:forget', \
+         'denied:enqueue'], false) FROM memory.audit_log WHERE identity = 'bob'",
+        "bob's three refused attempts on alice's chat audited (a missing chat is no attempt)",
+        T,
+    );
+    assert_eq!(
+        text(
+            &mut c,
+            "SELECT string_agg(DISTINCT role || ' ' || chat_id, ',') FROM memory.audit_log \
+             WHERE identity = 'bob'"
+        ),
+        "authenticated alices-chat"
+    );
+}

@@ -1,0 +1,183 @@
+//! Refused cross-tenant attempts, for the audit log. A refused call raises an ERROR, which rolls
+//! back any row it could write, so the attempt is noted in a ring in shared memory instead and the
+//! worker copies the ring into `memory.audit_log` (action `denied:<function>`) on its next pass.
+//!
+//! The ring holds [`CAPACITY`] attempts; beyond that they are counted and the count is audited
+//! (`denied:overflow`), so a flood cannot grow anything. Without `shared_preload_libraries` there
+//! is no ring: the attempt goes to the server log instead.
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::ffi::CStr;
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+pub const SHMEM_NAME: &CStr = c"memory_ext denials";
+pub const SHMEM_SIZE: usize = size_of::<Ring>();
+const CAPACITY: usize = 256;
+
+/// A string cut to `N` bytes at a character boundary.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Text<const N: usize> {
+    len: u16,
+    bytes: [u8; N],
+}
+
+impl<const N: usize> Text<N> {
+    fn set(&mut self, s: &str) {
+        let mut n = s.len().min(N);
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        self.bytes[..n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len = n as u16;
+    }
+
+    fn get(&self) -> String {
+        String::from_utf8_lossy(&self.bytes[..self.len as usize]).into_owned()
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Entry {
+    at: i64,
+    action: Text<32>,
+    identity: Text<256>,
+    role: Text<64>,
+    chat_id: Text<256>,
+}
+
+#[repr(C)]
+struct Ring {
+    lock: *mut pg_sys::LWLock,
+    /// Written: `head`; copied out: `tail` (both count from 0; the slot is `% CAPACITY`).
+    head: u64,
+    tail: u64,
+    dropped: u64,
+    entries: [Entry; CAPACITY],
+}
+
+static RING: AtomicPtr<Ring> = AtomicPtr::new(std::ptr::null_mut());
+
+/// The segment's attach function (registered in `crate::shmem`).
+pub unsafe fn attach(memory: *mut u8, lock: *mut pg_sys::LWLock, found: bool) {
+    let p = memory.cast::<Ring>();
+    if !found {
+        unsafe { (*p).lock = lock };
+    }
+    RING.store(p, Ordering::Release);
+}
+
+/// The ring's LWLock, held for the guard's life (nothing in between can raise an ERROR).
+struct Held(*mut pg_sys::LWLock);
+
+impl Held {
+    fn exclusive(lock: *mut pg_sys::LWLock) -> Self {
+        unsafe { pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE) };
+        Held(lock)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        unsafe { pg_sys::LWLockRelease(self.0) };
+    }
+}
+
+/// One refused attempt, as the audit log records it.
+pub struct Denial {
+    pub at: i64,
+    pub action: String,
+    pub identity: String,
+    pub role: String,
+    pub chat_id: String,
+}
+
+/// Note a refused attempt (called by the SQL functions just before they raise).
+#[pg_extern(volatile, parallel_unsafe, name = "_note_denied")]
+fn note_denied(p_action: &str, p_chat_id: &str, p_identity: &str, p_role: &str) {
+    let ring = RING.load(Ordering::Acquire);
+    if ring.is_null() {
+        pgrx::log!(
+            "memory_ext: denied {p_action} of chat \"{p_chat_id}\" to identity \"{p_identity}\" (role {p_role})"
+        );
+        return;
+    }
+    let at = unsafe { pg_sys::GetCurrentTimestamp() };
+    unsafe {
+        let _held = Held::exclusive((*ring).lock);
+        let r = &mut *ring;
+        if r.head - r.tail >= CAPACITY as u64 {
+            r.dropped += 1;
+            return;
+        }
+        let e = &mut r.entries[(r.head % CAPACITY as u64) as usize];
+        e.at = at;
+        e.action.set(p_action);
+        e.identity.set(p_identity);
+        e.role.set(p_role);
+        e.chat_id.set(p_chat_id);
+        r.head += 1;
+    }
+}
+
+/// Take every noted attempt out of the ring, and how many were dropped when it was full.
+fn take() -> (Vec<Denial>, u64) {
+    let ring = RING.load(Ordering::Acquire);
+    if ring.is_null() {
+        return (Vec::new(), 0);
+    }
+    unsafe {
+        let _held = Held::exclusive((*ring).lock);
+        let r = &mut *ring;
+        let taken = (r.tail..r.head)
+            .map(|i| {
+                let e = &r.entries[(i % CAPACITY as u64) as usize];
+                Denial {
+                    at: e.at,
+                    action: e.action.get(),
+                    identity: e.identity.get(),
+                    role: e.role.get(),
+                    chat_id: e.chat_id.get(),
+                }
+            })
+            .collect();
+        r.tail = r.head;
+        (taken, std::mem::take(&mut r.dropped))
+    }
+}
+
+/// Copy the noted attempts into memory.audit_log (the worker, in a transaction). If writing fails
+/// they are lost, like any audit row of an aborted transaction; the error is returned.
+pub fn flush() -> Result<usize, pgrx::spi::SpiError> {
+    let (denials, dropped) = take();
+    if denials.is_empty() && dropped == 0 {
+        return Ok(0);
+    }
+    let rows: Vec<serde_json::Value> = denials
+        .iter()
+        .map(|d| {
+            serde_json::json!({
+                "at_us": d.at, "action": format!("denied:{}", d.action),
+                "identity": d.identity, "role": d.role, "chat_id": d.chat_id,
+            })
+        })
+        .collect();
+    Spi::run_with_args(
+        "INSERT INTO memory.audit_log (at, identity, role, action, chat_id, detail) \
+         SELECT timestamptz '2000-01-01 00:00:00+00' + make_interval(secs => d.at_us / 1e6), \
+                d.identity, d.role::name, d.action, d.chat_id, NULL \
+           FROM jsonb_to_recordset($1) AS d(at_us bigint, action text, identity text, role text, \
+                                            chat_id text) \
+         UNION ALL \
+         SELECT clock_timestamp(), 'memory_ext', current_user, 'denied:overflow', NULL, \
+                format('%s refused attempts not recorded: the ring was full', $2) \
+          WHERE $2 > 0",
+        &[
+            pgrx::datum::JsonB(serde_json::Value::Array(rows)).into(),
+            (dropped as i64).into(),
+        ],
+    )?;
+    Ok(denials.len())
+}
