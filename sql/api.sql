@@ -31,13 +31,14 @@ RETURN nullif(pg_catalog.btrim(
 -- The caller, in one of two namespaces that never collide: the JWT `sub` claim as it is, or
 -- `role:<name>` for the invoking role (a direct connection, or a JWT without a usable sub). A
 -- `sub` that itself starts with `role:` is no identity (NULL): it could pose as a role.
+-- A plain expression, no subquery: the planner inlines it into every caller (a subquery would
+-- make it a function call on every hot path).
 CREATE FUNCTION memory.current_identity()
 RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE
-RETURN (SELECT CASE WHEN s.sub IS NULL THEN 'role:' OPERATOR(pg_catalog.||) memory._invoker()
-                    WHEN s.sub OPERATOR(pg_catalog.~~) 'role:%' THEN NULL
-                    ELSE s.sub END
-          FROM (SELECT memory._jwt_sub() AS sub) s);
+RETURN CASE WHEN memory._jwt_sub() OPERATOR(pg_catalog.~~) 'role:%' THEN NULL
+            ELSE coalesce(memory._jwt_sub(), 'role:' OPERATOR(pg_catalog.||) memory._invoker())
+       END;
 
 -- Admins see and act on every chat: superusers, the extension owner, members of
 -- memory_ext.admin_role (default service_role) when it exists, and members of roles given
@@ -140,11 +141,16 @@ $$;
 -- characters, no control or invisible (zero-width, bidi) characters, no surrounding whitespace,
 -- and in Unicode NFC, so ids that look the same are the same id. A SQL expression, so the
 -- planner inlines it into the hot paths (a SQL-standard body, bound at CREATE time, so it needs
--- no SET search_path, which would prevent inlining).
+-- no SET search_path, which would prevent inlining). STABLE, not IMMUTABLE: it reads the database
+-- encoding, and an IMMUTABLE function calling a STABLE one is never inlined (a function call per
+-- enqueue and get() measured 40 % of get()'s throughput).
 CREATE FUNCTION memory._chat_id_problem(p_chat_id text)
 RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE sql STABLE PARALLEL SAFE
 RETURN CASE
+    -- the common case in one test: printable ASCII, not starting or ending with a space (and so
+    -- NFC, free of control and invisible characters)
+    WHEN p_chat_id OPERATOR(pg_catalog.~) '^[!-~]([ -~]{0,254}[!-~])?$' THEN NULL
     WHEN p_chat_id IS NULL OR pg_catalog.btrim(p_chat_id) = '' THEN 'must not be null or blank'
     WHEN pg_catalog.length(p_chat_id) > 256 THEN 'is longer than 256 characters'
     WHEN p_chat_id OPERATOR(pg_catalog.~)
@@ -156,7 +162,7 @@ END;
 
 CREATE FUNCTION memory._check_chat_id(p_chat_id text)
 RETURNS void
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -360,27 +366,36 @@ AS $$
 DECLARE
     v_owner text;
     v_problem text;
+    v_identity text := memory.current_identity();
 BEGIN
     -- Checks inlined (not _check_chat_id): this is the hot read path.
     v_problem := memory._chat_id_problem(p_chat_id);
     IF v_problem IS NOT NULL THEN
         RAISE EXCEPTION 'chat_id %', v_problem USING ERRCODE = '22023';
     END IF;
+    -- One statement on the common path (the owner reads their chat); the pending count is taken
+    -- only for the owner here, and for an admin below.
     SELECT m.chat_id, m.user_confirmed, m.llm_inferred, m.general_summary, m.token_count,
-           m.needs_new_chat, m.version, m.last_updated, m.owner
+           m.needs_new_chat, m.version, m.last_updated, m.owner,
+           CASE WHEN m.owner = v_identity THEN
+               (SELECT count(*)::int FROM memory.chat_context_queue q
+                 WHERE q.chat_id = m.chat_id
+                   AND q.status IN ('pending_summarization', 'processing')) END
       INTO chat_id, user_confirmed, llm_inferred, general_summary, token_count, needs_new_chat,
-           version, last_updated, v_owner
+           version, last_updated, v_owner, pending
       FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
     -- Someone else's chat reads as missing: no existence oracle. Checked before anything else
     -- is read, so not even the time taken tells about another chat's backlog.
     IF NOT FOUND THEN
         RAISE EXCEPTION 'chat "%" not found', p_chat_id USING ERRCODE = 'P0002';
     END IF;
-    IF v_owner IS DISTINCT FROM memory.current_identity() AND NOT memory._is_admin() THEN
+    IF v_owner IS DISTINCT FROM v_identity AND NOT memory._is_admin() THEN
         PERFORM memory._refuse('get', p_chat_id, 'P0002', format('chat "%s" not found', p_chat_id));
     END IF;
-    SELECT count(*)::int INTO pending FROM memory.chat_context_queue q
-     WHERE q.chat_id = p_chat_id AND q.status IN ('pending_summarization', 'processing');
+    IF pending IS NULL THEN
+        SELECT count(*)::int INTO pending FROM memory.chat_context_queue q
+         WHERE q.chat_id = p_chat_id AND q.status IN ('pending_summarization', 'processing');
+    END IF;
     IF memory._audit_reads() THEN
         PERFORM memory._audit('get', p_chat_id);
     END IF;

@@ -321,8 +321,11 @@ AS $$
 DECLARE
     r record;
     v_applied int := 0;
+    v_failed int := 0;
     v_busy text[] := '{}';
     v_done bool;
+    v_dead bool;
+    v_usage bigint[] := '{0,0,0,0}';
 BEGIN
     FOR r IN SELECT * FROM jsonb_to_recordset(p_results) AS x(
         chat_id text, lease_token uuid, applied_ids uuid[], user_confirmed jsonb,
@@ -344,7 +347,10 @@ BEGIN
                                          r.user_confirmed, r.llm_inferred, r.general_summary,
                                          r.token_count, r.needs_new_chat, p_summarizer,
                                          r.usage, p_history_versions);
-        PERFORM memory._finish_dead(r.chat_id, r.lease_token, r.dead);
+        v_dead := jsonb_array_length(coalesce(r.dead, '[]')) > 0;
+        IF v_dead THEN
+            PERFORM memory._finish_dead(r.chat_id, r.lease_token, r.dead);
+        END IF;
         PERFORM memory._return_claimed(r.chat_id, r.failure IS NOT NULL,
             coalesce((r.failure ->> 'permanent')::bool, false), r.failure ->> 'error',
             r.failure ->> 'kind', p_max_attempts,
@@ -352,15 +358,19 @@ BEGIN
                  ELSE memory._backoff_until(r.chat_id, r.lease_token,
                           (r.failure ->> 'retry_after_ms')::int, p_backoff_base_ms,
                           p_backoff_max_ms) END);
-        -- A dead-lettered snippet is a failed attempt too (it cost a request).
-        PERFORM memory._record_usage(p_summarizer, v_done::int,
-            (r.failure IS NOT NULL OR jsonb_array_length(coalesce(r.dead, '[]')) > 0)::int,
-            coalesce((r.usage ->> 'llm_requests')::bigint, 0),
-            coalesce((r.usage ->> 'prompt_tokens')::bigint, 0),
-            coalesce((r.usage ->> 'completion_tokens')::bigint, 0),
-            coalesce((r.usage ->> 'rejected_ops')::bigint, 0));
         v_applied := v_applied + v_done::int;
+        -- A dead-lettered snippet is a failed attempt too (it cost a request).
+        v_failed := v_failed + (r.failure IS NOT NULL OR v_dead)::int;
+        v_usage := ARRAY[v_usage[1] + coalesce((r.usage ->> 'llm_requests')::bigint, 0),
+                         v_usage[2] + coalesce((r.usage ->> 'prompt_tokens')::bigint, 0),
+                         v_usage[3] + coalesce((r.usage ->> 'completion_tokens')::bigint, 0),
+                         v_usage[4] + coalesce((r.usage ->> 'rejected_ops')::bigint, 0)];
     END LOOP;
+    -- What the batch cost, once per batch (one row per day and summarizer).
+    IF v_applied + v_failed > 0 THEN
+        PERFORM memory._record_usage(p_summarizer, v_applied, v_failed, v_usage[1], v_usage[2],
+                                     v_usage[3], v_usage[4]);
+    END IF;
     RETURN jsonb_build_object('applied', v_applied, 'busy', to_jsonb(v_busy));
 END
 $$;
