@@ -167,7 +167,7 @@ fn process_pending_impl(p_max: i32) -> ApiResult<i32> {
     }
     let mut policy = QueuePolicy::current();
     policy.batch_chats = p_max;
-    let config = settings::LlmConfig::current().map_err(ApiError::InvalidParameter)?;
+    let config = settings::LlmConfig::current()?;
     let summarizer = summarizer::from_config(&config)?;
     let label = summarizer.label();
     // Takes back leases of dead processes and expired ones (NO KEY UPDATE locks: enqueues into
@@ -175,11 +175,7 @@ fn process_pending_impl(p_max: i32) -> ApiResult<i32> {
     queue::reclaim(policy.max_attempts, true)?;
     let mut applied_snippets = 0;
     for peeked in queue::peek(&policy)? {
-        let mut result = batch::process(
-            peeked.clone(),
-            summarizer.as_ref(),
-            batch::Bounds::of(&policy),
-        );
+        let mut result = batch::process(peeked.clone(), summarizer.as_ref(), policy.bounds());
         let Some(lease) = queue::claim_exact(&peeked, &policy)? else {
             continue; // the chat changed or is busy elsewhere: its work is not lost, only not done here
         };

@@ -8,8 +8,8 @@
 //! the batch there: what was merged before it is applied, the rest is retried later.
 
 use crate::merge;
-use crate::queue::{Claim, Dead, Failure, Finished};
-use crate::summarizer::{Memory, Snippet, Summarizer, SummarizerError, Usage};
+use crate::model::{Bounds, Claim, Dead, Failure, Finished, Memory, Snippet, Usage};
+use crate::summarizer::{Summarizer, SummarizerError};
 use crate::tokens;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
@@ -20,23 +20,6 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         s.clone()
     } else {
         "summarizer panicked".to_string()
-    }
-}
-
-/// The bounds a merged memory must keep.
-#[derive(Clone, Copy, Debug)]
-pub struct Bounds {
-    /// Above it the memory is flagged `needs_new_chat`.
-    pub token_limit: i32,
-    pub max_facts: usize,
-}
-
-impl Bounds {
-    pub fn of(policy: &crate::settings::QueuePolicy) -> Self {
-        Self {
-            token_limit: policy.token_limit,
-            max_facts: policy.max_facts.max(1) as usize,
-        }
     }
 }
 
@@ -58,9 +41,6 @@ fn summarize_into(
 ) -> Result<(), SummarizerError> {
     match summarizer.summarize(&progress.memory, snippets, &mut progress.usage) {
         Ok(update) => {
-            merge::validate(&update).map_err(|e| {
-                SummarizerError::Transient(format!("invalid summarizer output: {e}"))
-            })?;
             let stats = merge::apply(&mut progress.memory, update, max_facts);
             progress.usage.rejected_ops += stats.rejected() as u32;
             progress
@@ -158,7 +138,7 @@ pub fn process_all(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::summarizer::{Fact, Op, SummaryUpdate};
+    use crate::model::{Fact, Op, SummaryUpdate};
     use serde_json::Value;
     use std::sync::Mutex;
 
@@ -188,7 +168,7 @@ mod tests {
             _memory: &Memory,
             snippets: &[Snippet],
             usage: &mut Usage,
-        ) -> Result<SummaryUpdate, SummarizerError> {
+        ) -> Result<crate::merge::Validated, SummarizerError> {
             usage.requests += 1;
             self.seen.lock().unwrap().push(snippets.len());
             if snippets.len() > self.fits || snippets.iter().any(|s| s.text == "huge") {
@@ -197,7 +177,7 @@ mod tests {
             if snippets.iter().any(|s| s.text == "flaky") {
                 return Err(SummarizerError::Transient("try later".into()));
             }
-            Ok(SummaryUpdate {
+            Ok(crate::merge::validate(SummaryUpdate {
                 ops: snippets
                     .iter()
                     .map(|s| {
@@ -209,6 +189,7 @@ mod tests {
                     .collect(),
                 general_summary: Some(snippets.last().unwrap().text.clone()),
             })
+            .unwrap())
         }
     }
 
@@ -220,7 +201,7 @@ mod tests {
     fn claim(texts: &[&str]) -> Claim {
         Claim {
             chat_id: "c".into(),
-            lease_token: crate::queue::no_lease(),
+            lease_token: crate::model::no_lease(),
             version: 0,
             memory: Memory::default(),
             snippets: texts

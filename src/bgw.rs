@@ -7,6 +7,18 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
+use thiserror::Error;
+
+/// What aborted a step run by [`in_transaction`].
+#[derive(Debug, Error)]
+pub enum TxError {
+    /// An ERROR raised in the step.
+    #[error("{0}")]
+    Error(String),
+    /// A Rust panic in the step.
+    #[error("{0}")]
+    Panic(String),
+}
 
 pub fn shutdown_requested() -> bool {
     unsafe { pg_sys::ShutdownRequestPending != 0 }
@@ -48,16 +60,18 @@ pub fn record_error(msg: &str) {
 }
 
 /// Run `f` in its own transaction. An ERROR or panic is caught, the transaction is aborted (so
-/// the next one can start), and the message is returned.
-pub fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+/// the next one can start), and what happened is returned.
+pub fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, TxError> {
     let result = PgTryBuilder::new(AssertUnwindSafe(|| {
         Ok(BackgroundWorker::transaction(AssertUnwindSafe(f)))
     }))
     .catch_others(|e| {
         Err(match e {
             pg_sys::panic::CaughtError::PostgresError(r)
-            | pg_sys::panic::CaughtError::ErrorReport(r) => r.message().to_string(),
-            pg_sys::panic::CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
+            | pg_sys::panic::CaughtError::ErrorReport(r) => TxError::Error(r.message().to_string()),
+            pg_sys::panic::CaughtError::RustPanic { ereport, .. } => {
+                TxError::Panic(ereport.message().to_string())
+            }
         })
     })
     .execute();

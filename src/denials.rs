@@ -6,6 +6,7 @@
 //! (`denied:overflow`), so a flood cannot grow anything. Without `shared_preload_libraries` there
 //! is no ring: the attempt goes to the server log instead.
 
+use crate::shmem::LockGuard;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ffi::CStr;
@@ -69,22 +70,6 @@ pub unsafe fn attach(memory: *mut u8, lock: *mut pg_sys::LWLock, found: bool) {
     RING.store(p, Ordering::Release);
 }
 
-/// The ring's LWLock, held for the guard's life (nothing in between can raise an ERROR).
-struct Held(*mut pg_sys::LWLock);
-
-impl Held {
-    fn exclusive(lock: *mut pg_sys::LWLock) -> Self {
-        unsafe { pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE) };
-        Held(lock)
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        unsafe { pg_sys::LWLockRelease(self.0) };
-    }
-}
-
 /// One refused attempt, as the audit log records it.
 pub struct Denial {
     pub at: i64,
@@ -106,7 +91,7 @@ fn note_denied(p_action: &str, p_chat_id: &str, p_identity: &str, p_role: &str) 
     }
     let at = unsafe { pg_sys::GetCurrentTimestamp() };
     unsafe {
-        let _held = Held::exclusive((*ring).lock);
+        let _held = LockGuard::exclusive((*ring).lock);
         let r = &mut *ring;
         if r.head - r.tail >= CAPACITY as u64 {
             r.dropped += 1;
@@ -129,7 +114,7 @@ fn take() -> (Vec<Denial>, u64) {
         return (Vec::new(), 0);
     }
     unsafe {
-        let _held = Held::exclusive((*ring).lock);
+        let _held = LockGuard::exclusive((*ring).lock);
         let r = &mut *ring;
         let taken = (r.tail..r.head)
             .map(|i| {

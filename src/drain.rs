@@ -4,7 +4,8 @@
 //! chat a client holds locked is not waited for: its result comes back to be finished later.
 
 use crate::bgw::{in_transaction, record_error, set_state};
-use crate::queue::{self, Finished};
+use crate::model::Finished;
+use crate::queue;
 use crate::settings::QueuePolicy;
 use crate::shmem;
 use std::sync::atomic::Ordering;
@@ -79,7 +80,7 @@ fn finish_one(
             return None;
         }
         Ok(Err(e)) => e.to_string(),
-        Err(e) => e,
+        Err(e) => e.to_string(),
     };
     record_error(&format!(
         "chat \"{}\": could not apply memory: {error}",

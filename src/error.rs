@@ -24,6 +24,9 @@ pub enum ApiError {
     /// 55000: the call can never succeed in the caller's current state.
     #[error("{0}")]
     WrongState(String),
+    /// 22023: a setting that cannot be used (an unreadable key file).
+    #[error(transparent)]
+    Settings(#[from] crate::settings::SettingsError),
     /// XX000: an internal query failed.
     #[error("internal query failed: {0}")]
     Spi(#[from] SpiError),
@@ -37,7 +40,7 @@ pub type ApiResult<T> = Result<T, ApiError>;
 impl ApiError {
     pub fn sqlstate(&self) -> PgSqlErrorCode {
         match self {
-            ApiError::InvalidParameter(_) | ApiError::Summarizer(_) => {
+            ApiError::InvalidParameter(_) | ApiError::Summarizer(_) | ApiError::Settings(_) => {
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
             }
             ApiError::InsufficientPrivilege(_) => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,

@@ -25,6 +25,7 @@ mod drain;
 mod error;
 mod launcher;
 mod merge;
+mod model;
 mod pipeline;
 mod queue;
 mod rate_limit;
@@ -63,10 +64,16 @@ pub extern "C-unwind" fn _PG_init() {
     }
 }
 
+// The pg_tests, by area. One module (pgrx creates its functions in schema `tests`), its files
+// beside each other in src/tests/.
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]
 mod tests {
-    include!("tests.rs");
+    include!("tests/helpers.rs");
+    include!("tests/identity.rs");
+    include!("tests/api.rs");
+    include!("tests/summarizing.rs");
+    include!("tests/settings.rs");
 }
 
 /// Required by `cargo pgrx test`.

@@ -12,7 +12,7 @@
 //! Operations apply one by one in the order stated, so folding snippets one at a time or all
 //! together gives the same memory.
 
-use crate::summarizer::{Memory, Op, SummaryUpdate};
+use crate::model::{Memory, Op, SummaryUpdate};
 use thiserror::Error;
 
 pub const MAX_KEY_CHARS: usize = 200;
@@ -71,8 +71,20 @@ fn check_key(key: &str) -> Result<(), InvalidUpdate> {
     Ok(())
 }
 
+/// An update that passed [`validate`]: the only kind [`apply`] takes, so every update is checked
+/// exactly once, by the summarizer that produced it, before anything is applied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Validated(SummaryUpdate);
+
+impl std::ops::Deref for Validated {
+    type Target = SummaryUpdate;
+    fn deref(&self) -> &SummaryUpdate {
+        &self.0
+    }
+}
+
 /// Reject an update a summarizer should never have produced, before anything is applied.
-pub fn validate(update: &SummaryUpdate) -> Result<(), InvalidUpdate> {
+pub fn validate(update: SummaryUpdate) -> Result<Validated, InvalidUpdate> {
     for op in &update.ops {
         match op {
             Op::Confirm(fact) | Op::Infer(fact) => {
@@ -91,12 +103,13 @@ pub fn validate(update: &SummaryUpdate) -> Result<(), InvalidUpdate> {
     {
         return Err(InvalidUpdate::SummaryTooLong);
     }
-    Ok(())
+    Ok(Validated(update))
 }
 
 /// Apply a validated update to `memory`, one operation at a time in the order stated, keeping
 /// at most `max_facts` facts.
-pub fn apply(memory: &mut Memory, update: SummaryUpdate, max_facts: usize) -> MergeStats {
+pub fn apply(memory: &mut Memory, update: Validated, max_facts: usize) -> MergeStats {
+    let Validated(update) = update;
     let mut stats = MergeStats::default();
     for op in update.ops {
         match op {
@@ -136,7 +149,7 @@ pub fn apply(memory: &mut Memory, update: SummaryUpdate, max_facts: usize) -> Me
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::summarizer::Fact;
+    use crate::model::Fact;
     use serde_json::{Value, json};
 
     fn fact(k: &str, v: &str) -> Fact {
@@ -216,8 +229,7 @@ mod tests {
         ];
         for (name, c, i, update, ec, ei) in cases {
             let mut m = memory(c, i);
-            validate(&update).unwrap();
-            apply(&mut m, update, usize::MAX);
+            apply(&mut m, validate(update).unwrap(), usize::MAX);
             assert_eq!(Value::Object(m.user_confirmed), ec, "{name}");
             assert_eq!(Value::Object(m.llm_inferred), ei, "{name}");
             assert_eq!(
@@ -232,7 +244,7 @@ mod tests {
         let mut m = memory(json!({"zip": "1"}), json!({"plan": "x"}));
         let stats = apply(
             &mut m,
-            SummaryUpdate {
+            validate(SummaryUpdate {
                 ops: vec![
                     Op::Confirm(fact("zip", "2")),
                     Op::Confirm(fact("plan", "x")),
@@ -240,7 +252,8 @@ mod tests {
                 ],
                 general_summary: Some("new".into()),
                 ..Default::default()
-            },
+            })
+            .unwrap(),
             usize::MAX,
         );
         assert_eq!(
@@ -291,7 +304,7 @@ mod tests {
             ),
         ];
         for (u, e) in bad {
-            assert_eq!(validate(&u), Err(e));
+            assert_eq!(validate(u), Err(e));
         }
     }
 
@@ -313,20 +326,22 @@ mod tests {
                     let mut together = Memory::default();
                     apply(
                         &mut together,
-                        SummaryUpdate {
+                        validate(SummaryUpdate {
                             ops: ops.clone(),
                             ..Default::default()
-                        },
+                        })
+                        .unwrap(),
                         usize::MAX,
                     );
                     let mut single = Memory::default();
                     for op in ops {
                         apply(
                             &mut single,
-                            SummaryUpdate {
+                            validate(SummaryUpdate {
                                 ops: vec![op],
                                 ..Default::default()
-                            },
+                            })
+                            .unwrap(),
                             usize::MAX,
                         );
                     }
@@ -340,10 +355,11 @@ mod tests {
         let mut m = Memory::default();
         apply(
             &mut m,
-            SummaryUpdate {
+            validate(SummaryUpdate {
                 ops: vec![kinds[0].clone(), kinds[1].clone(), kinds[2].clone()],
                 ..Default::default()
-            },
+            })
+            .unwrap(),
             usize::MAX,
         );
         assert_eq!(Value::Object(m.llm_inferred), json!({"k": "b"}));
@@ -357,7 +373,7 @@ mod tests {
         let long = "x".repeat(MAX_VALUE_CHARS + 1);
         let stats = apply(
             &mut m,
-            SummaryUpdate {
+            validate(SummaryUpdate {
                 ops: vec![
                     Op::Confirm(fact("c", "3")),   // third fact: at the bound of 3
                     Op::Confirm(fact("d", "4")),   // a fourth: refused
@@ -368,7 +384,8 @@ mod tests {
                     Op::Confirm(fact("a", &long)), // too long: refused
                 ],
                 ..Default::default()
-            },
+            })
+            .unwrap(),
             3,
         );
         assert_eq!(stats.rejected_over_bounds, 3);

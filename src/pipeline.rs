@@ -11,7 +11,7 @@
 //! endpoint never delays shutdown, reload, or applying the answers that did arrive.
 
 use crate::batch;
-use crate::queue::{Claim, Finished};
+use crate::model::{Bounds, Claim, Finished};
 use crate::summarizer::Summarizer;
 use pgrx::pg_sys;
 use std::collections::HashMap;
@@ -160,7 +160,7 @@ impl Pipeline {
         &mut self,
         claims: Vec<Claim>,
         summarizer: &Arc<dyn Summarizer>,
-        bounds: batch::Bounds,
+        bounds: Bounds,
     ) -> Result<(), (String, Vec<(String, pgrx::Uuid)>)> {
         let label = summarizer.label();
         let mut claims = claims.into_iter();
@@ -203,7 +203,7 @@ struct Job {
     wake: UnixStream,
     summarizer: Arc<dyn Summarizer>,
     label: String,
-    bounds: batch::Bounds,
+    bounds: Bounds,
 }
 
 impl Job {

@@ -1,13 +1,12 @@
 //! Claiming and applying: thin typed wrappers over the SQL functions in `sql/queue.sql`.
 //! Every call here must run inside a transaction on the main thread.
 
+use crate::model::{Claim, Finished, Memory, Snippet, no_lease};
 use crate::settings::QueuePolicy;
-use crate::summarizer::{Memory, Snippet, Usage};
 use pgrx::datum::JsonB;
 use pgrx::prelude::*;
 use pgrx::spi::SpiError;
 use serde_json::Value;
-use std::time::Duration;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -19,121 +18,39 @@ pub enum QueueError {
     MalformedClaim(String, &'static str),
 }
 
-/// One leased chat with its current memory and claimed snippets (in order).
-#[derive(Clone, Debug)]
-pub struct Claim {
-    pub chat_id: String,
-    pub lease_token: pgrx::Uuid,
-    /// The memory's version when claimed.
-    pub version: i64,
-    pub memory: Memory,
-    pub snippets: Vec<Snippet>,
-}
-
-/// How a leased summarization ended, to be written in one transaction by [`finish`]: the
-/// snippets merged into `memory` (in order), those refused on their own, and a failure for every
-/// other claimed snippet.
-#[derive(Clone, Debug)]
-pub struct Finished {
-    pub chat_id: String,
-    pub lease_token: pgrx::Uuid,
-    pub applied: Vec<String>,
-    pub memory: Memory,
-    pub token_count: i32,
-    pub needs_new_chat: bool,
-    /// Snippets dead-lettered alone.
-    pub dead: Vec<Dead>,
-    pub failure: Option<Failure>,
-    pub usage: Usage,
-}
-
-/// A snippet the summarizer refused on its own.
-#[derive(Clone, Debug)]
-pub struct Dead {
-    pub id: String,
-    pub error: String,
-    /// The error's class (see [`Failure::kind`]).
-    pub kind: &'static str,
-}
-
-/// A failed attempt for the claimed snippets that were neither applied nor dead-lettered.
-#[derive(Clone, Debug)]
-pub struct Failure {
-    /// The full text, for admins: it may quote the provider.
-    pub error: String,
-    /// The class (`SummarizerError::kind`, or `apply`): what the snippet's owner is told.
-    pub kind: &'static str,
-    pub permanent: bool,
-    /// The endpoint's Retry-After: the delay to use instead of the backoff.
-    pub retry_after: Option<Duration>,
-}
-
-impl Finished {
-    /// The whole claim failed with `error` of class `kind`, nothing applied (e.g. the summarizer
-    /// could not be configured, or the result could not be written).
-    pub fn failed(
-        chat_id: String,
-        lease_token: pgrx::Uuid,
-        error: String,
-        kind: &'static str,
-        usage: Usage,
-    ) -> Self {
-        Finished {
-            chat_id,
-            lease_token,
-            applied: Vec::new(),
-            memory: Memory::default(),
-            token_count: 0,
-            needs_new_chat: false,
-            dead: Vec::new(),
-            failure: Some(Failure {
-                error,
-                kind,
-                permanent: false,
-                retry_after: None,
-            }),
-            usage,
-        }
-    }
-
-    fn to_json(&self) -> Value {
-        let failure = self.failure.as_ref().map(|f| {
-            serde_json::json!({
-                "error": f.error,
-                "kind": f.kind,
-                "permanent": f.permanent,
-                "retry_after_ms": f.retry_after.map(|d| i32::try_from(d.as_millis()).unwrap_or(i32::MAX)),
-            })
-        });
-        let dead: Vec<Value> = self
-            .dead
-            .iter()
-            .map(|d| serde_json::json!({"id": d.id, "error": d.error, "kind": d.kind}))
-            .collect();
+/// How `_finish` reads a result.
+fn finished_json(f: &Finished) -> Value {
+    let failure = f.failure.as_ref().map(|fail| {
         serde_json::json!({
-            "chat_id": self.chat_id,
-            "lease_token": self.lease_token.to_string(),
-            "applied_ids": self.applied,
-            "user_confirmed": self.memory.user_confirmed,
-            "llm_inferred": self.memory.llm_inferred,
-            "general_summary": self.memory.general_summary,
-            "token_count": self.token_count,
-            "needs_new_chat": self.needs_new_chat,
-            "dead": dead,
-            "failure": failure,
-            "usage": {
-                "llm_requests": self.usage.requests,
-                "prompt_tokens": self.usage.prompt_tokens,
-                "completion_tokens": self.usage.completion_tokens,
-                "rejected_ops": self.usage.rejected_ops,
-            },
+            "error": fail.error,
+            "kind": fail.kind,
+            "permanent": fail.permanent,
+            "retry_after_ms": fail.retry_after.map(|d| i32::try_from(d.as_millis()).unwrap_or(i32::MAX)),
         })
-    }
-}
-
-/// The lease of a peeked claim, which has none yet.
-pub fn no_lease() -> pgrx::Uuid {
-    pgrx::Uuid::from_bytes([0; 16])
+    });
+    let dead: Vec<Value> = f
+        .dead
+        .iter()
+        .map(|d| serde_json::json!({"id": d.id, "error": d.error, "kind": d.kind}))
+        .collect();
+    serde_json::json!({
+        "chat_id": f.chat_id,
+        "lease_token": f.lease_token.to_string(),
+        "applied_ids": f.applied,
+        "user_confirmed": f.memory.user_confirmed,
+        "llm_inferred": f.memory.llm_inferred,
+        "general_summary": f.memory.general_summary,
+        "token_count": f.token_count,
+        "needs_new_chat": f.needs_new_chat,
+        "dead": dead,
+        "failure": failure,
+        "usage": {
+            "llm_requests": f.usage.requests,
+            "prompt_tokens": f.usage.prompt_tokens,
+            "completion_tokens": f.usage.completion_tokens,
+            "rejected_ops": f.usage.rejected_ops,
+        },
+    })
 }
 
 fn object(v: Option<JsonB>) -> serde_json::Map<String, Value> {
@@ -234,7 +151,7 @@ pub fn finish(
     policy: &QueuePolicy,
     summarizer: &str,
 ) -> Result<FinishOutcome, SpiError> {
-    let payload = Value::Array(results.iter().map(Finished::to_json).collect());
+    let payload = Value::Array(results.iter().map(finished_json).collect());
     let outcome = Spi::get_one_with_args::<JsonB>(
         "SELECT memory._finish($1, $2, $3, $4, $5, $6)",
         &[

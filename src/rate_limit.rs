@@ -12,6 +12,7 @@
 //! `shared_preload_libraries` there is no shared memory and no limit (documented).
 
 use crate::settings;
+use crate::shmem::LockGuard;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ffi::CStr;
@@ -142,18 +143,18 @@ fn rate_limit(identity: &str) -> i32 {
         return 0;
     }
     let limit = limit as f64;
-    unsafe {
-        let now = pg_sys::GetCurrentTimestamp();
-        pg_sys::LWLockAcquire((*table).lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-        // Nothing between acquire and release can raise an ERROR.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    // SAFETY: the table lives in shared memory for the server's life; its lock guards the slots,
+    // and nothing below can raise an ERROR while it is held.
+    let wait = unsafe {
+        let _held = LockGuard::exclusive((*table).lock);
         let key = key_of(&(*table).secret, identity);
-        let wait = match slot_for(&mut (*table).slots, key, now, limit) {
+        match slot_for(&mut (*table).slots, key, now, limit) {
             Ok(slot) => take(slot, now, limit),
             Err(us) => Some(((us as f64) / 1e6).ceil().max(1.0) as u32),
-        };
-        pg_sys::LWLockRelease((*table).lock);
-        wait.map_or(0, |s| s as i32)
-    }
+        }
+    };
+    wait.map_or(0, |s| s as i32)
 }
 
 #[cfg(test)]

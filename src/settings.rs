@@ -4,6 +4,16 @@
 //! application role must not be able to raise its own snippet limit or pick the summarizer.
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
+use thiserror::Error;
+
+/// A setting that cannot be used as it is. The message names the setting, never a key.
+#[derive(Debug, Error)]
+pub enum SettingsError {
+    #[error("memory_ext.llm_api_key: cannot read key file: {0}")]
+    KeyFile(std::io::Error),
+    #[error("memory_ext.llm_api_key: environment variable {0} is not set")]
+    KeyEnv(String),
+}
 use std::ffi::CString;
 use std::time::Duration;
 
@@ -338,6 +348,14 @@ pub struct QueuePolicy {
 }
 
 impl QueuePolicy {
+    /// The bounds a merged memory must keep.
+    pub fn bounds(&self) -> crate::model::Bounds {
+        crate::model::Bounds {
+            token_limit: self.token_limit,
+            max_facts: self.max_facts.max(1) as usize,
+        }
+    }
+
     pub fn current() -> Self {
         Self {
             batch_chats: BATCH_CHATS.get(),
@@ -401,7 +419,7 @@ impl std::fmt::Debug for LlmConfig {
 impl LlmConfig {
     /// Read the settings (main thread only). A key that cannot be resolved is an error message
     /// that names the setting, never the key; the mock needs no key, so it is not read then.
-    pub fn current() -> Result<Self, String> {
+    pub fn current() -> Result<Self, SettingsError> {
         let summarizer = string(&SUMMARIZER);
         let api_key = if summarizer.trim().eq_ignore_ascii_case("mock") {
             String::new()
@@ -474,21 +492,16 @@ unsafe extern "C-unwind" fn check_api_key(
 
 /// `file:/path` reads the key from a file (trimmed), `env:NAME` from the server's environment,
 /// anything else is the key itself.
-pub fn resolve_key(raw: &str) -> Result<String, String> {
+pub fn resolve_key(raw: &str) -> Result<String, SettingsError> {
     let raw = raw.trim();
     if let Some(path) = raw.strip_prefix("file:") {
         std::fs::read_to_string(path.trim())
             .map(|k| k.trim().to_string())
-            .map_err(|e| format!("memory_ext.llm_api_key: cannot read key file: {e}"))
+            .map_err(SettingsError::KeyFile)
     } else if let Some(name) = raw.strip_prefix("env:") {
         std::env::var(name.trim())
             .map(|k| k.trim().to_string())
-            .map_err(|_| {
-                format!(
-                    "memory_ext.llm_api_key: environment variable {} is not set",
-                    name.trim()
-                )
-            })
+            .map_err(|_| SettingsError::KeyEnv(name.trim().to_string()))
     } else {
         Ok(raw.to_string())
     }
@@ -522,7 +535,7 @@ mod tests {
         for (raw, expected) in cases {
             match (resolve_key(raw), expected) {
                 (Ok(k), Ok(e)) => assert_eq!(k, e, "{raw}"),
-                (Err(m), Err(e)) => assert!(m.starts_with(e), "{raw}: {m}"),
+                (Err(m), Err(e)) => assert!(m.to_string().starts_with(e), "{raw}: {m}"),
                 (got, e) => panic!("{raw}: got {got:?}, expected {e:?}"),
             }
         }

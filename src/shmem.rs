@@ -6,6 +6,7 @@
 //! `None` otherwise, and the SQL API degrades to polling / `process_pending()`.
 
 use pgrx::pg_sys;
+use std::cell::UnsafeCell;
 use std::ffi::CStr;
 use std::sync::atomic::{
     AtomicBool, AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, Ordering,
@@ -30,9 +31,33 @@ pub struct Shared {
     pub failed: AtomicU64,
     /// Recent enqueue-to-applied latency, microseconds (exponential moving average).
     pub latency_us: AtomicU64,
-    state: [u8; TEXT],
-    database: [u8; TEXT],
-    last_error: [u8; TEXT],
+    // Written through `&self` under `lock`: interior mutability, made explicit.
+    state: UnsafeCell<[u8; TEXT]>,
+    database: UnsafeCell<[u8; TEXT]>,
+    last_error: UnsafeCell<[u8; TEXT]>,
+}
+
+/// An LWLock held for the guard's life, so it cannot be left held by an early return. (An ERROR
+/// while it is held is released by Postgres' own abort processing.) Hold it only around code that
+/// cannot raise an ERROR.
+pub struct LockGuard(*mut pg_sys::LWLock);
+
+impl LockGuard {
+    pub fn exclusive(lock: *mut pg_sys::LWLock) -> Self {
+        unsafe { pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE) };
+        LockGuard(lock)
+    }
+
+    pub fn shared(lock: *mut pg_sys::LWLock) -> Self {
+        unsafe { pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_SHARED) };
+        LockGuard(lock)
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        unsafe { pg_sys::LWLockRelease(self.0) };
+    }
 }
 
 static SHARED: AtomicPtr<Shared> = AtomicPtr::new(std::ptr::null_mut());
@@ -97,8 +122,7 @@ unsafe extern "C-unwind" fn startup() {
             prev();
         }
         // AddinShmemInitLock is MainLWLockArray[21] (a macro in C).
-        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
-        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let _held = LockGuard::exclusive(&raw mut (*pg_sys::MainLWLockArray.add(21)).lock);
         for s in &SEGMENTS {
             let mut found = false;
             let p = pg_sys::ShmemInitStruct(s.name.as_ptr(), s.size, &mut found).cast::<u8>();
@@ -108,7 +132,6 @@ unsafe extern "C-unwind" fn startup() {
             let lock = &raw mut (*pg_sys::GetNamedLWLockTranche(s.name.as_ptr())).lock;
             (s.attach)(p, lock, found);
         }
-        pg_sys::LWLockRelease(init_lock);
     }
 }
 
@@ -150,30 +173,24 @@ pub enum Field {
 }
 
 impl Shared {
-    fn field(&self, f: Field) -> *mut [u8; TEXT] {
-        let p = match f {
+    fn field(&self, f: Field) -> &UnsafeCell<[u8; TEXT]> {
+        match f {
             Field::State => &self.state,
             Field::Database => &self.database,
             Field::LastError => &self.last_error,
-        };
-        p as *const _ as *mut _
+        }
     }
 
     pub fn set_text(&self, f: Field, s: &str) {
-        unsafe {
-            pg_sys::LWLockAcquire(self.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-            write_text(&mut *self.field(f), s);
-            pg_sys::LWLockRelease(self.lock);
-        }
+        let _held = LockGuard::exclusive(self.lock);
+        // SAFETY: the exclusive lock makes this the only access to the field.
+        write_text(unsafe { &mut *self.field(f).get() }, s);
     }
 
     pub fn text(&self, f: Field) -> String {
-        unsafe {
-            pg_sys::LWLockAcquire(self.lock, pg_sys::LWLockMode::LW_SHARED);
-            let s = read_text(&*self.field(f));
-            pg_sys::LWLockRelease(self.lock);
-            s
-        }
+        let _held = LockGuard::shared(self.lock);
+        // SAFETY: writers hold the lock exclusively.
+        read_text(unsafe { &*self.field(f).get() })
     }
 
     pub fn cv(&self) -> *mut pg_sys::ConditionVariable {

@@ -3,7 +3,7 @@
 //! record an agent would put in its prompt: the JSON of confirmed facts, inferred facts and
 //! summary.
 
-use crate::summarizer::Memory;
+use crate::model::Memory;
 use std::sync::OnceLock;
 use tiktoken_rs::CoreBPE;
 

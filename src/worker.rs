@@ -18,11 +18,12 @@ use crate::bgw::{
     shutdown_requested,
 };
 use crate::drain::{self, note_latency};
+use crate::model::{Finished, Usage};
 use crate::pipeline::{self, Pipeline};
-use crate::queue::{self, Finished};
+use crate::queue;
 use crate::settings::{self, LlmConfig, QueuePolicy};
 use crate::shmem::{self, Field};
-use crate::summarizer::{self, Summarizer, Usage};
+use crate::summarizer::{self, Summarizer};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -30,8 +31,30 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use thiserror::Error;
 
 const WORKER: &str = "memory_ext worker";
+
+/// Why a pass could not claim or finish work (recorded in worker_status().last_error).
+#[derive(Debug, Error)]
+enum WorkerError {
+    #[error(transparent)]
+    Transaction(#[from] crate::bgw::TxError),
+    #[error(transparent)]
+    Queue(#[from] crate::queue::QueueError),
+}
+
+/// Why no summarizer can be built from the current settings: every claimed snippet fails
+/// (transiently) with it until the settings are fixed and reloaded. Shared, so the cache clones it.
+#[derive(Debug, Error)]
+enum ConfigError {
+    #[error(transparent)]
+    Settings(#[from] crate::settings::SettingsError),
+    #[error(transparent)]
+    Summarizer(#[from] summarizer::SummarizerError),
+}
+
+type Configured = Result<Arc<dyn Summarizer>, Arc<ConfigError>>;
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 const RETENTION_BATCH: i32 = 1000;
 const RECLAIM_EVERY: Duration = Duration::from_secs(1);
@@ -71,11 +94,11 @@ fn extension_ready() -> bool {
 struct SummarizerCache {
     generation: Option<u64>,
     config: Option<LlmConfig>,
-    summarizer: Option<Result<Arc<dyn Summarizer>, String>>,
+    summarizer: Option<Configured>,
 }
 
 impl SummarizerCache {
-    fn current(&mut self) -> Result<Arc<dyn Summarizer>, String> {
+    fn current(&mut self) -> Configured {
         let generation = CONFIG_GENERATION.load(Ordering::Relaxed);
         if self.generation != Some(generation) {
             self.generation = Some(generation);
@@ -85,13 +108,13 @@ impl SummarizerCache {
                         && matches!(self.summarizer, Some(Ok(_)));
                     if !unchanged {
                         self.summarizer =
-                            Some(summarizer::from_config(&config).map_err(|e| e.to_string()));
+                            Some(summarizer::from_config(&config).map_err(|e| Arc::new(e.into())));
                         self.config = Some(config);
                     }
                 }
                 Err(e) => {
                     self.config = None;
-                    self.summarizer = Some(Err(e));
+                    self.summarizer = Some(Err(Arc::new(e.into())));
                 }
             }
         }
@@ -99,8 +122,8 @@ impl SummarizerCache {
     }
 }
 
-fn claim_in_transaction(policy: &QueuePolicy) -> Result<Vec<queue::Claim>, String> {
-    in_transaction(|| queue::claim(policy))?.map_err(|e| e.to_string())
+fn claim_in_transaction(policy: &QueuePolicy) -> Result<Vec<crate::model::Claim>, WorkerError> {
+    Ok(in_transaction(|| queue::claim(policy))??)
 }
 
 /// Results whose chat a client held locked, with their summarizer's label: finished on a later
@@ -122,9 +145,9 @@ fn finish_keeping_busy(
 /// Claim, summarize inline and finish one batch. Returns the number of chats claimed.
 fn drain_once(
     policy: &QueuePolicy,
-    summarizer: &Result<Arc<dyn Summarizer>, String>,
+    summarizer: &Configured,
     deferred: &mut Deferred,
-) -> Result<usize, String> {
+) -> Result<usize, WorkerError> {
     let started = Instant::now();
     let claims = claim_in_transaction(policy)?;
     if claims.is_empty() {
@@ -134,7 +157,7 @@ fn drain_once(
     set_state(&format!("summarizing {n} chat(s)"));
     let (results, label) = match summarizer {
         Ok(s) => (
-            batch::process_all(claims, s.as_ref(), batch::Bounds::of(policy)),
+            batch::process_all(claims, s.as_ref(), policy.bounds()),
             s.label(),
         ),
         Err(e) => (
@@ -144,7 +167,7 @@ fn drain_once(
                     Finished::failed(
                         c.chat_id,
                         c.lease_token,
-                        e.clone(),
+                        e.to_string(),
                         "config",
                         Usage::default(),
                     )
@@ -233,8 +256,10 @@ impl Worker {
         let policy = QueuePolicy::current();
         if !self.was_ready {
             // Leases held by processes that died (a crash, a restart) are taken back at once.
-            if let Err(e) = in_transaction(|| queue::reclaim(policy.max_attempts, true)) {
-                record_error(&e);
+            match in_transaction(|| queue::reclaim(policy.max_attempts, true)) {
+                Ok(Err(e)) => record_error(&e.to_string()),
+                Err(e) => record_error(&e.to_string()),
+                Ok(Ok(_)) => {}
             }
             self.was_ready = true;
         }
@@ -242,6 +267,7 @@ impl Worker {
             let deferred = std::mem::take(&mut self.deferred);
             finish_grouped(deferred, &policy, &mut self.deferred);
         }
+        self.collect_answers(&policy);
         let summarizer = self.cache.current();
         let pass = match &summarizer {
             Ok(s) if s.is_remote() => self.drain_remote(&policy, s),
@@ -253,7 +279,7 @@ impl Worker {
 
     fn drain_inline(
         policy: &QueuePolicy,
-        summarizer: &Result<Arc<dyn Summarizer>, String>,
+        summarizer: &Configured,
         deferred: &mut Deferred,
     ) -> Pass {
         let mut pass = Pass::default();
@@ -262,7 +288,7 @@ impl Worker {
                 Ok(0) => break,
                 Ok(n) => pass.claimed += n,
                 Err(e) => {
-                    record_error(&e);
+                    record_error(&e.to_string());
                     break;
                 }
             }
@@ -281,11 +307,6 @@ impl Worker {
             }
         }
         let p = self.pipeline.as_mut().expect("created above");
-        // Answers first: they free slots, and a rate limit pauses new requests.
-        let done = p.finished();
-        if !done.is_empty() {
-            finish_done(done, policy, &mut self.deferred);
-        }
         let concurrency = settings::LLM_CONCURRENCY.get() as usize;
         let asked = p
             .free_slots(concurrency)
@@ -298,13 +319,13 @@ impl Worker {
                 Ok(claims) => {
                     pass.claimed = claims.len();
                     pass.more = claims.len() == asked && p.in_flight() + asked < concurrency;
-                    if let Err((e, unstarted)) = p.start(claims, s, batch::Bounds::of(policy)) {
+                    if let Err((e, unstarted)) = p.start(claims, s, policy.bounds()) {
                         record_error(&e);
                         release_all(unstarted);
                         pass.more = false;
                     }
                 }
-                Err(e) => record_error(&e),
+                Err(e) => record_error(&e.to_string()),
             }
         }
         let in_flight = p.in_flight();
@@ -319,6 +340,19 @@ impl Worker {
             None => {}
         }
         pass
+    }
+
+    /// Finish the LLM answers that arrived. On every pass, whatever the summarizer is now: after a
+    /// reload to the mock, requests started before it still answer, and their results must be
+    /// applied (and their slots freed) rather than left to expire. Answers also free slots and
+    /// carry the rate-limit pause, so this comes before claiming.
+    fn collect_answers(&mut self, policy: &QueuePolicy) {
+        if let Some(p) = self.pipeline.as_mut() {
+            let done = p.finished();
+            if !done.is_empty() {
+                finish_done(done, policy, &mut self.deferred);
+            }
+        }
     }
 
     fn busy(&self) -> bool {

@@ -3,7 +3,7 @@
 
 use super::LlmConfig;
 use super::contract;
-use super::llm::{Answer, Content, Provider, Role, Turn, usage_tokens};
+use super::llm::{Answer, Content, MissingPart, Provider, Role, Turn, usage_tokens};
 use serde_json::{Value, json};
 
 pub struct Anthropic;
@@ -63,11 +63,11 @@ impl Provider for Anthropic {
         })
     }
 
-    fn answer(&self, response: &Value) -> Result<Answer, String> {
+    fn answer(&self, response: &Value) -> Result<Answer, MissingPart> {
         let blocks = response
             .get("content")
             .and_then(Value::as_array)
-            .ok_or("no content in the answer")?;
+            .ok_or(MissingPart("no content in the answer"))?;
         let tool_input = blocks.iter().find_map(|b| {
             (b.get("type").and_then(Value::as_str) == Some("tool_use")
                 && b.get("name").and_then(Value::as_str) == Some(contract::TOOL_NAME))

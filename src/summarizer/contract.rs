@@ -17,8 +17,8 @@
 //! counted), so a model cannot invent user-confirmed facts. An answer that is not valid JSON or
 //! breaks the schema is an [`InvalidAnswer`], which earns one repair request.
 
-use super::{Fact, Memory, Op, Snippet, SummaryUpdate};
 use crate::merge;
+use crate::model::{Fact, Memory, Op, Snippet, SummaryUpdate};
 use serde_json::{Value, json};
 use thiserror::Error;
 
@@ -168,7 +168,7 @@ fn text_field<'a>(op: &'a Value, name: &str) -> Option<&'a str> {
 pub fn to_update(
     answer: &Value,
     snippets: &[Snippet],
-) -> Result<(SummaryUpdate, u32), InvalidAnswer> {
+) -> Result<(merge::Validated, u32), InvalidAnswer> {
     let ops = answer
         .get("ops")
         .and_then(Value::as_array)
@@ -228,12 +228,14 @@ pub fn to_update(
             }
         }
     }
-    merge::validate(&update)?;
-    Ok((update, rejected))
+    Ok((merge::validate(update)?, rejected))
 }
 
 /// `extract_json` then `to_update`, for answers that arrive as text.
-pub fn parse_text(text: &str, snippets: &[Snippet]) -> Result<(SummaryUpdate, u32), InvalidAnswer> {
+pub fn parse_text(
+    text: &str,
+    snippets: &[Snippet],
+) -> Result<(merge::Validated, u32), InvalidAnswer> {
     to_update(&extract_json(text)?, snippets)
 }
 

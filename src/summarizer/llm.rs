@@ -5,7 +5,9 @@
 
 use super::contract::{self, InvalidAnswer};
 use super::http::Client;
-use super::{LlmConfig, Memory, Snippet, Summarizer, SummarizerError, SummaryUpdate, Usage};
+use super::{LlmConfig, Summarizer, SummarizerError};
+use crate::merge::Validated;
+use crate::model::{Memory, Snippet, Usage};
 use serde_json::Value;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,7 +40,7 @@ pub struct Answer {
 }
 
 impl Answer {
-    fn parse(&self, snippets: &[Snippet]) -> Result<(SummaryUpdate, u32), InvalidAnswer> {
+    fn parse(&self, snippets: &[Snippet]) -> Result<(Validated, u32), InvalidAnswer> {
         match &self.content {
             Content::Json(v) => contract::to_update(v, snippets),
             Content::Text(t) => contract::parse_text(t, snippets),
@@ -52,6 +54,11 @@ impl Answer {
         }
     }
 }
+
+/// A 2xx answer without the part its wire format puts the model's answer in.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct MissingPart(pub &'static str);
 
 /// A token count from the response's `usage` object (0 when the provider sent none).
 pub fn usage_tokens(response: &Value, name: &str) -> u64 {
@@ -69,7 +76,7 @@ pub trait Provider: Send + Sync + 'static {
     fn headers(&self, api_key: &str) -> Vec<(&'static str, String)>;
     fn request(&self, config: &LlmConfig, turns: &[Turn]) -> Value;
     /// Read a 2xx response; an Err is a response of the wrong shape.
-    fn answer(&self, response: &Value) -> Result<Answer, String>;
+    fn answer(&self, response: &Value) -> Result<Answer, MissingPart>;
 }
 
 pub struct Llm<P> {
@@ -135,7 +142,7 @@ impl<P: Provider> Summarizer for Llm<P> {
         memory: &Memory,
         snippets: &[Snippet],
         usage: &mut Usage,
-    ) -> Result<SummaryUpdate, SummarizerError> {
+    ) -> Result<Validated, SummarizerError> {
         let mut turns = vec![Turn {
             role: Role::User,
             text: contract::user_message(memory, snippets),

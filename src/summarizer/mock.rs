@@ -16,7 +16,9 @@
 //! Lines take effect one at a time (the summary is cut after each line), so summarizing
 //! snippets one by one or all together gives the same memory.
 
-use super::{Fact, Memory, Op, Snippet, Summarizer, SummarizerError, SummaryUpdate, Usage};
+use super::{Summarizer, SummarizerError};
+use crate::merge::Validated;
+use crate::model::{Fact, Memory, Op, Snippet, SummaryUpdate, Usage};
 use serde_json::Value;
 
 pub const SUMMARY_MAX_CHARS: usize = 2000;
@@ -71,7 +73,7 @@ impl Summarizer for Mock {
         memory: &Memory,
         snippets: &[Snippet],
         _usage: &mut Usage,
-    ) -> Result<SummaryUpdate, SummarizerError> {
+    ) -> Result<Validated, SummarizerError> {
         let mut update = SummaryUpdate::default();
         let mut summary: Option<String> = None;
         let mut slept_ms = 0;
@@ -123,7 +125,8 @@ impl Summarizer for Mock {
             }
         }
         update.general_summary = summary;
-        Ok(update)
+        crate::merge::validate(update)
+            .map_err(|e| SummarizerError::Transient(format!("invalid summarizer output: {e}")))
     }
 }
 
@@ -131,7 +134,7 @@ impl Summarizer for Mock {
 mod tests {
     use super::*;
 
-    fn run(memory: &Memory, texts: &[&str]) -> Result<SummaryUpdate, SummarizerError> {
+    fn run(memory: &Memory, texts: &[&str]) -> Result<Validated, SummarizerError> {
         let snippets: Vec<Snippet> = texts
             .iter()
             .enumerate()
@@ -193,10 +196,13 @@ mod tests {
             ..Default::default()
         };
         let u = run(&m, &["one", "two\nthree"]).unwrap();
-        assert_eq!(u.general_summary.unwrap(), "start | one | two | three");
+        assert_eq!(
+            u.general_summary.as_deref(),
+            Some("start | one | two | three")
+        );
         let long = "word ".repeat(2000);
         let u = run(&m, &[&long, "last line"]).unwrap();
-        let s = u.general_summary.unwrap();
+        let s = u.general_summary.clone().unwrap();
         assert!(s.chars().count() <= SUMMARY_MAX_CHARS);
         assert!(s.ends_with("last line"));
     }

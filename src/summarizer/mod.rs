@@ -13,66 +13,13 @@ pub mod llm;
 pub mod mock;
 pub mod openai;
 
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use crate::merge::Validated;
+use crate::model::{Memory, Snippet, Usage};
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 
 pub use crate::settings::LlmConfig;
-
-/// A chat's memory as the summarizer sees it.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Memory {
-    pub user_confirmed: Map<String, Value>,
-    pub llm_inferred: Map<String, Value>,
-    pub general_summary: String,
-}
-
-/// One accepted snippet, in enqueue order.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Snippet {
-    pub id: String,
-    pub text: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Fact {
-    pub key: String,
-    pub value: Value,
-}
-
-/// One operation on the memory's facts.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum Op {
-    /// A fact the user stated or confirmed.
-    Confirm(Fact),
-    /// The model's assumption.
-    Infer(Fact),
-    /// Drop an inferred fact (confirmed facts cannot be dropped this way).
-    DropInferred(String),
-}
-
-/// What a summarizer proposes. Operations apply strictly in the order they were stated (snippet
-/// order, then line order within a snippet), so the result never depends on how snippets were
-/// grouped into summarizations.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct SummaryUpdate {
-    pub ops: Vec<Op>,
-    /// The new general summary; `None` keeps the current one.
-    pub general_summary: Option<String>,
-}
-
-/// What the provider reported an attempt cost, summed over every request it took (a repair
-/// request, the halves of a split batch). Recorded per applied batch and per failed attempt.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub requests: u32,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    /// Operations refused by the extension (an ungrounded confirmation, for one).
-    pub rejected_ops: u32,
-}
 
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum SummarizerError {
@@ -157,7 +104,7 @@ pub trait Summarizer: Send + Sync {
         memory: &Memory,
         snippets: &[Snippet],
         usage: &mut Usage,
-    ) -> Result<SummaryUpdate, SummarizerError>;
+    ) -> Result<Validated, SummarizerError>;
 }
 
 /// The implementation named by `memory_ext.summarizer`, configured from a settings snapshot.

@@ -4,7 +4,7 @@
 
 use super::LlmConfig;
 use super::contract;
-use super::llm::{Answer, Content, Provider, Role, Turn, usage_tokens};
+use super::llm::{Answer, Content, MissingPart, Provider, Role, Turn, usage_tokens};
 use crate::settings::StructuredOutput;
 use serde_json::{Value, json};
 
@@ -59,13 +59,13 @@ impl Provider for OpenAi {
         body
     }
 
-    fn answer(&self, response: &Value) -> Result<Answer, String> {
+    fn answer(&self, response: &Value) -> Result<Answer, MissingPart> {
         let choice = response
             .pointer("/choices/0")
-            .ok_or("no choices in the answer")?;
+            .ok_or(MissingPart("no choices in the answer"))?;
         let message = choice
             .get("message")
-            .ok_or("no message in the first choice")?;
+            .ok_or(MissingPart("no message in the first choice"))?;
         let text = match message.get("content") {
             Some(Value::String(s)) => s.clone(),
             // some servers send content parts

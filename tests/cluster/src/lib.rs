@@ -292,6 +292,18 @@ impl Drop for Cluster {
     }
 }
 
+/// memory.wait() on a queue id (30 s), returning its status.
+pub fn wait(c: &mut Client, id: &str) -> String {
+    c.query_one("SELECT memory.wait($1::text::uuid, '30 seconds')", &[&id])
+        .unwrap()
+        .get(0)
+}
+
+/// The one text value `sql` returns.
+pub fn text(c: &mut Client, sql: &str) -> String {
+    c.query_one(sql, &[]).unwrap().get(0)
+}
+
 /// Enqueue and return the queue id.
 pub fn enqueue(c: &mut Client, chat: &str, snippet: &str) -> String {
     c.query_one(

@@ -5,22 +5,12 @@
 //! the final memory, the queue rows, and that the API key leaked nowhere.
 
 use memory_ext_cluster_tests::fake_llm::{COMPLETION_TOKENS, FakeLlm, Mode, PROMPT_TOKENS};
-use memory_ext_cluster_tests::{Cluster, enqueue, enqueue_together};
+use memory_ext_cluster_tests::{Cluster, enqueue, enqueue_together, text, wait};
 use postgres::Client;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
 const KEY: &str = "sk-fake-secret-key-7d41c9";
-
-fn wait(c: &mut Client, id: &str) -> String {
-    c.query_one("SELECT memory.wait($1::text::uuid, '30 seconds')", &[&id])
-        .unwrap()
-        .get(0)
-}
-
-fn text(c: &mut Client, sql: &str) -> String {
-    c.query_one(sql, &[]).unwrap().get(0)
-}
 
 /// A cluster whose worker talks to `fake` with `provider`, fast backoff, 3 attempts.
 fn start(name: &str, fake: &FakeLlm, provider: &str, extra: &[&str]) -> (Cluster, Client) {
@@ -737,5 +727,40 @@ fn owners_take_turns() {
     assert!(
         left >= 17,
         "owner y waited for owner x's chats: only {left} of 20 left"
+    );
+}
+
+/// A request in flight when the summarizer is switched to the mock (SIGHUP) still has its answer
+/// applied, spending no attempt, and the worker goes idle: answers are collected on every pass,
+/// whatever the summarizer is now (found by the stress test: they were left to expire).
+#[test]
+fn an_answer_arriving_after_a_switch_to_the_mock_is_applied() {
+    let fake = FakeLlm::start(Mode::Valid);
+    fake.set_delay(Duration::from_millis(1500));
+    let (pg, mut c) = start("llm_switch", &fake, "openai", &[]);
+    let id = enqueue(&mut c, "c1", "confirmed: zip = 94110");
+    pg.eventually(
+        &mut c,
+        &format!("SELECT status = 'processing' FROM memory.status('{id}')"),
+        "the request is in flight",
+        T,
+    );
+    c.batch_execute("ALTER SYSTEM SET memory_ext.summarizer = 'mock'")
+        .unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").unwrap();
+    assert_eq!(wait(&mut c, &id), "complete");
+    assert_eq!(row(&mut c, &id).1, 0, "no attempt spent");
+    assert_eq!(
+        text(
+            &mut c,
+            "SELECT summarizer FROM memory.chat_memory_history WHERE chat_id = 'c1'"
+        ),
+        "openai:fake-model"
+    );
+    pg.eventually(
+        &mut c,
+        "SELECT state = 'idle' FROM memory.worker_status()",
+        "the worker goes idle",
+        T,
     );
 }

@@ -1,22 +1,14 @@
 //! The background worker against real clusters: end to end, order, coalescing, failures and
 //! backoff, panics and ERRORs, lease expiry, concurrent clients, DROP/CREATE EXTENSION, crashes.
 
-use memory_ext_cluster_tests::{Cluster, applied_ids, enqueue, enqueue_together, enqueued_ids};
+use memory_ext_cluster_tests::{
+    Cluster, applied_ids, enqueue, enqueue_together, enqueued_ids, text, wait,
+};
 use postgres::Client;
 use std::collections::HashSet;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
-
-fn wait(c: &mut Client, id: &str) -> String {
-    c.query_one("SELECT memory.wait($1::text::uuid, '30 seconds')", &[&id])
-        .unwrap()
-        .get(0)
-}
-
-fn text(c: &mut Client, sql: &str) -> String {
-    c.query_one(sql, &[]).unwrap().get(0)
-}
 
 /// Every snippet of the chat is complete and applied exactly once, in enqueue order.
 fn assert_applied_once_in_order(c: &mut Client, chat: &str) {

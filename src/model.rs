@@ -1,0 +1,152 @@
+//! The data model every part of memory_ext shares: a chat's memory and snippets, the operations
+//! a summarizer proposes, what an attempt cost, and a claimed chat on its way from the queue
+//! through the summarizer back to the tables. A leaf: it depends on no other module, and
+//! `merge`, `summarizer`, `batch`, `queue`, `pipeline` and the worker depend on it.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::time::Duration;
+
+/// A chat's memory as the summarizer sees it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Memory {
+    pub user_confirmed: Map<String, Value>,
+    pub llm_inferred: Map<String, Value>,
+    pub general_summary: String,
+}
+
+/// One accepted snippet, in enqueue order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snippet {
+    pub id: String,
+    pub text: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Fact {
+    pub key: String,
+    pub value: Value,
+}
+
+/// One operation on the memory's facts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// A fact the user stated or confirmed.
+    Confirm(Fact),
+    /// The model's assumption.
+    Infer(Fact),
+    /// Drop an inferred fact (confirmed facts cannot be dropped this way).
+    DropInferred(String),
+}
+
+/// What a summarizer proposes. Operations apply strictly in the order they were stated (snippet
+/// order, then line order within a snippet), so the result never depends on how snippets were
+/// grouped into summarizations.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SummaryUpdate {
+    pub ops: Vec<Op>,
+    /// The new general summary; `None` keeps the current one.
+    pub general_summary: Option<String>,
+}
+
+/// What the provider reported an attempt cost, summed over every request it took (a repair
+/// request, the halves of a split batch). Recorded per applied batch and per failed attempt.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub requests: u32,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Operations refused by the extension (an ungrounded confirmation, for one).
+    pub rejected_ops: u32,
+}
+
+/// One leased chat with its current memory and claimed snippets (in order).
+#[derive(Clone, Debug)]
+pub struct Claim {
+    pub chat_id: String,
+    pub lease_token: pgrx::Uuid,
+    /// The memory's version when claimed.
+    pub version: i64,
+    pub memory: Memory,
+    pub snippets: Vec<Snippet>,
+}
+
+/// How a leased summarization ended, to be written in one transaction by [`finish`]: the
+/// snippets merged into `memory` (in order), those refused on their own, and a failure for every
+/// other claimed snippet.
+#[derive(Clone, Debug)]
+pub struct Finished {
+    pub chat_id: String,
+    pub lease_token: pgrx::Uuid,
+    pub applied: Vec<String>,
+    pub memory: Memory,
+    pub token_count: i32,
+    pub needs_new_chat: bool,
+    /// Snippets dead-lettered alone.
+    pub dead: Vec<Dead>,
+    pub failure: Option<Failure>,
+    pub usage: Usage,
+}
+
+/// A snippet the summarizer refused on its own.
+#[derive(Clone, Debug)]
+pub struct Dead {
+    pub id: String,
+    pub error: String,
+    /// The error's class (see [`Failure::kind`]).
+    pub kind: &'static str,
+}
+
+/// A failed attempt for the claimed snippets that were neither applied nor dead-lettered.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    /// The full text, for admins: it may quote the provider.
+    pub error: String,
+    /// The class (`SummarizerError::kind`, or `apply`): what the snippet's owner is told.
+    pub kind: &'static str,
+    pub permanent: bool,
+    /// The endpoint's Retry-After: the delay to use instead of the backoff.
+    pub retry_after: Option<Duration>,
+}
+
+impl Finished {
+    /// The whole claim failed with `error` of class `kind`, nothing applied (e.g. the summarizer
+    /// could not be configured, or the result could not be written).
+    pub fn failed(
+        chat_id: String,
+        lease_token: pgrx::Uuid,
+        error: String,
+        kind: &'static str,
+        usage: Usage,
+    ) -> Self {
+        Finished {
+            chat_id,
+            lease_token,
+            applied: Vec::new(),
+            memory: Memory::default(),
+            token_count: 0,
+            needs_new_chat: false,
+            dead: Vec::new(),
+            failure: Some(Failure {
+                error,
+                kind,
+                permanent: false,
+                retry_after: None,
+            }),
+            usage,
+        }
+    }
+}
+
+/// The lease of a peeked claim, which has none yet.
+pub fn no_lease() -> pgrx::Uuid {
+    pgrx::Uuid::from_bytes([0; 16])
+}
+
+/// The bounds a merged memory must keep.
+#[derive(Clone, Copy, Debug)]
+pub struct Bounds {
+    /// Above it the memory is flagged `needs_new_chat`.
+    pub token_limit: i32,
+    pub max_facts: usize,
+}

@@ -1,0 +1,147 @@
+// Identity and ownership: JWT and role identities, no existence oracle, what an owner is told.
+
+#[pg_test]
+fn current_identity_prefers_jwt_sub() {
+    // Two namespaces that never collide: a JWT sub as it is, a role as `role:<name>`.
+    let me = Some(format!("role:{}", text("SELECT current_user::text")));
+    let cases = [
+        (None, me.clone()),
+        (Some(""), me.clone()),
+        (Some(r#"{"role": "authenticated"}"#), me.clone()),
+        (Some(r#"{"sub": ""}"#), me.clone()),
+        (Some(r#"{"sub": null}"#), me.clone()),
+        (Some(r#"{"sub": "  "}"#), me.clone()),
+        (Some(r#"{"sub": "user-123", "role": "authenticated"}"#), Some("user-123".to_string())),
+        (Some(r#"{"sub": "role:postgres"}"#), None),
+    ];
+    for (claims, expected) in cases {
+        if let Some(c) = claims {
+            run(&format!("SELECT set_config('request.jwt.claims', '{c}', true)"));
+        }
+        assert_eq!(one::<String>("SELECT memory.current_identity()"), expected, "{claims:?}");
+    }
+}
+
+/// A JWT without a usable sub must not act as its role (every such user would share one
+/// identity), and a sub may not pose as a role: both get 42501 and create nothing. Admins
+/// (a backend with the service role and no sub) act as their role.
+#[pg_test]
+fn a_jwt_without_a_usable_sub_cannot_own_chats() {
+    become_app_role();
+    for claims in [r#"{"role": "authenticated"}"#, r#"{"sub": ""}"#, r#"{"sub": "role:memory_test_app"}"#] {
+        run(&format!("SELECT set_config('request.jwt.claims', '{claims}', true)"));
+        for f in ["SELECT memory.create_chat('c1')", "SELECT 1 FROM memory.enqueue('c1', 'x')"] {
+            assert_eq!(sqlstate(f), "42501", "{claims} {f}");
+        }
+    }
+    run("RESET ROLE");
+    assert_eq!(count("SELECT 1 FROM memory.chat_metadata"), 0, "nothing created");
+    run(r#"SELECT set_config('request.jwt.claims', '{"role": "service_role"}', true)"#);
+    run("SELECT memory.create_chat('c2')");
+    assert_eq!(
+        text("SELECT owner FROM memory.chat_metadata WHERE chat_id = 'c2'"),
+        format!("role:{}", text("SELECT current_user::text")),
+        "an admin without a sub acts as its role"
+    );
+}
+
+#[pg_test]
+fn create_chat_is_idempotent_per_owner() {
+    as_user("alice");
+    assert_eq!(text("SELECT memory.create_chat('c1')"), "c1");
+    assert_eq!(text("SELECT memory.create_chat('c1')"), "c1");
+    assert_eq!(text("SELECT owner FROM memory.chat_metadata WHERE chat_id = 'c1'"), "alice");
+    become_app_role();
+    as_user("bob");
+    assert_eq!(sqlstate("SELECT memory.create_chat('c1')"), "42501");
+    // the application role has no table privileges at all
+    assert_eq!(sqlstate("SELECT 1 FROM memory.chat_metadata"), "42501");
+    run("RESET ROLE");
+    assert_eq!(text("SELECT owner FROM memory.chat_metadata WHERE chat_id = 'c1'"), "alice");
+}
+
+#[pg_test]
+fn enqueue_into_someone_elses_chat_is_refused() {
+    as_user("alice");
+    run("SELECT memory.enqueue('c1', 'mine')");
+    become_app_role();
+    as_user("bob");
+    assert_eq!(sqlstate("SELECT memory.enqueue('c1', 'not mine')"), "42501");
+    run("RESET ROLE");
+    assert_eq!(count("SELECT 1 FROM memory.chat_context_queue"), 1);
+}
+
+#[pg_test]
+fn get_errors() {
+    as_user("alice");
+    run("SELECT memory.create_chat('c1')");
+    assert_eq!(sqlstate("SELECT * FROM memory.get('nope')"), "P0002");
+    assert_eq!(sqlstate("SELECT * FROM memory.get(NULL)"), "22023");
+    assert_eq!(sqlstate(&format!("SELECT * FROM memory.get('{}')", "x".repeat(257))), "22023");
+    become_app_role();
+    as_user("bob");
+    assert_eq!(sqlstate("SELECT * FROM memory.get('c1')"), "P0002", "reads as missing");
+}
+
+/// get() of another owner's chat answers before it reads the chat's queue rows: its time cannot
+/// tell how long another user's backlog is. (Counted with this transaction's own scan counters.)
+#[pg_test]
+fn get_of_another_owners_chat_reads_no_queue_rows() {
+    as_user("alice");
+    for i in 0..50 {
+        run(&format!("SELECT memory.enqueue('busy', 'line {i}')"));
+    }
+    let scans = "SELECT coalesce(sum(seq_scan + coalesce(idx_scan, 0)), 0)::bigint \
+                 FROM pg_stat_xact_user_tables WHERE relname = 'chat_context_queue'";
+    let before = one::<i64>(scans).unwrap();
+    become_app_role();
+    as_user("bob");
+    assert_eq!(sqlstate("SELECT pending FROM memory.get('busy')"), "P0002");
+    run("RESET ROLE");
+    assert_eq!(one::<i64>(scans).unwrap(), before, "the queue was not read");
+    // the owner's own get() does read it (the counter works)
+    as_user("alice");
+    assert_eq!(one::<i32>("SELECT pending FROM memory.get('busy')"), Some(50));
+    assert!(one::<i64>(scans).unwrap() > before);
+}
+
+/// A caller who does not own a chat (or queue row) gets exactly the error of one that does not
+/// exist, from every function that takes an id: no way to enumerate other users' chats.
+#[pg_test]
+fn no_existence_oracle() {
+    as_user("alice");
+    let id = text("SELECT queue_id::text FROM memory.enqueue('secret', 'x')");
+    become_app_role();
+    as_user("bob");
+    let missing = "00000000-0000-0000-0000-000000000000";
+    for f in ["SELECT * FROM memory.get('{}')", "SELECT * FROM memory.history('{}')",
+              "SELECT memory.forget('{}')", "SELECT memory.retry_failed('{}')"] {
+        let theirs = error_of(&f.replace("{}", "secret"));
+        let absent = error_of(&f.replace("{}", "nope"));
+        assert!(theirs.starts_with("P0002"), "{f}: {theirs}");
+        assert_eq!(theirs.replace("secret", "X"), absent.replace("nope", "X"), "{f}");
+    }
+    for f in ["SELECT * FROM memory.status('{}')", "SELECT memory.wait('{}', '1 ms')"] {
+        let theirs = error_of(&f.replace("{}", &id));
+        let absent = error_of(&f.replace("{}", missing));
+        assert!(theirs.starts_with("P0002"), "{f}: {theirs}");
+        assert_eq!(theirs.replace(&id, "X"), absent.replace(missing, "X"), "{f}");
+    }
+}
+
+/// A snippet's owner is told the class of an error, never the provider's text (a masked key, an
+/// organisation id); admins see it in full.
+#[pg_test]
+fn owners_see_the_error_class_admins_the_detail() {
+    as_user("alice");
+    let detail = "mock error: key sk-ab***1234 of org-42 was refused";
+    let id = text(&format!(
+        "SELECT queue_id::text FROM memory.enqueue('c1', 'mock_error: key sk-ab***1234 of org-42 was refused')"
+    ));
+    run("SELECT memory.process_pending()");
+    let status = format!("SELECT error_message FROM memory.status('{id}')");
+    assert_eq!(text(&status), detail, "an admin sees the detail");
+    become_app_role();
+    as_user("alice");
+    assert_eq!(text(&status), "the summarizer failed; it will be retried");
+}
