@@ -167,7 +167,7 @@ fn process_pending_impl(p_max: i32) -> ApiResult<i32> {
     }
     let mut policy = QueuePolicy::current();
     policy.batch_chats = p_max;
-    let config = settings::LlmConfig::current()?;
+    let config = <crate::model::LlmConfig as settings::FromSettings>::current()?;
     let summarizer = summarizer::from_config(&config)?;
     let label = summarizer.label();
     // Takes back leases of dead processes and expired ones (NO KEY UPDATE locks: enqueues into

@@ -150,3 +150,37 @@ pub struct Bounds {
     pub token_limit: i32,
     pub max_facts: usize,
 }
+
+/// How `openai` asks for structured output (`memory_ext.llm_structured_output`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StructuredOutput {
+    JsonSchema,
+    JsonObject,
+    None,
+}
+
+/// A snapshot of the summarizer settings, owned, so helper threads can use it.
+#[derive(Clone, PartialEq)]
+pub struct LlmConfig {
+    pub summarizer: String,
+    pub endpoint: String,
+    pub model: String,
+    /// The resolved key (after `file:`/`env:`); never printed (see the Debug impl).
+    pub api_key: String,
+    pub timeout: Duration,
+    pub max_output_tokens: u32,
+    pub structured_output: StructuredOutput,
+    /// The mock's test directives (`mock_error:` …) are honoured, not plain text.
+    pub mock_directives: bool,
+}
+
+impl std::fmt::Debug for LlmConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlmConfig")
+            .field("summarizer", &self.summarizer)
+            .field("endpoint", &self.endpoint)
+            .field("model", &self.model)
+            .field("api_key", &"[redacted]")
+            .finish_non_exhaustive()
+    }
+}

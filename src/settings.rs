@@ -3,6 +3,7 @@
 //! Settings that change what the worker does or what a caller may store are `SUSET`: an
 //! application role must not be able to raise its own snippet limit or pick the summarizer.
 
+use crate::model::{LlmConfig, StructuredOutput};
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use thiserror::Error;
 
@@ -46,8 +47,8 @@ pub static RATE_LIMIT_PER_MINUTE: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static AUDIT_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(30 * 24 * 3600);
 pub static AUDIT_READS: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static MOCK_DIRECTIVES: GucSetting<bool> = GucSetting::<bool>::new(false);
-pub static LLM_STRUCTURED_OUTPUT: GucSetting<StructuredOutput> =
-    GucSetting::<StructuredOutput>::new(StructuredOutput::JsonSchema);
+pub static LLM_STRUCTURED_OUTPUT: GucSetting<StructuredOutputSetting> =
+    GucSetting::<StructuredOutputSetting>::new(StructuredOutputSetting::JsonSchema);
 
 pub fn init(preloading: bool) {
     // A postmaster-context setting can only be defined at server start; it matters only to the
@@ -379,9 +380,10 @@ pub fn max_wait() -> Duration {
     Duration::from_secs(MAX_WAIT_S.get().max(0) as u64)
 }
 
-/// How `openai` asks for structured output.
+/// `memory_ext.llm_structured_output` (the GUC's own enum; the summarizers get
+/// `model::StructuredOutput`).
 #[derive(PostgresGucEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StructuredOutput {
+pub enum StructuredOutputSetting {
     #[name = c"json_schema"]
     JsonSchema,
     #[name = c"json_object"]
@@ -390,36 +392,15 @@ pub enum StructuredOutput {
     None,
 }
 
-/// A snapshot of the summarizer settings, owned, so helper threads can use it.
-#[derive(Clone, PartialEq)]
-pub struct LlmConfig {
-    pub summarizer: String,
-    pub endpoint: String,
-    pub model: String,
-    /// The resolved key (after `file:`/`env:`); never printed (see the Debug impl).
-    pub api_key: String,
-    pub timeout: Duration,
-    pub max_output_tokens: u32,
-    pub structured_output: StructuredOutput,
-    /// The mock's test directives (`mock_error:` …) are honoured, not plain text.
-    pub mock_directives: bool,
+/// Reading the summarizer settings (main thread only).
+pub trait FromSettings: Sized {
+    fn current() -> Result<Self, SettingsError>;
 }
 
-impl std::fmt::Debug for LlmConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LlmConfig")
-            .field("summarizer", &self.summarizer)
-            .field("endpoint", &self.endpoint)
-            .field("model", &self.model)
-            .field("api_key", &"[redacted]")
-            .finish_non_exhaustive()
-    }
-}
-
-impl LlmConfig {
+impl FromSettings for LlmConfig {
     /// Read the settings (main thread only). A key that cannot be resolved is an error message
     /// that names the setting, never the key; the mock needs no key, so it is not read then.
-    pub fn current() -> Result<Self, SettingsError> {
+    fn current() -> Result<Self, SettingsError> {
         let summarizer = string(&SUMMARIZER);
         let api_key = if summarizer.trim().eq_ignore_ascii_case("mock") {
             String::new()
@@ -436,7 +417,11 @@ impl LlmConfig {
             api_key,
             timeout: Duration::from_millis(LLM_TIMEOUT_MS.get().max(1) as u64),
             max_output_tokens: LLM_MAX_OUTPUT_TOKENS.get().max(0) as u32,
-            structured_output: LLM_STRUCTURED_OUTPUT.get(),
+            structured_output: match LLM_STRUCTURED_OUTPUT.get() {
+                StructuredOutputSetting::JsonSchema => StructuredOutput::JsonSchema,
+                StructuredOutputSetting::JsonObject => StructuredOutput::JsonObject,
+                StructuredOutputSetting::None => StructuredOutput::None,
+            },
             mock_directives: MOCK_DIRECTIVES.get(),
         })
     }

@@ -18,10 +18,11 @@ use crate::bgw::{
     shutdown_requested,
 };
 use crate::drain::{self, note_latency};
+use crate::model::LlmConfig;
 use crate::model::{Finished, Usage};
 use crate::pipeline::{self, Pipeline};
 use crate::queue;
-use crate::settings::{self, LlmConfig, QueuePolicy};
+use crate::settings::{self, FromSettings, QueuePolicy};
 use crate::shmem::{self, Field};
 use crate::summarizer::{self, Summarizer};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};

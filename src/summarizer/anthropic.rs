@@ -1,9 +1,9 @@
 //! The Anthropic Messages API (`POST {endpoint}/v1/messages`). Structured output through a
 //! forced tool call whose `input_schema` is the contract's schema.
 
-use super::LlmConfig;
 use super::contract;
 use super::llm::{Answer, Content, MissingPart, Provider, Role, Turn, usage_tokens};
+use crate::model::LlmConfig;
 use serde_json::{Value, json};
 
 pub struct Anthropic;
@@ -101,7 +101,7 @@ impl Provider for Anthropic {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::settings::StructuredOutput;
+    use crate::model::StructuredOutput;
     use std::time::Duration;
 
     #[test]

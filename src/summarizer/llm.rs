@@ -5,8 +5,9 @@
 
 use super::contract::{self, InvalidAnswer};
 use super::http::Client;
-use super::{LlmConfig, Summarizer, SummarizerError};
+use super::{Summarizer, SummarizerError};
 use crate::merge::Validated;
+use crate::model::LlmConfig;
 use crate::model::{Memory, Snippet, Usage};
 use serde_json::Value;
 

@@ -14,12 +14,10 @@ pub mod mock;
 pub mod openai;
 
 use crate::merge::Validated;
-use crate::model::{Memory, Snippet, Usage};
+use crate::model::{LlmConfig, Memory, Snippet, Usage};
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
-
-pub use crate::settings::LlmConfig;
 
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum SummarizerError {

@@ -2,10 +2,10 @@
 //! by OpenAI, vLLM, Ollama, llama.cpp server and LiteLLM. Structured output through
 //! `response_format` (`json_schema`, strict), or `json_object`, or the prompt alone.
 
-use super::LlmConfig;
 use super::contract;
 use super::llm::{Answer, Content, MissingPart, Provider, Role, Turn, usage_tokens};
-use crate::settings::StructuredOutput;
+use crate::model::LlmConfig;
+use crate::model::StructuredOutput;
 use serde_json::{Value, json};
 
 pub struct OpenAi;
