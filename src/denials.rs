@@ -107,6 +107,19 @@ fn note_denied(p_action: &str, p_chat_id: &str, p_identity: &str, p_role: &str) 
     }
 }
 
+/// Are there attempts to copy? Checked before opening a transaction for [`flush`], so an idle
+/// worker's passes cost nothing here.
+pub fn pending() -> bool {
+    let ring = RING.load(Ordering::Acquire);
+    if ring.is_null() {
+        return false;
+    }
+    unsafe {
+        let _held = LockGuard::shared((*ring).lock);
+        (*ring).head != (*ring).tail || (*ring).dropped > 0
+    }
+}
+
 /// Take every noted attempt out of the ring, and how many were dropped when it was full.
 fn take() -> (Vec<Denial>, u64) {
     let ring = RING.load(Ordering::Acquire);

@@ -363,10 +363,15 @@ impl Worker {
     /// Expired leases every second, retention every minute (or idle timeout), refused attempts
     /// into the audit log on every pass.
     fn housekeeping(&mut self, policy: &QueuePolicy) {
-        match in_transaction(crate::denials::flush) {
-            Ok(Err(e)) => record_error(&format!("could not audit refused attempts: {e}")),
-            Err(e) => record_error(&format!("could not audit refused attempts: {e}")),
-            Ok(Ok(_)) => {}
+        if crate::denials::pending() {
+            let error = match in_transaction(crate::denials::flush) {
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(e.to_string()),
+                Ok(Ok(_)) => None,
+            };
+            if let Some(e) = error {
+                record_error(&format!("could not audit refused attempts: {e}"));
+            }
         }
         if self
             .last_reclaim

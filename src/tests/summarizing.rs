@@ -314,3 +314,14 @@ fn cleanup_deletes_old_complete_rows_in_batches() {
     assert_eq!(count("SELECT 1 FROM memory.chat_context_queue"), 1, "pending rows are never deleted");
     assert_eq!(count("SELECT 1 FROM memory.history('c1')"), 1, "history stays");
 }
+
+/// Retention also trims fairness bookkeeping: an owner not served for a day ranks as never served.
+#[pg_test]
+fn cleanup_forgets_owners_not_served_for_a_day() {
+    run("INSERT INTO memory.owner_turns VALUES ('old', now() - interval '2 days'), ('recent', now())");
+    run("SELECT memory._cleanup(3600, 1000, 86400)");
+    assert_eq!(
+        text("SELECT string_agg(owner, ',') FROM memory.owner_turns"),
+        "recent"
+    );
+}
