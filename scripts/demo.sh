@@ -2,6 +2,7 @@
 # Build and install memory_ext, start a local cluster with the worker (mock summarizer), and show
 # it doing its job: create a chat, enqueue two snippets, wait for the worker, print the memory.
 # Safe to re-run: it rebuilds only when sources changed and reuses the running cluster.
+# MEMORY_EXT_PG=18 runs it on PostgreSQL 18 (its own directory and port).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/cluster.sh
@@ -12,8 +13,10 @@ stamp="$DEMO_DIR/.installed"
 mkdir -p "$DEMO_DIR"
 if [[ ! -f "$stamp" || -n $(find src sql Cargo.toml Cargo.lock memory_ext.control -newer "$stamp" 2>/dev/null | head -1) \
       || ! -f "$(pg_libdir)/memory_ext.so" ]]; then
-    echo "demo: building and installing memory_ext (release)"
-    if ! cargo pgrx install --release --pg-config "$PG_CONFIG" > "$DEMO_DIR/install.log" 2>&1; then
+    echo "demo: building and installing memory_ext (release, PostgreSQL $MEMORY_EXT_PG)"
+    # Staged, then renamed into place: a running demo cluster keeps its loaded library until
+    # the restart below.
+    if ! scripts/install.sh --release > "$DEMO_DIR/install.log" 2>&1; then
         cat "$DEMO_DIR/install.log" >&2; exit 1
     fi
     touch "$stamp"

@@ -115,6 +115,22 @@ BEGIN
 END
 $$;
 
+-- The privileges of grant_admin(): the API, the worker functions, the tables and views.
+CREATE FUNCTION memory._grant_admin_privileges(p_role regrole)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM memory._grant_usage(p_role);
+    PERFORM memory._grant_functions(true, memory._admin_functions(), p_role);
+    EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA memory TO %s', p_role);
+    EXECUTE format('GRANT INSERT, UPDATE, DELETE ON memory.chat_metadata, '
+                   'memory.chat_context_queue, memory.chat_memory_history TO %s', p_role);
+    EXECUTE format('GRANT USAGE ON SEQUENCE memory.chat_context_queue_seq TO %s', p_role);
+END
+$$;
+
 -- Make a role's members admins: every chat, the tables and views, the worker functions.
 CREATE FUNCTION memory.grant_admin(p_role regrole)
 RETURNS void
@@ -125,12 +141,7 @@ AS $$
 BEGIN
     PERFORM memory._require_admin('memory.grant_admin()');
     PERFORM memory._check_role(p_role);
-    PERFORM memory._grant_usage(p_role);
-    PERFORM memory._grant_functions(true, memory._admin_functions(), p_role);
-    EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA memory TO %s', p_role);
-    EXECUTE format('GRANT INSERT, UPDATE, DELETE ON memory.chat_metadata, '
-                   'memory.chat_context_queue, memory.chat_memory_history TO %s', p_role);
-    EXECUTE format('GRANT USAGE ON SEQUENCE memory.chat_context_queue_seq TO %s', p_role);
+    PERFORM memory._grant_admin_privileges(p_role);
     INSERT INTO memory.admin_roles (role) VALUES (p_role) ON CONFLICT DO NOTHING;
     PERFORM memory._audit('grant_admin', NULL, NULL, p_role::text);
 END
@@ -243,14 +254,17 @@ REVOKE ALL ON ALL TABLES IN SCHEMA memory FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA memory FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA memory FROM PUBLIC;
 
--- Supabase: signed-in users get the API, the service role is admin, anon gets nothing.
+-- Supabase: signed-in users get the API, the service role (admin already, as the default
+-- memory_ext.admin_role) the admin privileges, anon nothing. Privileges only: rows written here
+-- into tables that pg_dump saves would collide with the dumped ones when a dump is restored
+-- (CREATE EXTENSION runs again first), and these privileges are recorded in pg_init_privs.
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN
-        PERFORM memory.grant_usage('authenticated');
+        PERFORM memory._grant_usage('authenticated');
     END IF;
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'service_role') THEN
-        PERFORM memory.grant_admin('service_role');
+        PERFORM memory._grant_admin_privileges('service_role');
     END IF;
 END
 $$;

@@ -60,7 +60,10 @@ pub extern "C-unwind" fn _PG_init() {
     // Without preloading, the SQL API still works; worker_status() explains why no worker runs.
     if preloading {
         shmem::init();
-        launcher::register();
+        // pg_upgrade starts both servers in binary-upgrade mode: nothing may write then.
+        if !unsafe { pg_sys::IsBinaryUpgrade } {
+            launcher::register();
+        }
     }
 }
 

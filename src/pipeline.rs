@@ -67,7 +67,12 @@ impl Pipeline {
         wake_tx.set_nonblocking(true)?;
         let (tx, rx) = channel();
         let set = unsafe {
+            // Session lifetime: not tied to a resource owner (PostgreSQL 17 replaced the
+            // memory context argument with one).
+            #[cfg(not(any(feature = "pg17", feature = "pg18")))]
             let set = pg_sys::CreateWaitEventSet(pg_sys::TopMemoryContext, 3);
+            #[cfg(any(feature = "pg17", feature = "pg18"))]
+            let set = pg_sys::CreateWaitEventSet(std::ptr::null_mut(), 3);
             pg_sys::AddWaitEventToSet(
                 set,
                 pg_sys::WL_LATCH_SET,

@@ -240,6 +240,38 @@ struct Worker {
 }
 
 impl Worker {
+    /// After a new library is installed and the server restarted, the database keeps the old
+    /// version's functions until `ALTER EXTENSION memory_ext UPDATE`: until then the worker
+    /// waits (and says so) rather than call functions that changed or do not exist yet.
+    fn schema_matches_library(&self) -> bool {
+        const LIBRARY: &str = env!("CARGO_PKG_VERSION");
+        let installed = in_transaction(|| {
+            Spi::get_one::<String>(
+                "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'memory_ext'",
+            )
+        });
+        match installed {
+            Ok(Ok(Some(v))) if v == LIBRARY => true,
+            Ok(Ok(v)) => {
+                set_state(&format!(
+                    "waiting for ALTER EXTENSION memory_ext UPDATE in \"{}\": version {} is \
+                     installed, the library is {LIBRARY}",
+                    self.db,
+                    v.as_deref().unwrap_or("(none)")
+                ));
+                false
+            }
+            Ok(Err(e)) => {
+                record_error(&e.to_string());
+                false
+            }
+            Err(e) => {
+                record_error(&e.to_string());
+                false
+            }
+        }
+    }
+
     /// One pass; returns how long to sleep (zero: look again at once).
     fn pass(&mut self) -> Duration {
         if unsafe { pg_sys::RecoveryInProgress() } {
@@ -252,6 +284,9 @@ impl Worker {
                 "waiting for CREATE EXTENSION memory_ext in \"{}\"",
                 self.db
             ));
+            return Duration::from_secs(2);
+        }
+        if !self.was_ready && !self.schema_matches_library() {
             return Duration::from_secs(2);
         }
         let policy = QueuePolicy::current();

@@ -1,5 +1,6 @@
-//! A scratch PostgreSQL 15 cluster per test, run as the `postgres` OS user with memory_ext
-//! preloaded, and helpers to talk to it over ordinary autocommit connections.
+//! A scratch PostgreSQL cluster per test, run as the `postgres` OS user with memory_ext
+//! preloaded, and helpers to talk to it over ordinary autocommit connections. The server's
+//! programs come from `MEMORY_EXT_PG_BIN` (scripts/cluster.sh sets it), Debian's 15 by default.
 
 pub mod fake_llm;
 
@@ -9,11 +10,16 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The directory of the server's programs (initdb, pg_ctl, pg_dump, ...).
+pub fn pg_bin() -> String {
+    std::env::var("MEMORY_EXT_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into())
+}
 
 pub struct Cluster {
     pub dir: PathBuf,
     pub port: u16,
+    /// The programs of this cluster's PostgreSQL major (pg_upgrade tests run two).
+    pub bin: String,
 }
 
 fn free_port() -> u16 {
@@ -70,18 +76,37 @@ impl Cluster {
 
     /// Like `start`, choosing whether memory_ext is in shared_preload_libraries.
     pub fn start_with(name: &str, conf: &[&str], preload: bool) -> Cluster {
+        let c = Self::init(name, conf, preload, &pg_bin(), &[]);
+        c.ctl("start");
+        c.client()
+            .batch_execute("CREATE EXTENSION memory_ext")
+            .unwrap();
+        c
+    }
+
+    /// initdb (with `initdb_args`) with the programs in `bin`, configured like `start_with`; not
+    /// started, and no extension created.
+    pub fn init(
+        name: &str,
+        conf: &[&str],
+        preload: bool,
+        bin: &str,
+        initdb_args: &[&str],
+    ) -> Cluster {
         let dir = scratch_dir(name);
         let data = dir.join("data");
-        run_as_postgres(&[
-            &format!("{PG_BIN}/initdb"),
-            "-D",
-            data.to_str().unwrap(),
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "--locale=C.UTF-8",
-        ]);
+        let mut args = vec![
+            format!("{bin}/initdb"),
+            "-D".into(),
+            data.display().to_string(),
+            "-A".into(),
+            "trust".into(),
+            "-U".into(),
+            "postgres".into(),
+            "--locale=C.UTF-8".into(),
+        ];
+        args.extend(initdb_args.iter().map(|s| s.to_string()));
+        run_as_postgres(&args.iter().map(String::as_str).collect::<Vec<_>>());
         let preload = if preload { "memory_ext" } else { "" };
         let mut lines = vec![
             "listen_addresses = ''".to_string(),
@@ -92,12 +117,32 @@ impl Cluster {
             "memory_ext.mock_directives = on".into(),
         ];
         lines.extend(conf.iter().map(|s| s.to_string()));
-        let c = Cluster::configured(dir, &lines);
-        c.ctl("start");
-        c.client()
-            .batch_execute("CREATE EXTENSION memory_ext")
-            .unwrap();
-        c
+        Cluster::configured(dir, &lines, bin)
+    }
+
+    /// Run the PostgreSQL program `program` (pg_dump, createdb, ...) of this cluster's major
+    /// against it, as the postgres OS user; panic with its stderr if it fails.
+    pub fn run(&self, program: &str, args: &[&str]) -> String {
+        let port = self.port.to_string();
+        let mut a = vec![
+            format!("{}/{program}", self.bin),
+            "-h".into(),
+            self.dir.display().to_string(),
+            "-p".into(),
+            port,
+            "-U".into(),
+            "postgres".into(),
+        ];
+        a.extend(args.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        let out = as_postgres(&refs);
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// A streaming standby of `primary` (pg_basebackup -R), started.
@@ -105,7 +150,7 @@ impl Cluster {
         let dir = scratch_dir(name);
         let data = dir.join("data");
         run_as_postgres(&[
-            &format!("{PG_BIN}/pg_basebackup"),
+            &format!("{}/pg_basebackup", primary.bin),
             "-D",
             data.to_str().unwrap(),
             "-R",
@@ -118,13 +163,13 @@ impl Cluster {
             "-U",
             "postgres",
         ]);
-        let c = Cluster::configured(dir, &["hot_standby = on".into()]);
+        let c = Cluster::configured(dir, &["hot_standby = on".into()], &primary.bin);
         c.ctl("start");
         c
     }
 
     /// Give the cluster in `dir` its own port and socket directory (later lines win), plus `lines`.
-    fn configured(dir: PathBuf, lines: &[String]) -> Cluster {
+    fn configured(dir: PathBuf, lines: &[String], bin: &str) -> Cluster {
         let port = free_port();
         let conf_path = dir.join("data").join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf_path).unwrap();
@@ -137,7 +182,11 @@ impl Cluster {
             text.push('\n');
         }
         std::fs::write(&conf_path, text).unwrap();
-        Cluster { dir, port }
+        Cluster {
+            dir,
+            port,
+            bin: bin.to_string(),
+        }
     }
 
     pub fn data(&self) -> String {
@@ -165,7 +214,7 @@ impl Cluster {
             .chain(env.iter().map(|e| e.to_string()))
             .collect();
         a.extend([
-            format!("{PG_BIN}/pg_ctl"),
+            format!("{}/pg_ctl", self.bin),
             "-D".into(),
             data,
             "-l".into(),
@@ -214,9 +263,14 @@ impl Cluster {
 
     /// Is the postmaster running (`pg_ctl status`)?
     pub fn running(&self) -> bool {
-        as_postgres(&[&format!("{PG_BIN}/pg_ctl"), "-D", &self.data(), "status"])
-            .status
-            .success()
+        as_postgres(&[
+            &format!("{}/pg_ctl", self.bin),
+            "-D",
+            &self.data(),
+            "status",
+        ])
+        .status
+        .success()
     }
 
     /// Worker status and queue state, for failure messages.
@@ -278,7 +332,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = as_postgres(&[
-            &format!("{PG_BIN}/pg_ctl"),
+            &format!("{}/pg_ctl", self.bin),
             "-D",
             &self.data(),
             "-m",

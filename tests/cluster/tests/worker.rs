@@ -87,6 +87,50 @@ fn end_to_end_create_enqueue_worker_get() {
     assert!(st.get::<_, bool>(0) && st.get::<_, bool>(1) && st.get::<_, bool>(2));
 }
 
+/// The commit of an enqueue wakes the idle worker: with the safety wake-up an hour away, every
+/// snippet is still applied within wait()'s 30 s (on every PostgreSQL major: the latch and the
+/// commit callback are version-sensitive).
+#[test]
+fn the_commit_of_an_enqueue_wakes_the_idle_worker() {
+    let pg = Cluster::start("wake", &["memory_ext.idle_timeout = 3600"]);
+    let mut c = pg.client();
+    for round in 0..3 {
+        pg.eventually(
+            &mut c,
+            "SELECT state = 'idle' FROM memory.worker_status()",
+            "the worker idle",
+            Duration::from_secs(30),
+        );
+        let id = enqueue(&mut c, "c1", &format!("confirmed: round = {round}"));
+        assert_eq!(wait(&mut c, &id), "complete", "round {round}");
+    }
+    // Several enqueues in one transaction wake it once, at COMMIT; a rollback wakes nobody.
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute("SELECT memory.enqueue('c2', 'rolled back')")
+        .unwrap();
+    tx.rollback().unwrap();
+    enqueue_together(
+        &mut c,
+        &[
+            ("c2".into(), "confirmed: a = 1".into()),
+            ("c3".into(), "confirmed: b = 2".into()),
+        ],
+    );
+    let ids: Vec<String> = c
+        .query(
+            "SELECT id::text FROM memory.chat_context_queue WHERE chat_id IN ('c2', 'c3')",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids.len(), 2, "the rolled-back snippet is not queued");
+    for id in ids {
+        assert_eq!(wait(&mut c, &id), "complete");
+    }
+}
+
 #[test]
 fn order_and_coalescing() {
     let pg = Cluster::start("order", &[]);

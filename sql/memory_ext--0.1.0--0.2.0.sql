@@ -1,0 +1,1539 @@
+-- memory_ext 0.1.0 -> 0.2.0, run by `ALTER EXTENSION memory_ext UPDATE` (as a superuser, with
+-- the 0.2.0 library installed and the server restarted; the 0.2.0 worker waits for this update).
+--
+-- Every row is kept. What changes:
+-- - chat_metadata.due_at (fair claiming), chat_context_queue.error_public (what owners see of an
+--   error), table owner_turns (owners take turns).
+-- - Identities of direct callers move to their own namespace: an owner or enqueued_by naming an
+--   existing role becomes 'role:<name>' (0.1.0 stored a role's name as it was, in the namespace
+--   of JWT subs). A JWT sub equal to a role's name is taken for that role.
+-- - The lease protocol's functions (_claim, _finish, _return_claimed, ...) replace _apply and _fail;
+--   every function is replaced by its 0.2.0 definition.
+-- - Roles given grant_usage()/grant_admin() get the privileges these now include.
+\echo Use "ALTER EXTENSION memory_ext UPDATE TO '0.2.0'" to load this file. \quit
+
+-- Who was granted at CREATE EXTENSION (the owner; Supabase's roles where they existed), read
+-- before this script's grants change what pg_init_privs says (see "privileges" at the end).
+SELECT pg_catalog.set_config('memory_ext_upgrade.initial_grantees',
+    (SELECT pg_catalog.string_agg(DISTINCT a.grantee::text, ',')
+       FROM pg_catalog.pg_init_privs i, pg_catalog.aclexplode(i.initprivs) a
+      WHERE i.objoid = 'memory.enqueue(text, text, text)'::regprocedure
+        AND i.classoid = 'pg_catalog.pg_proc'::regclass), true);
+
+-- ---- tables ---------------------------------------------------------------------------------
+ALTER TABLE memory.chat_metadata ADD COLUMN due_at timestamptz;
+CREATE INDEX chat_metadata_due_idx ON memory.chat_metadata (due_at) WHERE due_at IS NOT NULL;
+ALTER TABLE memory.chat_context_queue ADD COLUMN error_public text;
+CREATE TABLE memory.owner_turns (
+    owner       text PRIMARY KEY,
+    served_at   timestamptz NOT NULL
+);
+
+-- ---- functions that are gone or whose arguments changed (with what uses them) ---------------
+DROP POLICY owner_reads ON memory.chat_context_queue;
+DROP POLICY owner_reads ON memory.chat_memory_history;
+DROP FUNCTION memory._claim(int, int, int, text[]);
+DROP FUNCTION memory._apply(jsonb, text);
+DROP FUNCTION memory._fail(text, uuid, text, bool, int, int, int, int, text, jsonb);
+DROP FUNCTION memory._chat_owner(text);
+DROP FUNCTION memory._owned_chat(text);
+
+-- ---- every function as 0.2.0 defines it ------------------------------------------------------
+
+-- Claiming and applying work. Called by the worker (and process_pending) from Rust, which owns
+-- summarizing and the merge rules; these functions own every row movement. Internal: no caller
+-- but the extension's own code should run them.
+
+-- Candidate chats for a claim of up to p_max_chats, best first (ord). Fair by construction:
+-- - a chat is one row however long its backlog, and a leased chat is no candidate at all;
+-- - owners take turns: each owner's first chat (by due_at) comes before anyone's second, and
+--   among those the owner served longest ago (owner_turns) comes first;
+-- so a due chat of an owner with no chat in flight is claimed at the next claim with a free
+-- slot, whatever other owners have queued. Ranked among the oldest 10,000 due chats.
+CREATE OR REPLACE FUNCTION memory._due_chats(p_max_chats int)
+RETURNS TABLE (chat_id text, ord bigint)
+LANGUAGE plpgsql STABLE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- Dynamic SQL: planned afresh each time (see _claim).
+    RETURN QUERY EXECUTE $q$
+        SELECT d.chat_id, row_number() OVER (ORDER BY d.turn, t.served_at NULLS FIRST, d.due_at)
+          FROM (SELECT c.chat_id, c.owner, c.due_at,
+                       row_number() OVER (PARTITION BY c.owner ORDER BY c.due_at) AS turn
+                  FROM (SELECT m.chat_id, m.owner, m.due_at FROM memory.chat_metadata m
+                         WHERE m.due_at <= now() AND m.lease_token IS NULL
+                         ORDER BY m.due_at LIMIT 10000) c) d
+          LEFT JOIN memory.owner_turns t ON t.owner = d.owner
+         ORDER BY 2
+         LIMIT $1 * 4
+    $q$ USING p_max_chats;
+END
+$$;
+
+-- Lease up to p_max_chats chats that have due work and are neither leased nor backing off, and
+-- mark up to p_max_snippets of each one's pending snippets 'processing' under that lease.
+-- Returns each leased chat's current memory and its snippets in enqueue order.
+--
+-- A chat with a lease, even an expired one, is never claimed: _reclaim (which callers run first,
+-- in the same transaction) ends stale leases and returns their rows. The chat row is locked FOR
+-- UPDATE, which conflicts with the KEY SHARE lock enqueue takes before it draws a seq, so no
+-- enqueue into a claimed chat is in progress: every row with a lower seq is visible, and the
+-- claimed rows are exactly the chat's oldest.
+CREATE OR REPLACE FUNCTION memory._claim(p_max_chats int, p_max_snippets int, p_lease_seconds int)
+RETURNS TABLE (chat_id text, lease_token uuid, version bigint, user_confirmed jsonb,
+               llm_inferred jsonb, general_summary text, snippets jsonb)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_chats text[];
+    v_ids uuid[];
+    v_with_rows text[];
+BEGIN
+    -- Dynamic SQL throughout: a plan cached while the queue was small must never be reused at
+    -- millions of rows (a generic nested-loop plan once made one claim take 45 s at 100k rows).
+    EXECUTE $q$
+        WITH locked AS (
+            SELECT c.chat_id FROM memory.chat_metadata c
+              JOIN memory._due_chats($1) cand ON cand.chat_id = c.chat_id
+            WHERE c.lease_token IS NULL AND c.due_at <= now()
+            ORDER BY cand.ord
+            LIMIT $1
+            FOR UPDATE OF c SKIP LOCKED
+        ), leased AS (
+            UPDATE memory.chat_metadata c
+               SET lease_token = gen_random_uuid(),
+                   lease_owner = pg_backend_pid(),
+                   lease_owner_start = (SELECT a.backend_start FROM pg_catalog.pg_stat_activity a
+                                         WHERE a.pid = pg_backend_pid()),
+                   lease_until = now() + make_interval(secs => $2),
+                   retry_at = NULL
+              FROM locked WHERE c.chat_id = locked.chat_id
+            RETURNING c.chat_id, c.owner
+        ), turns AS (
+            INSERT INTO memory.owner_turns AS t (owner, served_at)
+            SELECT DISTINCT leased.owner, now() FROM leased
+            ON CONFLICT (owner) DO UPDATE SET served_at = excluded.served_at
+        )
+        SELECT array_agg(leased.chat_id) FROM leased
+    $q$ INTO v_chats USING p_max_chats, p_lease_seconds;
+
+    IF v_chats IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- Each chat's oldest pending snippets, through the (chat_id, seq) index; then mark them by
+    -- primary key and return them. Separate statements on purpose: as one UPDATE ... FROM with
+    -- the LATERAL, statistics taken before a bulk enqueue (autoanalyze lags it by up to a
+    -- minute) made the planner drive a nested loop from 100k "1-row" pending rows, and one
+    -- claim ran for minutes.
+    EXECUTE $q$
+        SELECT array_agg(x.id), array_agg(DISTINCT c.chat_id)
+          FROM memory.chat_metadata c
+          CROSS JOIN LATERAL (
+              SELECT o.id FROM memory.chat_context_queue o
+               WHERE o.chat_id = c.chat_id AND o.status = 'pending_summarization'
+               ORDER BY o.seq LIMIT $2) x
+         WHERE c.chat_id = ANY ($1)
+    $q$ INTO v_ids, v_with_rows USING v_chats, p_max_snippets;
+
+    -- By primary key only: a status condition here would let the planner pick a partial
+    -- (status) index that stale statistics call empty. The rows are still pending: every
+    -- writer of a chat's open rows locks the chat row first, and we hold those locks.
+    RETURN QUERY EXECUTE $q$
+        WITH marked AS (
+            UPDATE memory.chat_context_queue q
+               SET status = 'processing', claim_token = c.lease_token, claimed_at = now(),
+                   lease_expires_at = c.lease_until
+              FROM memory.chat_metadata c
+             WHERE q.id = ANY ($1) AND c.chat_id = q.chat_id
+            RETURNING q.chat_id, q.id, q.seq, q.new_context_snippet
+        )
+        SELECT c.chat_id, c.lease_token, c.version, c.user_confirmed, c.llm_inferred,
+               c.general_summary,
+               jsonb_agg(jsonb_build_object('id', m.id, 'text', m.new_context_snippet)
+                         ORDER BY m.seq)
+          FROM marked m JOIN memory.chat_metadata c ON c.chat_id = m.chat_id
+         GROUP BY c.chat_id
+    $q$ USING v_ids;
+
+    -- A chat with no pending rows (they vanished, or due_at was a "maybe" left by _return_claimed)
+    -- must not stay leased, and has no work: we hold it FOR UPDATE, so no enqueue is in flight.
+    EXECUTE $q$
+        UPDATE memory.chat_metadata c
+           SET lease_token = NULL, lease_owner = NULL, lease_owner_start = NULL,
+               lease_until = NULL, due_at = NULL
+         WHERE c.chat_id = ANY ($1) AND NOT (c.chat_id = ANY (coalesce($2, '{}')))
+    $q$ USING v_chats, v_with_rows;
+END
+$$;
+
+-- What _claim would take, without taking it: for process_pending(), which runs in its caller's
+-- transaction and so must not hold a chat's row lock while its LLM request runs. It summarizes
+-- what this returns with no lock held, then takes exactly that with _claim_exact.
+CREATE OR REPLACE FUNCTION memory._peek(p_max_chats int, p_max_snippets int)
+RETURNS TABLE (chat_id text, lease_token uuid, version bigint, user_confirmed jsonb,
+               llm_inferred jsonb, general_summary text, snippets jsonb)
+LANGUAGE plpgsql STABLE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN QUERY EXECUTE $q$
+        SELECT c.chat_id, NULL::uuid, c.version, c.user_confirmed, c.llm_inferred, c.general_summary,
+               s.snippets
+          FROM memory.chat_metadata c JOIN memory._due_chats($1) cand ON cand.chat_id = c.chat_id
+         CROSS JOIN LATERAL (
+               SELECT jsonb_agg(jsonb_build_object('id', o.id, 'text', o.new_context_snippet)
+                                ORDER BY o.seq) AS snippets
+                 FROM (SELECT o.id, o.seq, o.new_context_snippet
+                         FROM memory.chat_context_queue o
+                        WHERE o.chat_id = c.chat_id AND o.status = 'pending_summarization'
+                        ORDER BY o.seq LIMIT $2) o) s
+         WHERE c.lease_token IS NULL AND s.snippets IS NOT NULL
+         ORDER BY cand.ord
+         LIMIT $1
+    $q$ USING p_max_chats, p_max_snippets;
+END
+$$;
+
+-- Lease a chat and claim exactly p_ids, if they are still its oldest pending snippets and its
+-- memory is still at p_version (what _peek returned): then a result summarized from the peek is
+-- exactly what a claim would have produced. NULL when anything changed or another process holds
+-- the chat; the caller then drops its result.
+CREATE OR REPLACE FUNCTION memory._claim_exact(p_chat_id text, p_version bigint, p_ids uuid[],
+                                    p_lease_seconds int)
+RETURNS uuid
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_token uuid := gen_random_uuid();
+BEGIN
+    -- FOR UPDATE, as in _claim: no enqueue into the chat is in progress once we hold it.
+    PERFORM 1 FROM memory.chat_metadata c
+     WHERE c.chat_id = p_chat_id AND c.lease_token IS NULL AND c.version = p_version
+       AND c.due_at <= now()
+       FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND OR (SELECT array_agg(o.id ORDER BY o.seq)
+                       FROM (SELECT o.id, o.seq FROM memory.chat_context_queue o
+                              WHERE o.chat_id = p_chat_id
+                                AND o.status = 'pending_summarization'
+                              ORDER BY o.seq LIMIT cardinality(p_ids)) o)
+                     IS DISTINCT FROM p_ids THEN
+        RETURN NULL;
+    END IF;
+    UPDATE memory.chat_metadata c
+       SET lease_token = v_token, lease_owner = pg_backend_pid(),
+           lease_owner_start = (SELECT a.backend_start FROM pg_catalog.pg_stat_activity a
+                                 WHERE a.pid = pg_backend_pid()),
+           lease_until = now() + make_interval(secs => p_lease_seconds), retry_at = NULL
+     WHERE c.chat_id = p_chat_id;
+    UPDATE memory.chat_context_queue q
+       SET status = 'processing', claim_token = v_token, claimed_at = now(),
+           lease_expires_at = now() + make_interval(secs => p_lease_seconds)
+     WHERE q.id = ANY (p_ids);
+    RETURN v_token;
+END
+$$;
+
+-- Add one batch's cost to the daily usage rollup.
+CREATE OR REPLACE FUNCTION memory._record_usage(p_summarizer text, p_applied int, p_failed int,
+                                     p_requests bigint, p_prompt bigint, p_completion bigint,
+                                     p_rejected bigint)
+RETURNS void
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO memory.llm_usage_daily AS u (day, summarizer, batches_applied, attempts_failed,
+                                             llm_requests, prompt_tokens, completion_tokens,
+                                             rejected_ops)
+    VALUES (current_date, p_summarizer, p_applied, p_failed, p_requests, p_prompt, p_completion,
+            p_rejected)
+    ON CONFLICT (day, summarizer) DO UPDATE
+       SET batches_applied = u.batches_applied + excluded.batches_applied,
+           attempts_failed = u.attempts_failed + excluded.attempts_failed,
+           llm_requests = u.llm_requests + excluded.llm_requests,
+           prompt_tokens = u.prompt_tokens + excluded.prompt_tokens,
+           completion_tokens = u.completion_tokens + excluded.completion_tokens,
+           rejected_ops = u.rejected_ops + excluded.rejected_ops
+$$;
+
+-- What a snippet's owner is told about a failed attempt: its class, never the provider's text
+-- (which may quote a masked key, an organisation id, an upstream host). Admins see the full
+-- error_message through memory.status().
+CREATE OR REPLACE FUNCTION memory._public_error(p_kind text)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE p_kind
+    WHEN 'transient' THEN 'the summarizer failed; it will be retried'
+    WHEN 'rate_limited' THEN 'the summarizer is rate limited; it will be retried'
+    WHEN 'too_long' THEN 'the snippet does not fit the model''s context'
+    WHEN 'refused' THEN 'the summarizer refused the snippet'
+    WHEN 'permanent' THEN 'the summarizer rejected the request; an admin must check its settings'
+    WHEN 'config' THEN 'the summarizer is not configured; it will be retried once it is'
+    WHEN 'apply' THEN 'the memory could not be written; it will be retried'
+    WHEN 'lease' THEN 'the summarization was interrupted; it will be retried'
+    ELSE 'the summarization failed'
+END;
+
+-- Give back every row a chat has claimed and end its lease. The one way a lease ends without
+-- applying: a failed attempt (_finish), an expired lease or a dead holder (_reclaim), a stopping
+-- worker (_release). The caller holds the chat row lock. All of the chat's 'processing' rows go,
+-- whatever lease they were claimed under, so no row can be stranded by a lost lease. Their seq is
+-- unchanged, so they are claimed again in their original order, before any newer row.
+-- p_count_attempt: the attempt counts (retry_count + 1, p_error recorded; rows reaching
+-- p_max_attempts, or all rows when p_permanent, become 'failed'). p_retry_at: nothing of the chat
+-- is claimed before it (backoff), newer rows included, so order is kept.
+CREATE OR REPLACE FUNCTION memory._return_claimed(p_chat_id text, p_count_attempt bool, p_permanent bool,
+                                       p_error text, p_kind text, p_max_attempts int,
+                                       p_retry_at timestamptz)
+RETURNS int
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_n int;
+    v_due timestamptz := greatest(p_retry_at, now());
+    v_next timestamptz;
+BEGIN
+    UPDATE memory.chat_context_queue q
+       SET retry_count = q.retry_count + CASE WHEN p_count_attempt THEN 1 ELSE 0 END,
+           error_message = CASE WHEN p_count_attempt THEN left(p_error, 2000)
+                                ELSE q.error_message END,
+           error_public = CASE WHEN p_count_attempt THEN memory._public_error(p_kind)
+                               ELSE q.error_public END,
+           status = CASE WHEN p_permanent
+                           OR (p_count_attempt AND q.retry_count + 1 >= p_max_attempts)
+                         THEN 'failed' ELSE 'pending_summarization' END,
+           processed_at = CASE WHEN p_permanent
+                                 OR (p_count_attempt AND q.retry_count + 1 >= p_max_attempts)
+                               THEN now() END,
+           next_attempt_at = v_due, claim_token = NULL, claimed_at = NULL,
+           lease_expires_at = NULL
+     WHERE q.chat_id = p_chat_id AND q.status = 'processing';
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    IF v_due > now() THEN
+        UPDATE memory.chat_context_queue q SET next_attempt_at = v_due
+         WHERE q.chat_id = p_chat_id AND q.status = 'pending_summarization'
+           AND q.next_attempt_at < v_due;
+    END IF;
+    SELECT greatest(min(q.next_attempt_at), v_due) INTO v_next FROM memory.chat_context_queue q
+     WHERE q.chat_id = p_chat_id AND q.status = 'pending_summarization';
+    IF v_next IS NULL THEN
+        -- No pending row we can see. An enqueue still in flight holds KEY SHARE on the chat and
+        -- left due_at as it was (it writes due_at only when it is NULL): clear it only if no
+        -- such enqueue exists (FOR UPDATE would conflict), else leave a "maybe" for the next
+        -- claim to settle. Never a lost wake-up.
+        PERFORM 1 FROM memory.chat_metadata c WHERE c.chat_id = p_chat_id FOR UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
+            v_next := now();
+        END IF;
+    END IF;
+    UPDATE memory.chat_metadata c
+       SET lease_token = NULL, lease_owner = NULL, lease_owner_start = NULL, lease_until = NULL,
+           retry_at = CASE WHEN v_due > now() AND v_next IS NOT NULL THEN v_due END,
+           -- behind every chat already waiting: chats take turns
+           due_at = v_next
+     WHERE c.chat_id = p_chat_id;
+    RETURN v_n;
+END
+$$;
+
+-- Finish leased summarizations. p_results is a JSON array, one element per lease:
+--   {chat_id, lease_token,
+--    applied_ids: [..]   the snippets merged into the memory below, in order (may be empty),
+--    user_confirmed, llm_inferred, general_summary, token_count, needs_new_chat,
+--    dead: [{id, error}] snippets the summarizer refused on their own (dead-lettered alone),
+--    failure: {error, permanent, retry_after_ms} | null   for every other claimed snippet,
+--    usage: {llm_requests, prompt_tokens, completion_tokens, rejected_ops}}
+-- A result whose lease is no longer held (it expired and was reclaimed, or the chat was
+-- forgotten) changes nothing: a snippet is never applied twice. The memory update, the rows'
+-- new status and the end of the lease commit together.
+-- The worker never waits for a client's lock: a chat row another transaction holds (a client's
+-- open forget(), an admin's SELECT ... FOR UPDATE) is skipped and reported busy; the caller keeps
+-- that result and finishes it later, spending no attempt. Returns {applied: n, busy: [chat ids]}.
+CREATE OR REPLACE FUNCTION memory._finish(p_results jsonb, p_summarizer text, p_max_attempts int,
+                               p_backoff_base_ms int, p_backoff_max_ms int,
+                               p_history_versions int DEFAULT 0)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r record;
+    v_applied int := 0;
+    v_failed int := 0;
+    v_busy text[] := '{}';
+    v_done bool;
+    v_dead bool;
+    v_usage bigint[] := '{0,0,0,0}';
+BEGIN
+    FOR r IN SELECT * FROM jsonb_to_recordset(p_results) AS x(
+        chat_id text, lease_token uuid, applied_ids uuid[], user_confirmed jsonb,
+        llm_inferred jsonb, general_summary text, token_count int, needs_new_chat bool,
+        dead jsonb, failure jsonb, usage jsonb)
+    LOOP
+        -- NO KEY UPDATE: excludes the other finishers and reclaimers of this chat, not enqueues.
+        PERFORM 1 FROM memory.chat_metadata c
+         WHERE c.chat_id = r.chat_id AND c.lease_token = r.lease_token
+           FOR NO KEY UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
+            IF EXISTS (SELECT 1 FROM memory.chat_metadata c
+                        WHERE c.chat_id = r.chat_id AND c.lease_token = r.lease_token) THEN
+                v_busy := v_busy || r.chat_id;
+            END IF;
+            CONTINUE;
+        END IF;
+        v_done := memory._finish_applied(r.chat_id, r.lease_token, r.applied_ids,
+                                         r.user_confirmed, r.llm_inferred, r.general_summary,
+                                         r.token_count, r.needs_new_chat, p_summarizer,
+                                         r.usage, p_history_versions);
+        v_dead := jsonb_array_length(coalesce(r.dead, '[]')) > 0;
+        IF v_dead THEN
+            PERFORM memory._finish_dead(r.chat_id, r.lease_token, r.dead);
+        END IF;
+        PERFORM memory._return_claimed(r.chat_id, r.failure IS NOT NULL,
+            coalesce((r.failure ->> 'permanent')::bool, false), r.failure ->> 'error',
+            r.failure ->> 'kind', p_max_attempts,
+            CASE WHEN r.failure IS NULL THEN now()
+                 ELSE memory._backoff_until(r.chat_id, r.lease_token,
+                          (r.failure ->> 'retry_after_ms')::int, p_backoff_base_ms,
+                          p_backoff_max_ms) END);
+        v_applied := v_applied + v_done::int;
+        -- A dead-lettered snippet is a failed attempt too (it cost a request).
+        v_failed := v_failed + (r.failure IS NOT NULL OR v_dead)::int;
+        v_usage := ARRAY[v_usage[1] + coalesce((r.usage ->> 'llm_requests')::bigint, 0),
+                         v_usage[2] + coalesce((r.usage ->> 'prompt_tokens')::bigint, 0),
+                         v_usage[3] + coalesce((r.usage ->> 'completion_tokens')::bigint, 0),
+                         v_usage[4] + coalesce((r.usage ->> 'rejected_ops')::bigint, 0)];
+    END LOOP;
+    -- What the batch cost, once per batch (one row per day and summarizer).
+    IF v_applied + v_failed > 0 THEN
+        PERFORM memory._record_usage(p_summarizer, v_applied, v_failed, v_usage[1], v_usage[2],
+                                     v_usage[3], v_usage[4]);
+    END IF;
+    RETURN jsonb_build_object('applied', v_applied, 'busy', to_jsonb(v_busy));
+END
+$$;
+
+-- When a failed attempt may be retried: the endpoint's Retry-After when it gave one, else
+-- base × 2^(attempt−1), capped, with 50–100 % jitter (attempt: the highest of the claimed rows).
+CREATE OR REPLACE FUNCTION memory._backoff_until(p_chat_id text, p_lease_token uuid, p_retry_after_ms int,
+                                      p_base_ms int, p_max_ms int)
+RETURNS timestamptz
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT now() + make_interval(secs => coalesce(p_retry_after_ms::float8,
+        least(p_max_ms::float8, p_base_ms * power(2.0, coalesce(max(q.retry_count), 0)))
+        * (0.5 + random() / 2)) / 1000.0)
+      FROM memory.chat_context_queue q
+     WHERE q.chat_id = p_chat_id AND q.claim_token = p_lease_token AND q.status = 'processing'
+$$;
+
+-- The applied part of a result: its rows 'complete', the memory, a history version. Returns
+-- whether anything was applied (nothing is when every claimed snippet failed or was refused).
+CREATE OR REPLACE FUNCTION memory._finish_applied(p_chat_id text, p_lease_token uuid, p_ids uuid[],
+                                       p_confirmed jsonb, p_inferred jsonb, p_summary text,
+                                       p_token_count int, p_needs_new_chat bool,
+                                       p_summarizer text, p_usage jsonb,
+                                       p_history_versions int)
+RETURNS bool
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    old memory.chat_metadata%ROWTYPE;
+    v_n int;
+BEGIN
+    IF coalesce(cardinality(p_ids), 0) = 0 THEN
+        RETURN false;
+    END IF;
+    -- The lease is held (checked under the chat row lock): every claimed row is still ours.
+    UPDATE memory.chat_context_queue q
+       SET status = 'complete', processed_at = now(), claim_token = NULL,
+           lease_expires_at = NULL
+     WHERE q.id = ANY (p_ids) AND q.status = 'processing' AND q.claim_token = p_lease_token;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    IF v_n <> cardinality(p_ids) THEN
+        RAISE EXCEPTION 'claimed snippets of chat "%" changed under its lease (% of % left)',
+            p_chat_id, v_n, cardinality(p_ids);
+    END IF;
+    SELECT * INTO old FROM memory.chat_metadata c WHERE c.chat_id = p_chat_id;
+    UPDATE memory.chat_metadata c
+       SET user_confirmed = p_confirmed, llm_inferred = p_inferred,
+           general_summary = p_summary, token_count = p_token_count,
+           needs_new_chat = p_needs_new_chat, version = c.version + 1, last_updated = now()
+     WHERE c.chat_id = p_chat_id;
+    INSERT INTO memory.chat_memory_history (chat_id, version, queue_ids, old_user_confirmed,
+        old_llm_inferred, old_general_summary, user_confirmed, llm_inferred, general_summary,
+        token_count, summarizer, llm_requests, prompt_tokens, completion_tokens, rejected_ops)
+    VALUES (p_chat_id, old.version + 1, p_ids, old.user_confirmed, old.llm_inferred,
+        old.general_summary, p_confirmed, p_inferred, p_summary, p_token_count, p_summarizer,
+        coalesce((p_usage ->> 'llm_requests')::int, 0),
+        coalesce((p_usage ->> 'prompt_tokens')::bigint, 0),
+        coalesce((p_usage ->> 'completion_tokens')::bigint, 0),
+        coalesce((p_usage ->> 'rejected_ops')::int, 0));
+    -- Keep the newest p_history_versions versions (0: all): every version stores the whole
+    -- memory, so unbounded history grows with versions x memory size.
+    IF p_history_versions > 0 THEN
+        DELETE FROM memory.chat_memory_history h
+         WHERE h.chat_id = p_chat_id AND h.version <= old.version + 1 - p_history_versions;
+    END IF;
+    RETURN true;
+END
+$$;
+
+-- Snippets the summarizer refused on their own (one too long for the model's context, say):
+-- 'failed' at once with their error, without holding back the chat's other snippets.
+CREATE OR REPLACE FUNCTION memory._finish_dead(p_chat_id text, p_lease_token uuid, p_dead jsonb)
+RETURNS int
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_n int;
+BEGIN
+    UPDATE memory.chat_context_queue q
+       SET status = 'failed', retry_count = q.retry_count + 1, processed_at = now(),
+           error_message = left(d.error, 2000), error_public = memory._public_error(d.kind),
+           claim_token = NULL, lease_expires_at = NULL
+      FROM jsonb_to_recordset(coalesce(p_dead, '[]')) AS d(id uuid, error text, kind text)
+     WHERE q.id = d.id AND q.chat_id = p_chat_id AND q.status = 'processing'
+       AND q.claim_token = p_lease_token;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END
+$$;
+
+-- Give a lease back without counting an attempt: the worker is stopping while the chat's LLM
+-- request is still in flight. Its snippets are pending again, due at once. A chat a client holds
+-- locked is left alone (the worker must not wait on it): its lease expires and is reclaimed.
+CREATE OR REPLACE FUNCTION memory._release(p_chat_id text, p_lease_token uuid)
+RETURNS int
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM 1 FROM memory.chat_metadata c
+     WHERE c.chat_id = p_chat_id AND c.lease_token = p_lease_token FOR NO KEY UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    RETURN memory._return_claimed(p_chat_id, false, false, NULL, NULL, 1, now());
+END
+$$;
+
+-- Take back leases whose holder is gone: expired ones, or (p_dead_owners) ones held by a
+-- process that no longer exists, e.g. after a crash or on a promoted standby. A process is its
+-- pid and start time, since pids are reused. The attempt counts as failed, so a snippet that
+-- kills its worker every time ends 'failed' instead of looping forever. Claimers run it first,
+-- in the claim's transaction: a chat is claimed only once its old lease has been taken back.
+CREATE OR REPLACE FUNCTION memory._reclaim(p_max_attempts int, p_dead_owners bool)
+RETURNS int
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_chat text;
+    v_n int := 0;
+BEGIN
+    FOR v_chat IN
+        SELECT c.chat_id FROM memory.chat_metadata c
+         WHERE c.lease_token IS NOT NULL
+           AND (c.lease_until < now()
+                OR (p_dead_owners AND c.lease_owner <> pg_backend_pid()
+                    AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
+                                     WHERE a.pid = c.lease_owner
+                                       AND a.backend_start = c.lease_owner_start)))
+         ORDER BY c.chat_id
+           FOR NO KEY UPDATE OF c SKIP LOCKED
+    LOOP
+        v_n := v_n + memory._return_claimed(v_chat, true, false,
+            'lease expired: the process summarizing this snippet stopped or took longer than '
+            'memory_ext.lease_timeout', 'lease', p_max_attempts, now());
+    END LOOP;
+    RETURN v_n;
+END
+$$;
+
+-- Delete up to p_batch complete rows older than the retention period, and up to p_batch audit
+-- rows older than the audit retention; returns how many rows were deleted.
+CREATE OR REPLACE FUNCTION memory._cleanup(p_retention_seconds int, p_batch int,
+                                p_audit_retention_seconds int DEFAULT NULL)
+RETURNS int
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH old AS (
+        SELECT q.id FROM memory.chat_context_queue q
+         WHERE q.status = 'complete'
+           AND q.processed_at < now() - make_interval(secs => p_retention_seconds)
+         ORDER BY q.processed_at LIMIT p_batch
+           FOR UPDATE SKIP LOCKED
+    ), gone AS (
+        DELETE FROM memory.chat_context_queue q USING old WHERE q.id = old.id RETURNING 1
+    ), old_audit AS (
+        SELECT a.ctid FROM memory.audit_log a
+         WHERE p_audit_retention_seconds IS NOT NULL
+           AND a.at < now() - make_interval(secs => p_audit_retention_seconds)
+         LIMIT p_batch
+    ), gone_audit AS (
+        DELETE FROM memory.audit_log a USING old_audit WHERE a.ctid = old_audit.ctid RETURNING 1
+    ), gone_turns AS (
+        -- owners not served for a day: they simply rank as never served
+        DELETE FROM memory.owner_turns t WHERE t.served_at < now() - interval '1 day' RETURNING 1
+    )
+    SELECT ((SELECT count(*) FROM gone) + (SELECT count(*) FROM gone_audit)
+            + (SELECT count(*) FROM gone_turns))::int
+$$;
+
+-- When the worker must look again even if nobody wakes it: the next chat coming due (a backoff
+-- ending) or lease expiry. NULL when nothing is scheduled.
+CREATE OR REPLACE FUNCTION memory._next_due()
+RETURNS timestamptz
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT least(
+        (SELECT min(m.due_at) FROM memory.chat_metadata m
+          WHERE m.due_at IS NOT NULL AND m.lease_token IS NULL),
+        (SELECT min(m.lease_until) FROM memory.chat_metadata m WHERE m.lease_token IS NOT NULL))
+$$;
+
+REVOKE ALL ON FUNCTION memory._due_chats(int), memory._claim(int, int, int),
+    memory._peek(int, int),
+    memory._claim_exact(text, bigint, uuid[], int),
+    memory._finish(jsonb, text, int, int, int, int),
+    memory._finish_applied(text, uuid, uuid[], jsonb, jsonb, text, int, bool, text, jsonb, int),
+    memory._finish_dead(text, uuid, jsonb), memory._backoff_until(text, uuid, int, int, int),
+    memory._return_claimed(text, bool, bool, text, text, int, timestamptz),
+    memory._public_error(text),
+    memory._release(text, uuid), memory._reclaim(int, bool),
+    memory._record_usage(text, int, int, bigint, bigint, bigint, bigint),
+    memory._cleanup(int, int, int), memory._next_due() FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION "_admin_role"() RETURNS TEXT /* String */
+STRICT STABLE PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'admin_role_wrapper';
+
+CREATE OR REPLACE FUNCTION "_audit_reads"() RETURNS bool /* bool */
+STRICT STABLE PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'audit_reads_wrapper';
+
+CREATE OR REPLACE FUNCTION "_max_snippet_bytes"() RETURNS INT /* i32 */
+STRICT STABLE PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'max_snippet_bytes_wrapper';
+
+CREATE OR REPLACE FUNCTION "_note_denied"(
+	"p_action" TEXT, /* & str */
+	"p_chat_id" TEXT, /* & str */
+	"p_identity" TEXT, /* & str */
+	"p_role" TEXT /* & str */
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'note_denied_wrapper';
+
+CREATE OR REPLACE FUNCTION "_rate_limit"(
+	"identity" TEXT /* & str */
+) RETURNS INT /* i32 */
+STRICT VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'rate_limit_wrapper';
+
+CREATE OR REPLACE FUNCTION "_superuser"() RETURNS bool /* bool */
+STRICT STABLE PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'current_user_is_superuser_wrapper';
+
+CREATE OR REPLACE FUNCTION "_token_limit"() RETURNS INT /* i32 */
+STRICT STABLE PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'token_limit_wrapper';
+
+-- The public SQL API. Names and signatures are a contract (README, tests, clients).
+-- Errors: 22023 invalid input, P0002 unknown chat or queue id -- or one of another identity, which
+-- must read as unknown (no existence oracle); 42501 only from create_chat/enqueue into another
+-- identity's chat (a global chat namespace cannot hide that: chat ids should be unguessable) and
+-- admin-only functions; PGRST (HTTP 429 through PostgREST) over the rate limit.
+--
+-- Functions that touch the tables are SECURITY DEFINER (callers get no table privileges) with a
+-- fixed search_path and schema-qualified names, so a caller's objects cannot hijack them. Inside
+-- them current_user is the definer: the caller is memory._invoker(), and identity comes from it
+-- or the JWT.
+
+-- The role the caller acts as: SET ROLE's role (PostgREST's SET LOCAL ROLE from the JWT), else
+-- the session user. Not current_user, which is the definer inside SECURITY DEFINER functions.
+--
+-- current_identity() and _invoker() sit on every hot path, so they are SQL-standard bodies
+-- (BEGIN ATOMIC / RETURN): parsed and bound to their objects at CREATE time, so the caller's
+-- search_path cannot redirect them, and they need no SET clause (which would cost a
+-- search_path switch on every call).
+CREATE OR REPLACE FUNCTION memory._invoker()
+RETURNS name
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN coalesce(nullif(pg_catalog.current_setting('role'), 'none'), session_user)::name;
+
+-- The JWT `sub` claim PostgREST/Supabase put in request.jwt.claims (trimmed), or NULL.
+CREATE OR REPLACE FUNCTION memory._jwt_sub()
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN nullif(pg_catalog.btrim(
+    nullif(pg_catalog.current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub'), '');
+
+-- The caller, in one of two namespaces that never collide: the JWT `sub` claim as it is, or
+-- `role:<name>` for the invoking role (a direct connection, or a JWT without a usable sub). A
+-- `sub` that itself starts with `role:` is no identity (NULL): it could pose as a role.
+-- A plain expression, no subquery: the planner inlines it into every caller (a subquery would
+-- make it a function call on every hot path).
+CREATE OR REPLACE FUNCTION memory.current_identity()
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN CASE WHEN memory._jwt_sub() OPERATOR(pg_catalog.~~) 'role:%' THEN NULL
+            ELSE coalesce(memory._jwt_sub(), 'role:' OPERATOR(pg_catalog.||) memory._invoker())
+       END;
+
+-- Admins see and act on every chat: superusers, the extension owner, members of
+-- memory_ext.admin_role (default service_role) when it exists, and members of roles given
+-- memory.grant_admin(). Definer rights so RLS policies can call it without table grants. The
+-- setting is read through the library (_admin_role), never with current_setting(): without
+-- shared_preload_libraries an unloaded library's setting is a placeholder any role may SET.
+CREATE OR REPLACE FUNCTION memory._is_admin()
+RETURNS bool
+LANGUAGE sql STABLE PARALLEL SAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce((
+        SELECT r.rolsuper
+            OR pg_catalog.pg_has_role(r.oid, e.extowner, 'MEMBER')
+            OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles a
+                        WHERE a.rolname = memory._admin_role()
+                          AND pg_catalog.pg_has_role(r.oid, a.oid, 'MEMBER'))
+            OR EXISTS (SELECT 1 FROM memory.admin_roles g
+                        WHERE pg_catalog.pg_has_role(r.oid, g.role::oid, 'MEMBER'))
+          FROM pg_catalog.pg_roles r, pg_catalog.pg_extension e
+         WHERE r.rolname = memory._invoker() AND e.extname = 'memory_ext'), false)
+$$;
+
+-- Why the caller may not create chats, or NULL. A request that carries JWT claims but no usable
+-- `sub` would otherwise act as its role (every such user sharing `role:authenticated`): refused
+-- unless an admin (a backend with the service role). A `sub` posing as a role is refused too.
+CREATE OR REPLACE FUNCTION memory._identity_problem()
+RETURNS text
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF memory.current_identity() IS NULL THEN
+        RETURN 'a JWT sub may not start with "role:"';
+    END IF;
+    IF memory._jwt_sub() IS NULL
+       AND nullif(pg_catalog.current_setting('request.jwt.claims', true), '') IS NOT NULL
+       AND NOT memory._is_admin() THEN
+        RETURN 'the request''s JWT has no usable sub claim: it cannot own chats';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- 42501 when the caller has no identity that may own chats (see _identity_problem).
+CREATE OR REPLACE FUNCTION memory._require_identity()
+RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_problem text := memory._identity_problem();
+BEGIN
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_problem USING ERRCODE = '42501';
+    END IF;
+END
+$$;
+
+-- Record an action in the audit log (callers are definer functions; see audit_log in schema.sql).
+CREATE OR REPLACE FUNCTION memory._audit(p_action text, p_chat_id text DEFAULT NULL,
+                              p_queue_id uuid DEFAULT NULL, p_detail text DEFAULT NULL)
+RETURNS void
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO memory.audit_log (identity, role, action, chat_id, queue_id, detail)
+    VALUES (coalesce(memory.current_identity(), 'role:' || memory._invoker()), memory._invoker(),
+            p_action, p_chat_id, p_queue_id, p_detail)
+$$;
+
+-- Does the caller's identity own this chat? For RLS policies of tables without an owner column.
+-- It answers only about the caller, so it tells nothing about other users' chats.
+CREATE OR REPLACE FUNCTION memory._owns_chat(p_chat_id text)
+RETURNS bool
+LANGUAGE sql STABLE PARALLEL SAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT 1 FROM memory.chat_metadata m
+                    WHERE m.chat_id = p_chat_id AND m.owner = memory.current_identity())
+$$;
+
+-- 42501 unless the caller is an admin.
+CREATE OR REPLACE FUNCTION memory._require_admin(p_what text)
+RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT memory._is_admin() THEN
+        RAISE EXCEPTION '% is for memory_ext admins only', p_what USING ERRCODE = '42501';
+    END IF;
+END
+$$;
+
+-- What is wrong with a chat id, or NULL. One rule for every function: not blank, at most 256
+-- characters, no control or invisible (zero-width, bidi) characters, no surrounding whitespace,
+-- and in Unicode NFC, so ids that look the same are the same id. A SQL expression, so the
+-- planner inlines it into the hot paths (a SQL-standard body, bound at CREATE time, so it needs
+-- no SET search_path, which would prevent inlining). STABLE, not IMMUTABLE: it reads the database
+-- encoding, and an IMMUTABLE function calling a STABLE one is never inlined (a function call per
+-- enqueue and get() measured 40 % of get()'s throughput).
+CREATE OR REPLACE FUNCTION memory._chat_id_problem(p_chat_id text)
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN CASE
+    -- the common case in one test: printable ASCII, not starting or ending with a space (and so
+    -- NFC, free of control and invisible characters)
+    WHEN p_chat_id OPERATOR(pg_catalog.~) '^[!-~]([ -~]{0,254}[!-~])?$' THEN NULL
+    WHEN p_chat_id IS NULL OR pg_catalog.btrim(p_chat_id) = '' THEN 'must not be null or blank'
+    WHEN pg_catalog.length(p_chat_id) > 256 THEN 'is longer than 256 characters'
+    WHEN p_chat_id OPERATOR(pg_catalog.~)
+         '[[:cntrl:]\u00AD\u200B-\u200F\u2028-\u202E\u2060-\u2064\uFEFF]|^\s|\s$'
+        THEN 'must not contain control or invisible characters, nor start or end with whitespace'
+    WHEN pg_catalog.getdatabaseencoding() <> 'UTF8' THEN NULL
+    WHEN p_chat_id IS NOT NFC NORMALIZED THEN 'must be in Unicode normalization form NFC'
+END;
+
+CREATE OR REPLACE FUNCTION memory._check_chat_id(p_chat_id text)
+RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_problem text := memory._chat_id_problem(p_chat_id);
+BEGIN
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION 'chat_id %', v_problem USING ERRCODE = '22023';
+    END IF;
+END
+$$;
+
+-- Refuse a cross-tenant attempt: note it for the audit log (the ERROR rolls back any row this
+-- transaction could write; the worker copies the note into memory.audit_log), then raise.
+CREATE OR REPLACE FUNCTION memory._refuse(p_action text, p_chat_id text, p_errcode text, p_message text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM memory._note_denied(p_action, coalesce(p_chat_id, ''),
+                                coalesce(memory.current_identity(), '(none)'), memory._invoker());
+    RAISE EXCEPTION '%', p_message USING ERRCODE = p_errcode;
+END
+$$;
+
+-- Look up a chat the caller may act on (for p_action). P0002 both when it does not exist and when
+-- it is someone else's: the answer must not tell a caller which chat ids other users have.
+CREATE OR REPLACE FUNCTION memory._owned_chat(p_chat_id text, p_action text DEFAULT 'access')
+RETURNS memory.chat_metadata
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    c memory.chat_metadata%ROWTYPE;
+BEGIN
+    PERFORM memory._check_chat_id(p_chat_id);
+    SELECT * INTO c FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'chat "%" not found', p_chat_id USING ERRCODE = 'P0002';
+    END IF;
+    -- IS DISTINCT FROM: a caller without identity (NULL) owns nothing.
+    IF c.owner IS DISTINCT FROM memory.current_identity() AND NOT memory._is_admin() THEN
+        PERFORM memory._refuse(p_action, p_chat_id, 'P0002',
+                               format('chat "%s" not found', p_chat_id));
+    END IF;
+    RETURN c;
+END
+$$;
+
+-- Over memory_ext.rate_limit_per_minute: PostgREST's custom-status convention turns this into
+-- HTTP 429 with Retry-After. Raised before anything is written.
+CREATE OR REPLACE FUNCTION memory._raise_rate_limited(p_wait int)
+RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE SQLSTATE 'PGRST' USING
+        MESSAGE = json_build_object('code', 'MX429',
+            'message', 'rate limit exceeded',
+            'details', format('at most %s writing calls per minute per identity',
+                              current_setting('memory_ext.rate_limit_per_minute')),
+            'hint', format('retry after %s seconds', p_wait))::text,
+        DETAIL = json_build_object('status', 429,
+            'headers', json_build_object('Retry-After', p_wait::text))::text;
+END
+$$;
+
+-- Every writing call takes a token of the caller's bucket (admins are exempt).
+CREATE OR REPLACE FUNCTION memory._take_rate_token(p_identity text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_wait int := memory._rate_limit(p_identity);
+BEGIN
+    IF v_wait > 0 AND NOT memory._is_admin() THEN
+        PERFORM memory._raise_rate_limited(v_wait);
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION memory.create_chat(p_chat_id text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_identity text := memory.current_identity();
+    v_owner text;
+BEGIN
+    PERFORM memory._check_chat_id(p_chat_id);
+    PERFORM memory._require_identity();
+    PERFORM memory._take_rate_token(v_identity);
+    INSERT INTO memory.chat_metadata (chat_id, owner) VALUES (p_chat_id, v_identity)
+    ON CONFLICT (chat_id) DO NOTHING;
+    SELECT m.owner INTO v_owner FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
+    IF v_owner IS DISTINCT FROM v_identity AND NOT memory._is_admin() THEN
+        PERFORM memory._refuse('create_chat', p_chat_id, '42501',
+                               format('permission denied for chat "%s"', p_chat_id));
+    END IF;
+    PERFORM memory._audit('create_chat', p_chat_id);
+    RETURN p_chat_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION memory.enqueue(p_chat_id text, p_snippet text, p_trigger_source text DEFAULT 'api')
+RETURNS TABLE (queue_id uuid, status text, estimated_completion timestamptz)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_identity text := memory.current_identity();
+    v_owner text;
+    v_next timestamptz;
+    v_max int := memory._max_snippet_bytes();
+    v_wait int;
+    v_problem text;
+BEGIN
+    -- The hot write path: the checks as an inlined expression (the same as _check_chat_id).
+    v_problem := memory._chat_id_problem(p_chat_id);
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION 'chat_id %', v_problem USING ERRCODE = '22023';
+    END IF;
+    IF p_snippet IS NULL OR btrim(p_snippet, E' \t\r\n') = '' THEN
+        RAISE EXCEPTION 'snippet must not be null or blank' USING ERRCODE = '22023';
+    END IF;
+    IF octet_length(p_snippet) > v_max THEN
+        RAISE EXCEPTION 'snippet is % bytes, over memory_ext.max_snippet_bytes (%)',
+            octet_length(p_snippet), v_max USING ERRCODE = '22023';
+    END IF;
+    IF p_trigger_source IS NULL OR btrim(p_trigger_source) = '' OR length(p_trigger_source) > 64 THEN
+        RAISE EXCEPTION 'trigger_source must be 1 to 64 characters' USING ERRCODE = '22023';
+    END IF;
+    -- Over the limit: PostgREST's custom-status convention turns this into HTTP 429 with
+    -- Retry-After. Nothing is enqueued. Admins (bulk loads, the service role) are exempt; asked
+    -- only when the bucket is empty, to keep the common path cheap.
+    v_wait := memory._rate_limit(v_identity);
+    IF v_wait > 0 AND NOT memory._is_admin() THEN
+        PERFORM memory._raise_rate_limited(v_wait);
+    END IF;
+
+    -- Common case, one statement: the chat exists and is the caller's. A chat in backoff holds its
+    -- new snippets back too, so they stay behind the failed ones.
+    -- FOR KEY SHARE locks the chat row before the row's seq is drawn: a claim (FOR UPDATE)
+    -- skips the chat until this commits, so it never takes a later seq while an earlier one is
+    -- still uncommitted. That is what makes seq the order snippets are applied in.
+    INSERT INTO memory.chat_context_queue (chat_id, new_context_snippet, trigger_source,
+                                           enqueued_by, next_attempt_at)
+    SELECT m.chat_id, p_snippet, p_trigger_source, v_identity, greatest(now(), m.retry_at)
+      FROM memory.chat_metadata m
+     WHERE m.chat_id = p_chat_id AND m.owner = v_identity
+       FOR KEY SHARE OF m
+    RETURNING id, next_attempt_at INTO queue_id, v_next;
+    IF NOT FOUND THEN
+        -- A new chat (create it for the caller) or someone else's (refuse, unless an admin
+        -- enqueues on the owner's behalf, e.g. a backend with the service role).
+        PERFORM memory._require_identity();
+        INSERT INTO memory.chat_metadata (chat_id, owner) VALUES (p_chat_id, v_identity)
+        ON CONFLICT (chat_id) DO NOTHING;
+        SELECT m.owner INTO v_owner FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
+        IF v_owner IS DISTINCT FROM v_identity AND NOT memory._is_admin() THEN
+            PERFORM memory._refuse('enqueue', p_chat_id, '42501',
+                                   format('permission denied for chat "%s"', p_chat_id));
+        END IF;
+        INSERT INTO memory.chat_context_queue (chat_id, new_context_snippet, trigger_source,
+                                               enqueued_by, next_attempt_at)
+        SELECT m.chat_id, p_snippet, p_trigger_source, v_identity, greatest(now(), m.retry_at)
+          FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id
+           FOR KEY SHARE OF m
+        RETURNING id, next_attempt_at INTO queue_id, v_next;
+    END IF;
+    -- The first enqueue into an idle chat makes it a claim candidate. Only then is the chat row
+    -- written (and locked): never while it has work or is being summarized, so enqueues do not
+    -- queue up behind each other or the worker. See _return_claimed for the other side.
+    UPDATE memory.chat_metadata m SET due_at = v_next
+     WHERE m.chat_id = p_chat_id AND m.due_at IS NULL;
+
+    INSERT INTO memory.audit_log (identity, role, action, chat_id, queue_id)
+    VALUES (v_identity, memory._invoker(), 'enqueue', p_chat_id, queue_id);
+    status := 'pending_summarization';
+    estimated_completion := v_next + memory._wake_at_commit();
+    RETURN NEXT;
+END
+$$;
+
+-- VOLATILE because it may write the audit log (memory_ext.audit_reads): call it with POST
+-- through PostgREST, which runs STABLE functions in read-only transactions.
+CREATE OR REPLACE FUNCTION memory.get(p_chat_id text)
+RETURNS TABLE (chat_id text, user_confirmed jsonb, llm_inferred jsonb, general_summary text,
+               token_count int, needs_new_chat bool, guidance text, version bigint,
+               last_updated timestamptz, pending int)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_owner text;
+    v_problem text;
+    v_identity text := memory.current_identity();
+BEGIN
+    -- Checks inlined (not _check_chat_id): this is the hot read path.
+    v_problem := memory._chat_id_problem(p_chat_id);
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION 'chat_id %', v_problem USING ERRCODE = '22023';
+    END IF;
+    -- One statement on the common path (the owner reads their chat); the pending count is taken
+    -- only for the owner here, and for an admin below.
+    SELECT m.chat_id, m.user_confirmed, m.llm_inferred, m.general_summary, m.token_count,
+           m.needs_new_chat, m.version, m.last_updated, m.owner,
+           CASE WHEN m.owner = v_identity THEN
+               (SELECT count(*)::int FROM memory.chat_context_queue q
+                 WHERE q.chat_id = m.chat_id
+                   AND q.status IN ('pending_summarization', 'processing')) END
+      INTO chat_id, user_confirmed, llm_inferred, general_summary, token_count, needs_new_chat,
+           version, last_updated, v_owner, pending
+      FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
+    -- Someone else's chat reads as missing: no existence oracle. Checked before anything else
+    -- is read, so not even the time taken tells about another chat's backlog.
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'chat "%" not found', p_chat_id USING ERRCODE = 'P0002';
+    END IF;
+    IF v_owner IS DISTINCT FROM v_identity AND NOT memory._is_admin() THEN
+        PERFORM memory._refuse('get', p_chat_id, 'P0002', format('chat "%s" not found', p_chat_id));
+    END IF;
+    IF pending IS NULL THEN
+        SELECT count(*)::int INTO pending FROM memory.chat_context_queue q
+         WHERE q.chat_id = p_chat_id AND q.status IN ('pending_summarization', 'processing');
+    END IF;
+    IF memory._audit_reads() THEN
+        PERFORM memory._audit('get', p_chat_id);
+    END IF;
+    IF needs_new_chat THEN
+        guidance := format('This chat''s memory is %s tokens, over the limit of %s: start a new '
+            'chat and carry over the summary and confirmed facts.', token_count,
+            memory._token_limit());
+    END IF;
+    RETURN NEXT;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION memory.status(p_queue_id uuid)
+RETURNS TABLE (status text, retry_count int, error_message text, created_at timestamptz,
+               processed_at timestamptz)
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q memory.chat_context_queue%ROWTYPE;
+    v_owner text;
+BEGIN
+    IF p_queue_id IS NULL THEN
+        RAISE EXCEPTION 'queue_id must not be null' USING ERRCODE = '22023';
+    END IF;
+    SELECT x.* INTO q FROM memory.chat_context_queue x WHERE x.id = p_queue_id;
+    IF FOUND THEN
+        SELECT m.owner INTO v_owner FROM memory.chat_metadata m WHERE m.chat_id = q.chat_id;
+    END IF;
+    -- Someone else's snippet reads as missing: no existence oracle.
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'queue row % not found', p_queue_id USING ERRCODE = 'P0002';
+    END IF;
+    IF v_owner IS DISTINCT FROM memory.current_identity() AND NOT memory._is_admin() THEN
+        PERFORM memory._refuse('status', q.chat_id, 'P0002',
+                               format('queue row %s not found', p_queue_id));
+    END IF;
+    -- The owner is told the error's class; the full text (it may quote the provider) is for
+    -- admins.
+    RETURN QUERY SELECT q.status, q.retry_count,
+        CASE WHEN memory._is_admin() THEN q.error_message ELSE q.error_public END,
+        q.created_at, q.processed_at;
+END
+$$;
+
+-- The transaction that inserted (or last changed) a queue row the caller may see, for wait(): a
+-- row this very transaction enqueued can never complete while it waits. NULL for rows the caller
+-- may not see.
+CREATE OR REPLACE FUNCTION memory._queue_row_xmin(p_queue_id uuid)
+RETURNS bigint
+LANGUAGE sql STABLE PARALLEL SAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT q.xmin::text::bigint
+      FROM memory.chat_context_queue q JOIN memory.chat_metadata m ON m.chat_id = q.chat_id
+     WHERE q.id = p_queue_id AND (m.owner = memory.current_identity() OR memory._is_admin())
+$$;
+
+CREATE OR REPLACE FUNCTION memory.history(p_chat_id text)
+RETURNS TABLE (version bigint, queue_ids uuid[], user_confirmed jsonb, llm_inferred jsonb,
+               general_summary text, changed_at timestamptz)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM memory._owned_chat(p_chat_id, 'history');
+    IF memory._audit_reads() THEN
+        PERFORM memory._audit('history', p_chat_id);
+    END IF;
+    RETURN QUERY SELECT h.version, h.queue_ids, h.user_confirmed, h.llm_inferred,
+                        h.general_summary, h.changed_at
+                   FROM memory.chat_memory_history h
+                  WHERE h.chat_id = p_chat_id ORDER BY h.version;
+END
+$$;
+
+-- Remove a chat's memory, history and queue rows. A summarization in flight is discarded.
+CREATE OR REPLACE FUNCTION memory.forget(p_chat_id text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM memory._owned_chat(p_chat_id, 'forget');
+    PERFORM memory._take_rate_token(memory.current_identity());
+    PERFORM memory._audit('forget', p_chat_id);
+    -- Lock the chat like the worker does, so a summarization in flight cannot apply after this.
+    PERFORM 1 FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id FOR UPDATE;
+    DELETE FROM memory.chat_context_queue q WHERE q.chat_id = p_chat_id;
+    DELETE FROM memory.chat_memory_history h WHERE h.chat_id = p_chat_id;
+    DELETE FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
+END
+$$;
+
+-- Put failed snippets back in the queue with a fresh attempt budget: one chat, or (NULL) every
+-- chat the caller may act on. Returns how many were re-queued.
+CREATE OR REPLACE FUNCTION memory.retry_failed(p_chat_id text DEFAULT NULL)
+RETURNS int
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_n int;
+    v_identity text := memory.current_identity();
+    v_admin bool := memory._is_admin();
+BEGIN
+    IF p_chat_id IS NOT NULL THEN
+        PERFORM memory._owned_chat(p_chat_id, 'retry_failed');
+    END IF;
+    PERFORM memory._take_rate_token(v_identity);
+    -- Re-queued snippets go to the end of their chat's queue (a new seq, their relative order
+    -- kept): the chat's later snippets may already be applied. The chat rows are locked first,
+    -- as enqueue does, so no claim sees a new seq before it commits.
+    PERFORM 1 FROM memory.chat_metadata m
+     WHERE (m.chat_id = p_chat_id OR p_chat_id IS NULL) AND (v_admin OR m.owner = v_identity)
+       AND EXISTS (SELECT 1 FROM memory.chat_context_queue q
+                    WHERE q.chat_id = m.chat_id AND q.status = 'failed')
+     ORDER BY m.chat_id
+       FOR KEY SHARE OF m;
+    WITH requeued AS (
+        SELECT x.id, nextval('memory.chat_context_queue_seq') AS seq
+          FROM (SELECT q.id FROM memory.chat_context_queue q
+                 WHERE q.status = 'failed'
+                   AND (q.chat_id = p_chat_id OR p_chat_id IS NULL)
+                   AND (v_admin OR q.chat_id IN (SELECT m.chat_id FROM memory.chat_metadata m
+                                                  WHERE m.owner = v_identity))
+                 ORDER BY q.seq) x
+    )
+    UPDATE memory.chat_context_queue q
+       SET status = 'pending_summarization', retry_count = 0, next_attempt_at = now(),
+           processed_at = NULL, seq = requeued.seq
+      FROM requeued WHERE q.id = requeued.id;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    UPDATE memory.chat_metadata m SET due_at = now()
+     WHERE m.due_at IS NULL AND m.chat_id IN (SELECT q.chat_id FROM memory.chat_context_queue q
+                                                WHERE q.status = 'pending_summarization'
+                                                  AND (q.chat_id = p_chat_id OR p_chat_id IS NULL));
+    IF v_n > 0 THEN
+        PERFORM memory._wake_at_commit();
+    END IF;
+    PERFORM memory._audit('retry', p_chat_id, NULL, format('%s snippet(s) re-queued', v_n));
+    RETURN v_n;
+END
+$$;
+
+CREATE OR REPLACE VIEW memory.queue_stats AS
+SELECT s.status,
+       count(q.id) AS count,
+       CASE WHEN s.status = 'pending_summarization' THEN now() - min(q.created_at) END
+           AS oldest_pending_age
+  FROM unnest(ARRAY['pending_summarization', 'processing', 'complete', 'failed']) AS s(status)
+  LEFT JOIN memory.chat_context_queue q ON q.status = s.status
+ GROUP BY s.status;
+
+-- What memory costs: LLM requests and tokens per summarizer, all days summed (the daily figures
+-- are in memory.llm_usage_daily). Failed attempts count too: a bad answer costs tokens.
+CREATE OR REPLACE VIEW memory.llm_usage AS
+SELECT u.summarizer,
+       min(u.day) AS since,
+       sum(u.batches_applied)::bigint AS batches_applied,
+       sum(u.attempts_failed)::bigint AS attempts_failed,
+       sum(u.llm_requests)::bigint AS llm_requests,
+       sum(u.prompt_tokens)::bigint AS prompt_tokens,
+       sum(u.completion_tokens)::bigint AS completion_tokens,
+       sum(u.rejected_ops)::bigint AS rejected_ops
+  FROM memory.llm_usage_daily u
+ GROUP BY u.summarizer;
+
+CREATE OR REPLACE FUNCTION "_wake_at_commit"() RETURNS interval /* Option < Interval > */
+STRICT VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'wake_at_commit_wrapper';
+
+CREATE OR REPLACE FUNCTION "count_tokens"(
+	"text" TEXT /* & str */
+) RETURNS INT /* i32 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'count_tokens_wrapper';
+
+CREATE OR REPLACE FUNCTION "process_pending"(
+	"p_max" INT DEFAULT 100 /* i32 */
+) RETURNS INT /* i32 */
+STRICT VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'process_pending_wrapper';
+
+CREATE OR REPLACE FUNCTION "wait"(
+	"p_queue_id" uuid, /* pgrx :: Uuid */
+	"p_timeout" interval DEFAULT '10 seconds' /* Interval */
+) RETURNS TEXT /* String */
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'wait_wrapper';
+
+CREATE OR REPLACE FUNCTION "worker_status"() RETURNS TABLE (
+	"running" bool,  /* bool */
+	"pid" INT,  /* Option < i32 > */
+	"database" TEXT,  /* Option < String > */
+	"started_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
+	"last_heartbeat" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
+	"processed" bigint,  /* i64 */
+	"failed" bigint,  /* i64 */
+	"last_error" TEXT,  /* Option < String > */
+	"state" TEXT  /* String */
+)
+STRICT VOLATILE PARALLEL SAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'worker_status_wrapper';
+
+CREATE OR REPLACE FUNCTION memory._usage_functions()
+RETURNS regprocedure[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT ARRAY[
+        'memory.current_identity()', 'memory.create_chat(text)',
+        'memory.enqueue(text, text, text)', 'memory.get(text)', 'memory.status(uuid)',
+        'memory.wait(uuid, interval)', 'memory.history(text)', 'memory.forget(text)',
+        'memory.retry_failed(text)', 'memory.count_tokens(text)',
+        -- called by current_identity() and the RLS policies, with the caller's rights
+        'memory._invoker()', 'memory._jwt_sub()', 'memory._is_admin()', 'memory._owns_chat(text)',
+        -- settings read through the library, by get() and _is_admin()
+        'memory._admin_role()', 'memory._audit_reads()', 'memory._token_limit()',
+        -- called by wait(), which runs with the caller's rights
+        'memory._queue_row_xmin(uuid)'
+    ]::regprocedure[]
+$$;
+
+CREATE OR REPLACE FUNCTION memory._admin_functions()
+RETURNS regprocedure[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT ARRAY[
+        'memory.process_pending(integer)', 'memory.worker_status()',
+        'memory.grant_usage(regrole)', 'memory.revoke_usage(regrole)',
+        'memory.grant_admin(regrole)', 'memory.revoke_admin(regrole)',
+        -- the audit_direct_write triggers' WHEN runs with the writer's rights: a role given table
+        -- privileges without it cannot write them at all (rather than unaudited)
+        'memory._superuser()'
+    ]::regprocedure[]
+$$;
+
+CREATE OR REPLACE FUNCTION memory._grant_functions(p_grant bool, p_functions regprocedure[], p_role regrole)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOREACH f IN ARRAY p_functions LOOP
+        IF p_grant THEN
+            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, p_role);
+        ELSE
+            EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %s', f, p_role);
+        END IF;
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION memory._check_role(p_role regrole)
+RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_role IS NULL THEN
+        RAISE EXCEPTION 'role must not be null' USING ERRCODE = '22023';
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION memory._grant_usage(p_role regrole)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    EXECUTE format('GRANT USAGE ON SCHEMA memory TO %s', p_role);
+    PERFORM memory._grant_functions(true, memory._usage_functions(), p_role);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION memory.grant_usage(p_role regrole)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM memory._require_admin('memory.grant_usage()');
+    PERFORM memory._check_role(p_role);
+    PERFORM memory._grant_usage(p_role);
+    PERFORM memory._audit('grant_usage', NULL, NULL, p_role::text);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION memory.revoke_usage(p_role regrole)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM memory._require_admin('memory.revoke_usage()');
+    PERFORM memory._check_role(p_role);
+    PERFORM memory._grant_functions(false, memory._usage_functions(), p_role);
+    IF NOT EXISTS (SELECT 1 FROM memory.admin_roles a WHERE a.role = p_role) THEN
+        EXECUTE format('REVOKE USAGE ON SCHEMA memory FROM %s', p_role);
+    END IF;
+    PERFORM memory._audit('revoke_usage', NULL, NULL, p_role::text);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION memory._grant_admin_privileges(p_role regrole)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM memory._grant_usage(p_role);
+    PERFORM memory._grant_functions(true, memory._admin_functions(), p_role);
+    EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA memory TO %s', p_role);
+    EXECUTE format('GRANT INSERT, UPDATE, DELETE ON memory.chat_metadata, '
+                   'memory.chat_context_queue, memory.chat_memory_history TO %s', p_role);
+    EXECUTE format('GRANT USAGE ON SEQUENCE memory.chat_context_queue_seq TO %s', p_role);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION memory.grant_admin(p_role regrole)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM memory._require_admin('memory.grant_admin()');
+    PERFORM memory._check_role(p_role);
+    PERFORM memory._grant_admin_privileges(p_role);
+    INSERT INTO memory.admin_roles (role) VALUES (p_role) ON CONFLICT DO NOTHING;
+    PERFORM memory._audit('grant_admin', NULL, NULL, p_role::text);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION memory.revoke_admin(p_role regrole)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM memory._require_admin('memory.revoke_admin()');
+    PERFORM memory._check_role(p_role);
+    DELETE FROM memory.admin_roles a WHERE a.role = p_role;
+    PERFORM memory._grant_functions(false, memory._admin_functions(), p_role);
+    EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA memory FROM %s', p_role);
+    EXECUTE format('REVOKE ALL ON SEQUENCE memory.chat_context_queue_seq FROM %s', p_role);
+    PERFORM memory._audit('revoke_admin', NULL, NULL, p_role::text);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION memory._audit_log_append_only()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r
+                      WHERE r.rolname = memory._invoker()), false) THEN
+        RAISE EXCEPTION 'memory.audit_log is append-only' USING ERRCODE = '42501';
+    END IF;
+    RETURN CASE TG_OP WHEN 'UPDATE' THEN NEW WHEN 'DELETE' THEN OLD END;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION memory._audit_direct_write()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM memory._audit('direct_' || lower(TG_OP), NULL, NULL,
+        format('%s on memory.%s: %s', TG_OP, TG_TABLE_NAME, left(current_query(), 500)));
+    RETURN NULL;
+END
+$$;
+
+-- ---- row level security, triggers ------------------------------------------------------------
+CREATE POLICY owner_reads ON memory.chat_context_queue FOR SELECT
+    USING (memory._owns_chat(chat_id));
+CREATE POLICY owner_reads ON memory.chat_memory_history FOR SELECT
+    USING (memory._owns_chat(chat_id));
+ALTER TABLE memory.owner_turns ENABLE ROW LEVEL SECURITY;
+CREATE POLICY admin_reads ON memory.owner_turns FOR SELECT USING (memory._is_admin());
+
+DO $$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['chat_metadata', 'chat_context_queue', 'chat_memory_history',
+                             'admin_roles'] LOOP
+        EXECUTE format('CREATE TRIGGER audit_direct_write AFTER INSERT OR UPDATE OR DELETE '
+                       'ON memory.%I FOR EACH STATEMENT WHEN (NOT memory._superuser()) '
+                       'EXECUTE FUNCTION memory._audit_direct_write()', t);
+    END LOOP;
+END
+$$;
+
+-- ---- data ------------------------------------------------------------------------------------
+UPDATE memory.chat_metadata m SET owner = 'role:' || m.owner
+ WHERE m.owner IN (SELECT r.rolname FROM pg_catalog.pg_roles r);
+UPDATE memory.chat_context_queue q SET enqueued_by = 'role:' || q.enqueued_by
+ WHERE q.enqueued_by IN (SELECT r.rolname FROM pg_catalog.pg_roles r);
+-- chats with pending snippets are claim candidates from their first due snippet on
+UPDATE memory.chat_metadata m SET due_at = greatest(p.first_due, m.retry_at)
+  FROM (SELECT q.chat_id, min(q.next_attempt_at) AS first_due FROM memory.chat_context_queue q
+         WHERE q.status = 'pending_summarization' GROUP BY q.chat_id) p
+ WHERE m.chat_id = p.chat_id;
+-- 0.1.0 did not record an error's class: owners are told the generic one
+UPDATE memory.chat_context_queue q SET error_public = memory._public_error(NULL)
+ WHERE q.error_message IS NOT NULL;
+
+-- ---- privileges ------------------------------------------------------------------------------
+-- New objects: nothing for PUBLIC.
+REVOKE ALL ON memory.owner_turns FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA memory FROM PUBLIC;
+
+-- Roles that had the API or admin rights get what grant_usage()/grant_admin() include in 0.2.0.
+-- Grants made in an extension script are recorded as the objects' initial privileges, which
+-- pg_dump leaves out: those of roles granted after CREATE EXTENSION are taken out again below,
+-- so a dump of the updated database keeps them, as it does after a fresh 0.2.0 install.
+DO $$
+DECLARE
+    r regrole;
+BEGIN
+    FOR r IN SELECT DISTINCT a.grantee::regrole
+               FROM pg_catalog.pg_proc p, aclexplode(p.proacl) a
+              WHERE p.oid = 'memory.enqueue(text, text, text)'::regprocedure
+                AND a.grantee <> 0 AND a.grantee <> p.proowner LOOP
+        PERFORM memory._grant_usage(r);
+    END LOOP;
+    FOR r IN SELECT DISTINCT a.grantee::regrole
+               FROM pg_catalog.pg_proc p, aclexplode(p.proacl) a
+              WHERE p.oid = 'memory.process_pending(integer)'::regprocedure
+                AND a.grantee <> 0 AND a.grantee <> p.proowner LOOP
+        PERFORM memory._grant_admin_privileges(r);
+    END LOOP;
+END
+$$;
+WITH initial AS (
+    SELECT x::oid AS grantee
+      FROM unnest(string_to_array(current_setting('memory_ext_upgrade.initial_grantees'), ',')) x
+), members AS (
+    SELECT d.classid, d.objid FROM pg_catalog.pg_depend d, pg_catalog.pg_extension e
+     WHERE d.refclassid = 'pg_catalog.pg_extension'::regclass AND d.refobjid = e.oid
+       AND d.deptype = 'e' AND e.extname = 'memory_ext'
+    UNION ALL  -- the schema CREATE EXTENSION made
+    SELECT 'pg_catalog.pg_namespace'::regclass, e.extnamespace FROM pg_catalog.pg_extension e
+     WHERE e.extname = 'memory_ext'
+)
+UPDATE pg_catalog.pg_init_privs i
+   SET initprivs = (SELECT coalesce(array_agg(x.item ORDER BY x.n), '{}')
+                      FROM unnest(i.initprivs) WITH ORDINALITY x(item, n)
+                     WHERE (SELECT a.grantee FROM aclexplode(ARRAY[x.item]) a LIMIT 1)
+                           IN (SELECT grantee FROM initial))
+ WHERE i.privtype = 'e'
+   AND (i.classoid, i.objoid) IN (SELECT classid, objid FROM members)
+   AND EXISTS (SELECT 1 FROM unnest(i.initprivs) x(item), aclexplode(ARRAY[x.item]) a
+                WHERE a.grantee NOT IN (SELECT grantee FROM initial));
