@@ -38,7 +38,6 @@ cluster_init() {
         echo "listen_addresses = ''"
         echo "unix_socket_directories = '$data'"
         echo "shared_preload_libraries = 'memory_ext'"
-        echo "memory_ext.database = 'postgres'"
         printf '%s\n' "$@"
     } >> "$data/postgresql.conf"
 }

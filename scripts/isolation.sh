@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The isolation specs (tests/isolation/specs/*.spec) with PostgreSQL's isolation tester, against a
 # scratch cluster WITHOUT the background worker (each interleaving is exactly what the spec says).
-# Needs memory_ext installed (cargo pgrx install). Called by scripts/test.sh. To re-bless an
+# Needs memory_ext installed (scripts/install.sh). Called by scripts/test.sh. To re-bless an
 # expected file after a deliberate change: compare, then copy from $DIR/out/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,8 +12,6 @@ ISO=$("$PG_CONFIG" --pkglibdir)/pgxs/src/test/isolation
 if cluster_running "$DIR/data" 2>/dev/null; then cluster_ctl "$DIR/data" stop; fi
 rm -rf "$DIR"; mkdir -p "$DIR/out"; chown -R postgres:postgres "$DIR"
 cluster_init "$DIR/data" "$PORT" "shared_preload_libraries = ''"
-# No worker, so no worker setting (a backend loading the library would warn about it).
-sed -i '/^memory_ext\.database/d' "$DIR/data/postgresql.conf"
 cluster_ctl "$DIR/data" start
 trap 'cluster_ctl "$DIR/data" stop || true' EXIT
 as_postgres "$PG_BIN/createdb" -h "$DIR/data" -p "$PORT" memory_ext_isolation

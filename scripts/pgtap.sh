@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The pgTAP suite (tests/pgtap/*.sql) with pg_prove, against a scratch cluster set up like
 # Supabase: roles anon, authenticated, service_role and a login role authenticator that PostgREST
-# would connect as. Needs memory_ext installed (cargo pgrx install). Called by scripts/test.sh.
+# would connect as. Needs memory_ext installed (scripts/install.sh). Called by scripts/test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/cluster.sh

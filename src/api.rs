@@ -21,21 +21,12 @@ use std::time::{Duration, Instant};
 #[pg_extern(volatile, parallel_unsafe, name = "_wake_at_commit")]
 fn wake_at_commit() -> Option<Interval> {
     shmem::wake_at_commit();
-    let sh = shmem::get()?;
-    if !worker_alive(sh) || !worker_serves_this_database(sh) {
+    let slot = shmem::get()?.this_database()?;
+    if !slot.worker_alive() {
         return None;
     }
-    let us = sh.latency_us.load(Ordering::Relaxed).max(1000);
+    let us = slot.latency_us.load(Ordering::Relaxed).max(1000);
     Interval::try_from(Duration::from_micros(us)).ok()
-}
-
-fn worker_alive(sh: &shmem::Shared) -> bool {
-    let pid = sh.worker_pid.load(Ordering::Acquire);
-    pid > 0 && unsafe { !pg_sys::BackendPidGetProc(pid).is_null() }
-}
-
-fn worker_serves_this_database(sh: &shmem::Shared) -> bool {
-    sh.database_oid.load(Ordering::Acquire) == unsafe { pg_sys::MyDatabaseId }.to_u32()
 }
 
 fn queue_status(queue_id: pgrx::Uuid) -> String {
@@ -233,31 +224,65 @@ fn worker_status() -> TableIterator<
             .then(|| TimestampWithTimeZone::try_from(v).ok())
             .flatten()
     };
-    let running = worker_alive(sh);
-    let database = sh.text(Field::Database);
     let here = spi::current_database();
-    let mut state = sh.text(Field::State);
+    let Some(slot) = sh.this_database() else {
+        return TableIterator::once((
+            false,
+            None,
+            Some(here),
+            None,
+            None,
+            0,
+            0,
+            None,
+            unserved_reason(sh),
+        ));
+    };
+    let running = slot.worker_alive();
+    let mut state = slot.text(Field::State);
     if unsafe { pg_sys::RecoveryInProgress() } {
         state = "idle: this server is a hot standby; the worker starts on promotion".into();
-    } else if running && database != here {
-        state = format!(
-            "the worker serves database \"{database}\" (memory_ext.database), not \"{here}\""
-        );
     } else if state.is_empty() {
         state = "starting".into();
     }
-    let last_error = Some(sh.text(Field::LastError)).filter(|s| !s.is_empty());
+    let last_error = Some(slot.text(Field::LastError)).filter(|s| !s.is_empty());
     TableIterator::once((
         running,
-        running.then(|| sh.worker_pid.load(Ordering::Acquire)),
-        Some(database).filter(|s| !s.is_empty()),
-        ts(sh.started_at.load(Ordering::Relaxed)),
-        ts(sh.last_heartbeat.load(Ordering::Relaxed)),
-        sh.processed.load(Ordering::Relaxed) as i64,
-        sh.failed.load(Ordering::Relaxed) as i64,
+        running.then(|| slot.worker_pid.load(Ordering::Acquire)),
+        Some(here),
+        ts(slot.started_at.load(Ordering::Relaxed)),
+        ts(slot.last_heartbeat.load(Ordering::Relaxed)),
+        slot.processed.load(Ordering::Relaxed) as i64,
+        slot.failed.load(Ordering::Relaxed) as i64,
         last_error,
         state,
     ))
+}
+
+/// Why no worker serves the current database.
+fn unserved_reason(sh: &shmem::Shared) -> String {
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        return "idle: this server is a hot standby; the worker starts on promotion".into();
+    }
+    if !sh.launcher_alive() {
+        return "no worker: the memory_ext launcher is not running (see the server log)".into();
+    }
+    let named = settings::databases();
+    let here = spi::current_database();
+    if !named.is_empty() && !named.contains(&here) {
+        return format!(
+            "no worker: memory_ext.database ({}) does not include \"{here}\"",
+            named.join(", ")
+        );
+    }
+    let note = sh.launcher_note();
+    let left_out = note
+        .rsplit_once(crate::launcher::NOT_SERVING)
+        .is_some_and(|(_, list)| list.split(", ").any(|d| d == here));
+    if left_out {
+        return format!("no worker: {note}");
+    }
+    "starting: the launcher starts a worker for this database in a moment".into()
 }
 
 /// The most `count_tokens()` takes: tokenizing is not interruptible (about 20 ms per MB), so a

@@ -39,8 +39,8 @@ pub fn reload_config_if_asked() {
 
 /// Publish what the process is doing: in worker_status() and in pg_stat_activity.query.
 pub fn set_state(s: &str) {
-    if let Some(sh) = shmem::get() {
-        sh.set_text(Field::State, s);
+    if let Some(slot) = shmem::mine() {
+        slot.set_text(Field::State, s);
     }
     let idle = s == "idle" || s.starts_with("waiting");
     let state = if idle {
@@ -54,8 +54,8 @@ pub fn set_state(s: &str) {
 }
 
 pub fn record_error(msg: &str) {
-    if let Some(sh) = shmem::get() {
-        sh.set_text(Field::LastError, msg);
+    if let Some(slot) = shmem::mine() {
+        slot.set_text(Field::LastError, msg);
     }
 }
 

@@ -1,10 +1,12 @@
 //! Refused cross-tenant attempts, for the audit log. A refused call raises an ERROR, which rolls
 //! back any row it could write, so the attempt is noted in a ring in shared memory instead and the
-//! worker copies the ring into `memory.audit_log` (action `denied:<function>`) on its next pass.
+//! worker of its database copies it into that database's `memory.audit_log` (action
+//! `denied:<function>`) on its next pass.
 //!
-//! The ring holds [`CAPACITY`] attempts; beyond that they are counted and the count is audited
-//! (`denied:overflow`), so a flood cannot grow anything. Without `shared_preload_libraries` there
-//! is no ring: the attempt goes to the server log instead.
+//! The ring holds [`CAPACITY`] attempts of all databases; beyond that they are counted (per
+//! database) and the count is audited (`denied:overflow`), so a flood cannot grow anything. With
+//! no worker serving the database (or without `shared_preload_libraries`) nothing would copy the
+//! attempt: it goes to the server log instead.
 
 use crate::shmem::LockGuard;
 use pgrx::pg_sys;
@@ -42,6 +44,7 @@ impl<const N: usize> Text<N> {
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Entry {
+    database: u32,
     at: i64,
     action: Text<32>,
     identity: Text<256>,
@@ -55,7 +58,6 @@ struct Ring {
     /// Written: `head`; copied out: `tail` (both count from 0; the slot is `% CAPACITY`).
     head: u64,
     tail: u64,
-    dropped: u64,
     entries: [Entry; CAPACITY],
 }
 
@@ -83,21 +85,23 @@ pub struct Denial {
 #[pg_extern(volatile, parallel_unsafe, name = "_note_denied")]
 fn note_denied(p_action: &str, p_chat_id: &str, p_identity: &str, p_role: &str) {
     let ring = RING.load(Ordering::Acquire);
-    if ring.is_null() {
+    let slot = crate::shmem::get().and_then(|sh| sh.this_database());
+    let (false, Some(slot)) = (ring.is_null(), slot) else {
         pgrx::log!(
             "memory_ext: denied {p_action} of chat \"{p_chat_id}\" to identity \"{p_identity}\" (role {p_role})"
         );
         return;
-    }
+    };
     let at = unsafe { pg_sys::GetCurrentTimestamp() };
     unsafe {
         let _held = LockGuard::exclusive((*ring).lock);
         let r = &mut *ring;
         if r.head - r.tail >= CAPACITY as u64 {
-            r.dropped += 1;
+            slot.denials_dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let e = &mut r.entries[(r.head % CAPACITY as u64) as usize];
+        e.database = pg_sys::MyDatabaseId.to_u32();
         e.at = at;
         e.action.set(p_action);
         e.identity.set(p_identity);
@@ -107,42 +111,62 @@ fn note_denied(p_action: &str, p_chat_id: &str, p_identity: &str, p_role: &str) 
     }
 }
 
-/// Are there attempts to copy? Checked before opening a transaction for [`flush`], so an idle
-/// worker's passes cost nothing here.
+fn this_database() -> u32 {
+    unsafe { pg_sys::MyDatabaseId }.to_u32()
+}
+
+/// Are there attempts of this database to copy? Checked before opening a transaction for
+/// [`flush`], so an idle worker's passes cost nothing here.
 pub fn pending() -> bool {
     let ring = RING.load(Ordering::Acquire);
     if ring.is_null() {
         return false;
     }
+    let db = this_database();
+    let dropped =
+        crate::shmem::mine().is_some_and(|s| s.denials_dropped.load(Ordering::Relaxed) > 0);
     unsafe {
         let _held = LockGuard::shared((*ring).lock);
-        (*ring).head != (*ring).tail || (*ring).dropped > 0
+        let r = &*ring;
+        dropped
+            || (r.tail..r.head).any(|i| r.entries[(i % CAPACITY as u64) as usize].database == db)
     }
 }
 
-/// Take every noted attempt out of the ring, and how many were dropped when it was full.
+/// Take this database's noted attempts out of the ring (the others' stay, in order), and how
+/// many were dropped when it was full.
 fn take() -> (Vec<Denial>, u64) {
     let ring = RING.load(Ordering::Acquire);
     if ring.is_null() {
         return (Vec::new(), 0);
     }
+    let db = this_database();
+    let dropped = crate::shmem::mine().map_or(0, |s| s.denials_dropped.swap(0, Ordering::Relaxed));
     unsafe {
         let _held = LockGuard::exclusive((*ring).lock);
         let r = &mut *ring;
-        let taken = (r.tail..r.head)
-            .map(|i| {
-                let e = &r.entries[(i % CAPACITY as u64) as usize];
-                Denial {
+        let mut taken = Vec::new();
+        let mut others = Vec::new();
+        for i in r.tail..r.head {
+            let e = r.entries[(i % CAPACITY as u64) as usize];
+            if e.database == db {
+                taken.push(Denial {
                     at: e.at,
                     action: e.action.get(),
                     identity: e.identity.get(),
                     role: e.role.get(),
                     chat_id: e.chat_id.get(),
-                }
-            })
-            .collect();
-        r.tail = r.head;
-        (taken, std::mem::take(&mut r.dropped))
+                });
+            } else {
+                others.push(e);
+            }
+        }
+        // The other databases' attempts stay, in their order, from the tail.
+        r.head = r.tail + others.len() as u64;
+        for (j, e) in others.into_iter().enumerate() {
+            r.entries[((r.tail + j as u64) % CAPACITY as u64) as usize] = e;
+        }
+        (taken, dropped)
     }
 }
 

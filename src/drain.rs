@@ -40,12 +40,14 @@ pub fn finish_all(
             (applied, busy)
         }
     };
-    if let Some(sh) = shmem::get() {
-        sh.processed.fetch_add(applied as u64, Ordering::Relaxed);
-        sh.failed.fetch_add(failed, Ordering::Relaxed);
-        if applied > 0 {
-            sh.broadcast_applied();
-        }
+    if let Some(slot) = shmem::mine() {
+        slot.processed.fetch_add(applied as u64, Ordering::Relaxed);
+        slot.failed.fetch_add(failed, Ordering::Relaxed);
+    }
+    if applied > 0
+        && let Some(sh) = shmem::get()
+    {
+        sh.broadcast_applied();
     }
     (applied, busy)
 }
@@ -104,10 +106,10 @@ fn finish_one(
 
 /// Moving average of claim-to-applied time, the basis of enqueue's estimated_completion.
 pub fn note_latency(d: Duration) {
-    if let Some(sh) = shmem::get() {
+    if let Some(slot) = shmem::mine() {
         let us = d.as_micros() as u64;
-        let old = sh.latency_us.load(Ordering::Relaxed);
-        sh.latency_us.store(
+        let old = slot.latency_us.load(Ordering::Relaxed);
+        slot.latency_us.store(
             if old == 0 { us } else { (old * 7 + us) / 8 },
             Ordering::Relaxed,
         );

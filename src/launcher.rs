@@ -1,11 +1,19 @@
-//! The launcher: a background worker registered in `_PG_init` that connects to no database, so
-//! it can wait calmly for `memory_ext.database` to exist. It then starts the queue-draining
-//! worker (`crate::worker`) as a dynamic background worker and starts it again, with a growing
-//! delay, whenever it stops.
+//! The launcher: a background worker registered in `_PG_init` that connects to no database (it
+//! blocks no DROP DATABASE) and starts one queue-draining worker (`crate::worker`, a dynamic
+//! background worker) per database it serves, starting each again with a growing delay
+//! whenever it stops. Like TimescaleDB's launcher:
+//! - With `memory_ext.database` empty (the default) it serves every database in which the
+//!   extension is installed: it starts a worker for every connectable database it has not seen
+//!   (at start, and when one is created); a worker that finds no extension leaves at once and is
+//!   started again only when a `CREATE EXTENSION memory_ext` commits (`crate::ddl` tells it).
+//! - With a list, it serves those databases, waiting for each to exist.
+//! - At most `memory_ext.max_workers` at once; `worker_status()` in a database left out says so.
+//! - A worker stopped for `DROP DATABASE` is not started again unless the database is still there
+//!   [`DDL_PAUSE`] later (the drop failed).
 
 use crate::bgw::{in_transaction, reload_config_if_asked, set_state, shutdown_requested};
 use crate::settings;
-use crate::shmem::{self, Field};
+use crate::shmem::{self, Exit, Field, Shared};
 use crate::worker;
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker,
@@ -13,6 +21,7 @@ use pgrx::bgworkers::{
 };
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -70,46 +79,248 @@ impl RestartBackoff {
     }
 }
 
-/// Does the database exist? A process connected to no database has no relcache entries for
-/// catalog indexes, so this scans pg_database's heap, like the autovacuum launcher does
+/// In the launcher's note, before the databases left out (`worker_status()` reads it).
+pub const NOT_SERVING: &str = ": not serving ";
+
+/// How long a worker stopped for a DROP/RENAME DATABASE stays stopped.
+pub const DDL_PAUSE: Duration = Duration::from_secs(10);
+
+/// A database as pg_database has it.
+struct Database {
+    oid: u32,
+    name: String,
+    /// Not a template and allows connections: served when every database is.
+    servable: bool,
+}
+
+/// Every database. A process connected to no database has no relcache entries for catalog
+/// indexes, so this scans pg_database's heap, like the autovacuum launcher does
 /// (`get_database_oid` would use an index and FATAL).
-fn database_exists(name: &std::ffi::CStr) -> bool {
+fn databases() -> Vec<Database> {
+    let mut all = Vec::new();
     unsafe {
         let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as _);
         let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
-        let mut found = false;
         loop {
             let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
             if tuple.is_null() {
                 break;
             }
-            let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple);
-            if std::ffi::CStr::from_ptr((*form).datname.data.as_ptr()) == name {
-                found = true;
-                break;
-            }
+            let form = &*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple);
+            all.push(Database {
+                oid: form.oid.to_u32(),
+                name: std::ffi::CStr::from_ptr(form.datname.data.as_ptr())
+                    .to_string_lossy()
+                    .into_owned(),
+                servable: form.datallowconn && !form.datistemplate,
+            });
         }
         pg_sys::table_endscan(scan);
         pg_sys::table_close(rel, pg_sys::AccessShareLock as _);
-        found
+    }
+    all
+}
+
+/// The databases to serve now: (name, oid if it exists), by name.
+fn targets(existing: &[Database], named: &[String]) -> BTreeMap<String, Option<u32>> {
+    if named.is_empty() {
+        existing
+            .iter()
+            .filter(|d| d.servable)
+            .map(|d| (d.name.clone(), Some(d.oid)))
+            .collect()
+    } else {
+        named
+            .iter()
+            .map(|n| {
+                (
+                    n.clone(),
+                    existing.iter().find(|d| &d.name == n).map(|d| d.oid),
+                )
+            })
+            .collect()
     }
 }
 
-/// Start the worker for `db`, or say why not.
-fn start_worker(db: &str, db_c: &std::ffi::CStr) -> Option<DynamicBackgroundWorker> {
-    if !in_transaction(|| database_exists(db_c)).unwrap_or(false) {
-        set_state(&format!("waiting for database \"{db}\" to exist"));
-        return None;
-    }
-    match worker::builder(db)
-        .set_notify_pid(unsafe { pg_sys::MyProcPid })
-        .load_dynamic()
-    {
-        Ok(h) => Some(h),
-        Err(_) => {
-            set_state("no free background worker slot (raise max_worker_processes)");
-            None
+/// The launcher's record of one database it serves.
+struct Served {
+    oid: Option<u32>,
+    slot: Option<usize>,
+    handle: Option<DynamicBackgroundWorker>,
+    backoff: RestartBackoff,
+    next_start: Instant,
+    /// The rescan counter when the worker was started.
+    started_rescan: u64,
+    /// Its worker found no extension at this rescan count: not started until the count moves.
+    no_extension_at: Option<u64>,
+}
+
+impl Served {
+    fn new(oid: Option<u32>) -> Self {
+        Served {
+            oid,
+            slot: None,
+            handle: None,
+            backoff: RestartBackoff::new(
+                Duration::from_secs(1),
+                Duration::from_secs(30),
+                Duration::from_secs(60),
+            ),
+            next_start: Instant::now(),
+            started_rescan: 0,
+            no_extension_at: None,
         }
+    }
+
+    fn running(&self) -> bool {
+        self.handle.is_some()
+    }
+
+    /// Stop its worker and give back its slot (it is no longer served).
+    fn retire(&mut self, sh: &Shared) {
+        if let Some(h) = self.handle.take() {
+            let _ = h.terminate().wait_for_shutdown();
+        }
+        if let Some(i) = self.slot.take() {
+            sh.slots[i].database_oid.store(0, Ordering::Release);
+        }
+    }
+
+    /// Has the worker exited? Then note why, and when to start it again.
+    fn poll(&mut self, sh: &Shared) {
+        let Some(h) = &self.handle else { return };
+        if matches!(h.pid(), Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted)) {
+            return;
+        }
+        self.handle = None;
+        let Some(i) = self.slot else { return };
+        let slot = &sh.slots[i];
+        let now = Instant::now();
+        if slot.exit_reason() == Exit::NoExtension {
+            // Freed: a database without the extension holds no slot.
+            self.no_extension_at = Some(self.started_rescan);
+            self.slot = None;
+            slot.database_oid.store(0, Ordering::Release);
+            self.next_start = now;
+        } else if slot.stopped_for_ddl_at.load(Ordering::Acquire) != 0 {
+            slot.stopped_for_ddl_at.store(0, Ordering::Release);
+            self.next_start = now + DDL_PAUSE;
+        } else {
+            self.next_start = now + self.backoff.stopped(now);
+        }
+    }
+
+    /// Should a worker be started now?
+    fn due(&self, rescan: u64) -> bool {
+        !self.running()
+            && self.oid.is_some()
+            && Instant::now() >= self.next_start
+            && self.no_extension_at.is_none_or(|at| at != rescan)
+    }
+
+    fn start(&mut self, sh: &Shared, name: &str, rescan: u64) -> Result<(), &'static str> {
+        let oid = self.oid.ok_or("no such database")?;
+        let i = match self.slot {
+            Some(i) => i,
+            None => {
+                let i = sh.free_slot().ok_or("no free slot")?;
+                sh.slots[i].assign(oid, name);
+                self.slot = Some(i);
+                i
+            }
+        };
+        match worker::builder(name, i)
+            .set_notify_pid(unsafe { pg_sys::MyProcPid })
+            .load_dynamic()
+        {
+            Ok(h) => {
+                self.handle = Some(h);
+                self.started_rescan = rescan;
+                self.no_extension_at = None;
+                self.backoff.started(Instant::now());
+                Ok(())
+            }
+            Err(_) => {
+                sh.slots[i].set_text(
+                    Field::State,
+                    "no free background worker slot (raise max_worker_processes)",
+                );
+                self.next_start = Instant::now() + Duration::from_secs(5);
+                Err("no background worker slot")
+            }
+        }
+    }
+}
+
+/// Everything the launcher keeps between rounds: the databases it serves, by name.
+#[derive(Default)]
+struct Launcher {
+    served: BTreeMap<String, Served>,
+}
+
+impl Launcher {
+    /// One round: follow the databases and the settings, reap and start workers. Returns how
+    /// long to sleep.
+    fn round(&mut self, sh: &Shared) -> Duration {
+        let named = settings::databases();
+        let existing = in_transaction(databases).unwrap_or_default();
+        let wanted = targets(&existing, &named);
+        let rescan = sh.rescan.load(Ordering::Acquire);
+        // Gone, no longer wanted, or a new database under an old name: retire.
+        self.served.retain(|name, s| {
+            let keep = wanted
+                .get(name)
+                .is_some_and(|oid| s.oid.is_none() || *oid == s.oid);
+            if !keep {
+                s.retire(sh);
+            }
+            keep
+        });
+        for (name, oid) in &wanted {
+            let s = self
+                .served
+                .entry(name.clone())
+                .or_insert_with(|| Served::new(*oid));
+            s.oid = *oid;
+        }
+        for s in self.served.values_mut() {
+            s.poll(sh);
+        }
+        let cap = settings::MAX_WORKERS.get().max(1) as usize;
+        let mut running = self.served.values().filter(|s| s.running()).count();
+        let mut left_out = Vec::new();
+        for (name, s) in &mut self.served {
+            if !s.due(rescan) {
+                continue;
+            }
+            if running >= cap {
+                left_out.push(name.as_str());
+                continue;
+            }
+            if s.start(sh, name, rescan).is_ok() {
+                running += 1;
+            }
+        }
+        sh.set_launcher_note(&if left_out.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "memory_ext.max_workers ({cap}) reached{NOT_SERVING}{}",
+                left_out.join(", ")
+            )
+        });
+        self.next_wake()
+    }
+
+    fn next_wake(&self) -> Duration {
+        let now = Instant::now();
+        self.served
+            .values()
+            .filter(|s| !s.running() && s.oid.is_some() && s.no_extension_at.is_none())
+            .map(|s| s.next_start.saturating_duration_since(now))
+            .min()
+            .unwrap_or(Duration::from_secs(10))
+            .clamp(Duration::from_millis(100), Duration::from_secs(10))
     }
 }
 
@@ -119,57 +330,24 @@ pub extern "C-unwind" fn memory_ext_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     // No database: only shared catalogs (pg_database) are readable, which is all we need.
     BackgroundWorker::connect_worker_to_spi(None, None);
-    let db = settings::string(&settings::DATABASE);
-    if let Some(sh) = shmem::get() {
-        sh.launcher_pid
-            .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
-        sh.set_text(Field::Database, &db);
-    }
-    let db_c = std::ffi::CString::new(db.clone()).unwrap_or_default();
-    let mut child: Option<DynamicBackgroundWorker> = None;
-    let mut backoff = RestartBackoff::new(
-        Duration::from_secs(1),
-        Duration::from_secs(30),
-        Duration::from_secs(60),
-    );
-    let mut next_start = Instant::now();
-
+    let Some(sh) = shmem::get() else { return };
+    sh.launcher_pid
+        .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+    set_state("serving");
+    let mut launcher = Launcher::default();
     while !shutdown_requested() {
         reload_config_if_asked();
-        if let Some(handle) = &child
-            && !matches!(
-                handle.pid(),
-                Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted)
-            )
-        {
-            // The worker stopped (crash, an ERROR it could not survive, or terminated).
-            child = None;
-            next_start = Instant::now() + backoff.stopped(Instant::now());
-        }
-        if child.is_none() && Instant::now() >= next_start {
-            child = start_worker(&db, &db_c);
-            match child {
-                Some(_) => backoff.started(Instant::now()),
-                None => next_start = Instant::now() + Duration::from_secs(1),
-            }
-        }
-        // The postmaster signals us when the child starts or stops (bgw_notify_pid).
-        let timeout = match child {
-            Some(_) => Duration::from_secs(10),
-            None => next_start
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(100)),
-        };
+        let timeout = launcher.round(sh);
+        // The postmaster signals us when a worker starts or stops (bgw_notify_pid); a CREATE
+        // EXTENSION sets our latch at its COMMIT.
         if !BackgroundWorker::wait_latch(Some(timeout)) {
             break;
         }
     }
-    if let Some(h) = child.take() {
-        let _ = h.terminate();
+    for s in launcher.served.values_mut() {
+        s.retire(sh);
     }
-    if let Some(sh) = shmem::get() {
-        sh.launcher_pid.store(0, Ordering::Release);
-    }
+    sh.launcher_pid.store(0, Ordering::Release);
 }
 
 #[cfg(test)]
@@ -177,6 +355,42 @@ mod tests {
     use super::*;
 
     const S: Duration = Duration::from_secs(1);
+
+    fn db(oid: u32, name: &str, servable: bool) -> Database {
+        Database {
+            oid,
+            name: name.into(),
+            servable,
+        }
+    }
+
+    #[test]
+    fn which_databases_are_served() {
+        let existing = [
+            db(1, "template1", false),
+            db(5, "postgres", true),
+            db(16384, "app", true),
+            db(16385, "noconn", false),
+        ];
+        let all = targets(&existing, &[]);
+        assert_eq!(
+            all.into_iter().collect::<Vec<_>>(),
+            [
+                ("app".to_string(), Some(16384)),
+                ("postgres".to_string(), Some(5))
+            ],
+            "every connectable non-template database"
+        );
+        let named = targets(&existing, &["app".into(), "later".into()]);
+        assert_eq!(
+            named.into_iter().collect::<Vec<_>>(),
+            [
+                ("app".to_string(), Some(16384)),
+                ("later".to_string(), None)
+            ],
+            "the named ones, waited for if missing"
+        );
+    }
 
     #[test]
     fn a_worker_that_keeps_dying_backs_off_to_the_cap() {

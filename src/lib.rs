@@ -20,6 +20,7 @@ pgrx::pg_module_magic!();
 mod api;
 mod batch;
 mod bgw;
+mod ddl;
 mod denials;
 mod drain;
 mod error;
@@ -60,6 +61,7 @@ pub extern "C-unwind" fn _PG_init() {
     // Without preloading, the SQL API still works; worker_status() explains why no worker runs.
     if preloading {
         shmem::init();
+        ddl::init();
         // pg_upgrade starts both servers in binary-upgrade mode: nothing may write then.
         if !unsafe { pg_sys::IsBinaryUpgrade } {
             launcher::register();

@@ -57,11 +57,13 @@ pub unsafe fn attach(memory: *mut u8, lock: *mut pg_sys::LWLock, found: bool) {
     TABLE.store(p, Ordering::Release);
 }
 
-fn key_of(secret: &[u8; 16], identity: &str) -> u64 {
-    // SipHash over the shared secret and the identity: alike in every backend, unpredictable
-    // without the secret.
+fn key_of(secret: &[u8; 16], database: u32, identity: &str) -> u64 {
+    // SipHash over the shared secret, the database and the identity: alike in every backend,
+    // unpredictable without the secret. Each database has its own buckets: the same JWT sub in
+    // two databases (two tenants' apps) is two callers.
     let mut h = std::hash::DefaultHasher::new();
     secret.hash(&mut h);
+    database.hash(&mut h);
     identity.hash(&mut h);
     h.finish().max(1)
 }
@@ -148,7 +150,7 @@ fn rate_limit(identity: &str) -> i32 {
     // and nothing below can raise an ERROR while it is held.
     let wait = unsafe {
         let _held = LockGuard::exclusive((*table).lock);
-        let key = key_of(&(*table).secret, identity);
+        let key = key_of(&(*table).secret, pg_sys::MyDatabaseId.to_u32(), identity);
         match slot_for(&mut (*table).slots, key, now, limit) {
             Ok(slot) => take(slot, now, limit),
             Err(us) => Some(((us as f64) / 1e6).ceil().max(1.0) as u32),
@@ -237,9 +239,14 @@ mod tests {
     }
 
     #[test]
-    fn the_hash_depends_on_the_secret() {
-        let a = key_of(&[0; 16], "alice");
-        assert_eq!(a, key_of(&[0; 16], "alice"));
-        assert_ne!(a, key_of(&[1; 16], "alice"));
+    fn the_hash_depends_on_the_secret_and_the_database() {
+        let a = key_of(&[0; 16], 5, "alice");
+        assert_eq!(a, key_of(&[0; 16], 5, "alice"));
+        assert_ne!(a, key_of(&[1; 16], 5, "alice"));
+        assert_ne!(
+            a,
+            key_of(&[0; 16], 6, "alice"),
+            "another database, other buckets"
+        );
     }
 }

@@ -18,8 +18,8 @@ pub enum SettingsError {
 use std::ffi::CString;
 use std::time::Duration;
 
-pub static DATABASE: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(8);
 pub static SUMMARIZER: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"mock"));
 pub static MAX_SNIPPET_BYTES: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
@@ -51,16 +51,29 @@ pub static LLM_STRUCTURED_OUTPUT: GucSetting<StructuredOutputSetting> =
     GucSetting::<StructuredOutputSetting>::new(StructuredOutputSetting::JsonSchema);
 
 pub fn init(preloading: bool) {
-    // A postmaster-context setting can only be defined at server start; it matters only to the
-    // worker, which exists only when the library is preloaded.
+    // They matter only to the launcher and its workers, which exist only when preloading.
     if preloading {
         GucRegistry::define_string_guc(
             c"memory_ext.database",
-            c"Database the memory_ext background worker serves.",
-            c"The worker waits until this database exists and has the extension. Needs a restart.",
+            c"Databases the memory_ext workers serve (comma-separated; empty: every database \
+              with the extension).",
+            c"Empty (the default): one worker for every database in which memory_ext is \
+              installed, started at CREATE EXTENSION. A list: those databases only, each waited \
+              for until it exists and has the extension.",
             &DATABASE,
-            GucContext::Postmaster,
+            GucContext::Sighup,
             GucFlags::SUPERUSER_ONLY,
+        );
+        GucRegistry::define_int_guc(
+            c"memory_ext.max_workers",
+            c"Databases served at once, at most (one background worker each).",
+            c"Each worker takes one of max_worker_processes; databases beyond the cap are \
+              not served, and worker_status() there says so.",
+            &MAX_WORKERS,
+            1,
+            crate::shmem::MAX_SLOTS as i32,
+            GucContext::Sighup,
+            GucFlags::default(),
         );
     }
     GucRegistry::define_string_guc(
@@ -327,6 +340,20 @@ pub fn init(preloading: bool) {
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"memory_ext".as_ptr()) };
 }
 
+/// The databases `memory_ext.database` names; empty: serve every database with the extension.
+pub fn databases() -> Vec<String> {
+    parse_database_list(&string(&DATABASE))
+}
+
+pub fn parse_database_list(setting: &str) -> Vec<String> {
+    setting
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
 pub fn string(setting: &GucSetting<Option<CString>>) -> String {
     setting
         .get()
@@ -494,7 +521,15 @@ pub fn resolve_key(raw: &str) -> Result<String, SettingsError> {
 
 #[cfg(test)]
 mod tests {
-    use super::resolve_key;
+    use super::{parse_database_list, resolve_key};
+
+    #[test]
+    fn database_lists() {
+        assert!(parse_database_list("").is_empty(), "empty: every database");
+        assert!(parse_database_list(" , ").is_empty());
+        assert_eq!(parse_database_list("app"), ["app"]);
+        assert_eq!(parse_database_list(" app , staging,"), ["app", "staging"]);
+    }
 
     #[test]
     fn key_indirection() {

@@ -1,6 +1,7 @@
 //! Shared memory (every segment of the extension is registered here): how backends wake the
-//! worker at COMMIT, how `wait()` sleeps until the worker
-//! applies something, and the worker's health record for `worker_status()`.
+//! worker of their database at COMMIT, how `wait()` sleeps until a worker applies something, how
+//! the launcher learns of a new `CREATE EXTENSION`, and each worker's health record for
+//! `worker_status()` — one [`Slot`] per database served.
 //!
 //! It exists only when the library is in `shared_preload_libraries`; every accessor returns
 //! `None` otherwise, and the SQL API degrades to polling / `process_pending()`.
@@ -9,32 +10,65 @@ use pgrx::pg_sys;
 use std::cell::UnsafeCell;
 use std::ffi::CStr;
 use std::sync::atomic::{
-    AtomicBool, AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, Ordering,
+    AtomicBool, AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
 };
 
 const NAME: &CStr = c"memory_ext";
 const TEXT: usize = 256;
+/// Databases served at once, at most (`memory_ext.max_workers` is capped to it).
+pub const MAX_SLOTS: usize = 64;
 
+/// Why a worker last exited, as it tells the launcher.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Exit {
+    /// A crash, an ERROR it could not survive, a terminate: start it again (with backoff).
+    Restart = 0,
+    /// The extension is not installed in its database: start it again only when a
+    /// `CREATE EXTENSION memory_ext` somewhere tells the launcher to look again.
+    NoExtension = 1,
+}
+
+/// The worker of one database: who it is and how it is doing. The launcher assigns a slot to a
+/// database before it starts the worker, which finds it by the index it is started with.
 #[repr(C)]
-pub struct Shared {
-    /// Guards the text fields below; counters are atomics.
+pub struct Slot {
+    /// Guards the text fields (the one lock of the segment); counters are atomics.
     lock: *mut pg_sys::LWLock,
-    /// Broadcast after every committed apply, so `wait()` re-checks without polling.
-    pub applied_cv: pg_sys::ConditionVariable,
-    pub worker_pid: AtomicI32,
-    pub launcher_pid: AtomicI32,
-    /// The database the worker serves (0 until it connected).
+    /// The database served (0: the slot is free).
     pub database_oid: AtomicU32,
+    pub worker_pid: AtomicI32,
     pub started_at: AtomicI64,
     pub last_heartbeat: AtomicI64,
     pub processed: AtomicU64,
     pub failed: AtomicU64,
     /// Recent enqueue-to-applied latency, microseconds (exponential moving average).
     pub latency_us: AtomicU64,
+    /// An [`Exit`], written by the worker just before it exits.
+    pub exit: AtomicU32,
+    /// When a backend stopped the worker to drop or rename its database (0: never): the launcher
+    /// does not start it again for a while.
+    pub stopped_for_ddl_at: AtomicI64,
+    /// Refused attempts not noted because the ring was full (see `crate::denials`).
+    pub denials_dropped: AtomicU64,
     // Written through `&self` under `lock`: interior mutability, made explicit.
     state: UnsafeCell<[u8; TEXT]>,
     database: UnsafeCell<[u8; TEXT]>,
     last_error: UnsafeCell<[u8; TEXT]>,
+}
+
+#[repr(C)]
+pub struct Shared {
+    lock: *mut pg_sys::LWLock,
+    /// Broadcast after every committed apply, so `wait()` re-checks without polling.
+    pub applied_cv: pg_sys::ConditionVariable,
+    pub launcher_pid: AtomicI32,
+    /// Bumped at the COMMIT of every `CREATE`/`ALTER EXTENSION memory_ext`: the launcher then
+    /// looks again at databases whose worker found no extension.
+    pub rescan: AtomicU64,
+    /// Why databases are not served (the worker cap), for `worker_status()`.
+    launcher_note: UnsafeCell<[u8; TEXT]>,
+    pub slots: [Slot; MAX_SLOTS],
 }
 
 /// An LWLock held for the guard's life, so it cannot be left held by an early return. (An ERROR
@@ -140,6 +174,9 @@ unsafe fn attach_shared(memory: *mut u8, lock: *mut pg_sys::LWLock, found: bool)
     unsafe {
         if !found {
             (*p).lock = lock;
+            for slot in &mut (*p).slots {
+                slot.lock = lock;
+            }
             pg_sys::ConditionVariableInit(&raw mut (*p).applied_cv);
         }
     }
@@ -172,7 +209,7 @@ pub enum Field {
     LastError,
 }
 
-impl Shared {
+impl Slot {
     fn field(&self, f: Field) -> &UnsafeCell<[u8; TEXT]> {
         match f {
             Field::State => &self.state,
@@ -193,6 +230,96 @@ impl Shared {
         read_text(unsafe { &*self.field(f).get() })
     }
 
+    /// Is its worker running (a live process with the pid it announced)?
+    pub fn worker_alive(&self) -> bool {
+        let pid = self.worker_pid.load(Ordering::Acquire);
+        pid > 0 && unsafe { !pg_sys::BackendPidGetProc(pid).is_null() }
+    }
+
+    /// Set the worker's latch. Safe in a commit callback: it cannot raise an ERROR.
+    pub fn wake_worker(&self) {
+        set_latch_of(self.worker_pid.load(Ordering::Acquire));
+    }
+
+    /// Make the slot serve `database` afresh (the launcher, before starting its worker).
+    pub fn assign(&self, oid: u32, database: &str) {
+        self.set_text(Field::Database, database);
+        self.set_text(Field::State, "starting");
+        self.set_text(Field::LastError, "");
+        for counter in [
+            &self.processed,
+            &self.failed,
+            &self.latency_us,
+            &self.denials_dropped,
+        ] {
+            counter.store(0, Ordering::Relaxed);
+        }
+        self.started_at.store(0, Ordering::Relaxed);
+        self.last_heartbeat.store(0, Ordering::Relaxed);
+        self.stopped_for_ddl_at.store(0, Ordering::Relaxed);
+        self.exit.store(Exit::Restart as u32, Ordering::Relaxed);
+        self.database_oid.store(oid, Ordering::Release);
+    }
+
+    pub fn exit_reason(&self) -> Exit {
+        match self.exit.load(Ordering::Acquire) {
+            1 => Exit::NoExtension,
+            _ => Exit::Restart,
+        }
+    }
+}
+
+fn set_latch_of(pid: i32) {
+    if pid > 0 {
+        unsafe {
+            let proc_ = pg_sys::BackendPidGetProc(pid);
+            if !proc_.is_null() {
+                pg_sys::SetLatch(&raw mut (*proc_).procLatch);
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// The slot serving database `oid`, if any.
+    pub fn serving(&self, oid: u32) -> Option<&Slot> {
+        (oid != 0)
+            .then(|| {
+                self.slots
+                    .iter()
+                    .find(|s| s.database_oid.load(Ordering::Acquire) == oid)
+            })
+            .flatten()
+    }
+
+    /// The slot serving the current database, if any.
+    pub fn this_database(&self) -> Option<&Slot> {
+        self.serving(unsafe { pg_sys::MyDatabaseId }.to_u32())
+    }
+
+    /// A free slot (the launcher's, which alone assigns and frees them).
+    pub fn free_slot(&self) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|s| s.database_oid.load(Ordering::Acquire) == 0)
+    }
+
+    pub fn set_launcher_note(&self, s: &str) {
+        let _held = LockGuard::exclusive(self.lock);
+        // SAFETY: as in `Slot::set_text`.
+        write_text(unsafe { &mut *self.launcher_note.get() }, s);
+    }
+
+    pub fn launcher_note(&self) -> String {
+        let _held = LockGuard::shared(self.lock);
+        read_text(unsafe { &*self.launcher_note.get() })
+    }
+
+    pub fn launcher_alive(&self) -> bool {
+        let pid = self.launcher_pid.load(Ordering::Acquire);
+        pid > 0 && unsafe { !pg_sys::BackendPidGetProc(pid).is_null() }
+    }
+
     pub fn cv(&self) -> *mut pg_sys::ConditionVariable {
         &self.applied_cv as *const _ as *mut _
     }
@@ -200,26 +327,15 @@ impl Shared {
     pub fn broadcast_applied(&self) {
         unsafe { pg_sys::ConditionVariableBroadcast(self.cv()) }
     }
-
-    /// Set the worker's latch. Safe in a commit callback: it cannot raise an ERROR.
-    pub fn wake_worker(&self) {
-        let pid = self.worker_pid.load(Ordering::Acquire);
-        if pid > 0 {
-            unsafe {
-                let proc_ = pg_sys::BackendPidGetProc(pid);
-                if !proc_.is_null() {
-                    pg_sys::SetLatch(&raw mut (*proc_).procLatch);
-                }
-            }
-        }
-    }
 }
 
 // ---- wake at COMMIT ----------------------------------------------------------------------
-// Like pg_net: an enqueue marks the transaction, and only its COMMIT sets the worker's latch.
-// A rolled-back enqueue wakes nobody; a burst of enqueues in one transaction wakes once.
+// Like pg_net: an enqueue marks the transaction, and only its COMMIT sets the latch of the worker
+// serving this database. A rolled-back enqueue wakes nobody; a burst of enqueues in one
+// transaction wakes once. `CREATE EXTENSION` likewise tells the launcher at its COMMIT.
 
 static WAKE_PENDING: AtomicBool = AtomicBool::new(false);
+static RESCAN_PENDING: AtomicBool = AtomicBool::new(false);
 static CALLBACK_REGISTERED: AtomicBool = AtomicBool::new(false);
 
 #[pgrx::pg_guard]
@@ -228,30 +344,63 @@ unsafe extern "C-unwind" fn xact_callback(
     _arg: *mut std::ffi::c_void,
 ) {
     match event {
-        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT
-            if WAKE_PENDING.swap(false, Ordering::Relaxed) =>
-        {
+        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
+            let wake = WAKE_PENDING.swap(false, Ordering::Relaxed);
+            let rescan = RESCAN_PENDING.swap(false, Ordering::Relaxed);
             if let Some(s) = get() {
-                s.wake_worker();
+                if wake && let Some(slot) = s.this_database() {
+                    slot.wake_worker();
+                }
+                if rescan {
+                    s.rescan.fetch_add(1, Ordering::AcqRel);
+                    set_latch_of(s.launcher_pid.load(Ordering::Acquire));
+                }
             }
         }
         // PREPARE TRANSACTION: the rows commit later elsewhere; the idle timeout covers them.
         pg_sys::XactEvent::XACT_EVENT_ABORT
         | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
-        | pg_sys::XactEvent::XACT_EVENT_PREPARE => WAKE_PENDING.store(false, Ordering::Relaxed),
+        | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
+            WAKE_PENDING.store(false, Ordering::Relaxed);
+            RESCAN_PENDING.store(false, Ordering::Relaxed);
+        }
         _ => {}
     }
 }
 
-/// Arrange for the worker to be woken when the current transaction commits.
-pub fn wake_at_commit() {
+fn at_commit(flag: &AtomicBool) {
     if get().is_none() {
         return;
     }
     if !CALLBACK_REGISTERED.swap(true, Ordering::Relaxed) {
         unsafe { pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut()) };
     }
-    WAKE_PENDING.store(true, Ordering::Relaxed);
+    flag.store(true, Ordering::Relaxed);
+}
+
+/// Arrange for this database's worker to be woken when the current transaction commits.
+pub fn wake_at_commit() {
+    at_commit(&WAKE_PENDING);
+}
+
+/// Arrange for the launcher to look for databases to serve when the current transaction commits.
+pub fn rescan_at_commit() {
+    at_commit(&RESCAN_PENDING);
+}
+
+// ---- the worker's own slot -----------------------------------------------------------------
+
+static MY_SLOT: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Called by a worker at start with the slot the launcher gave it.
+pub fn set_my_slot(index: usize) {
+    MY_SLOT.store(index, Ordering::Release);
+}
+
+/// The slot of this process, if it is a worker.
+pub fn mine() -> Option<&'static Slot> {
+    let i = MY_SLOT.load(Ordering::Acquire);
+    get().and_then(|s| s.slots.get(i))
 }
 
 pub fn now() -> i64 {

@@ -23,7 +23,7 @@ use crate::model::{Finished, Usage};
 use crate::pipeline::{self, Pipeline};
 use crate::queue;
 use crate::settings::{self, FromSettings, QueuePolicy};
-use crate::shmem::{self, Field};
+use crate::shmem::{self, Exit, Field};
 use crate::summarizer::{self, Summarizer};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::pg_sys;
@@ -62,20 +62,22 @@ const RECLAIM_EVERY: Duration = Duration::from_secs(1);
 const BUSY_POLL: Duration = Duration::from_secs(1);
 const DEFERRED_POLL: Duration = Duration::from_millis(200);
 
-/// The worker for database `db`, as the launcher starts it.
-pub fn builder(db: &str) -> BackgroundWorkerBuilder {
-    BackgroundWorkerBuilder::new(WORKER)
+/// The worker for database `db`, publishing in shared-memory slot `slot`, as the launcher
+/// starts it.
+pub fn builder(db: &str, slot: usize) -> BackgroundWorkerBuilder {
+    BackgroundWorkerBuilder::new(&format!("{WORKER} for {db}"))
         .set_type(WORKER)
         .set_library("memory_ext")
         .set_function("memory_ext_worker_main")
         .enable_spi_access()
         .set_restart_time(None)
+        .set_argument(Some(pg_sys::Datum::from(slot)))
         .set_extra(db)
 }
 
 fn heartbeat() {
-    if let Some(sh) = shmem::get() {
-        sh.last_heartbeat.store(shmem::now(), Ordering::Relaxed);
+    if let Some(slot) = shmem::mine() {
+        slot.last_heartbeat.store(shmem::now(), Ordering::Relaxed);
     }
 }
 
@@ -231,6 +233,8 @@ struct Pass {
 struct Worker {
     db: String,
     was_ready: bool,
+    /// The last pass found no extension (DROP EXTENSION, or not created yet).
+    extension_gone: bool,
     last_retention: Option<Instant>,
     last_reclaim: Option<Instant>,
     cache: SummarizerCache,
@@ -278,7 +282,8 @@ impl Worker {
             set_state("idle: server is a hot standby");
             return Duration::from_secs(5);
         }
-        if !extension_ready() {
+        self.extension_gone = !extension_ready();
+        if self.extension_gone {
             self.was_ready = false;
             set_state(&format!(
                 "waiting for CREATE EXTENSION memory_ext in \"{}\"",
@@ -498,48 +503,60 @@ impl Worker {
     }
 }
 
-fn announce_start(db: &str) {
-    if let Some(sh) = shmem::get() {
-        sh.worker_pid
+fn announce_start() {
+    if let Some(slot) = shmem::mine() {
+        slot.worker_pid
             .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
-        sh.database_oid
-            .store(unsafe { pg_sys::MyDatabaseId }.to_u32(), Ordering::Release);
-        sh.started_at.store(shmem::now(), Ordering::Relaxed);
-        sh.set_text(Field::Database, db);
+        slot.started_at.store(shmem::now(), Ordering::Relaxed);
+        slot.exit.store(Exit::Restart as u32, Ordering::Release);
     }
 }
 
-fn announce_stop() {
-    if let Some(sh) = shmem::get() {
+fn announce_stop(why: Exit) {
+    if let Some(slot) = shmem::mine() {
+        slot.exit.store(why as u32, Ordering::Release);
         let me = unsafe { pg_sys::MyProcPid };
-        let _ = sh
+        let _ = slot
             .worker_pid
             .compare_exchange(me, 0, Ordering::AcqRel, Ordering::Relaxed);
-        sh.set_text(Field::State, "stopped");
+        slot.set_text(Field::State, "stopped");
     }
 }
 
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub extern "C-unwind" fn memory_ext_worker_main(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn memory_ext_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    shmem::set_my_slot(arg.value());
     let db = BackgroundWorker::get_extra().to_string();
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
-    announce_start(&db);
+    announce_start();
+    // Serving every database that has the extension: one that has not is left at once (the
+    // launcher looks again after a CREATE EXTENSION). A database named in memory_ext.database
+    // is waited for instead.
+    if settings::databases().is_empty() && !extension_ready() {
+        announce_stop(Exit::NoExtension);
+        return;
+    }
     // Load the tokenizer's vocabulary now, not in the first snippet's latency.
     crate::tokens::count("warm up");
     let mut worker = Worker {
         db,
         ..Default::default()
     };
+    let mut why = Exit::Restart;
     while !shutdown_requested() {
         reload_config_if_asked();
         heartbeat();
         let timeout = worker.pass();
+        if worker.extension_gone && settings::databases().is_empty() {
+            why = Exit::NoExtension;
+            break;
+        }
         if !worker.sleep(timeout) {
             break;
         }
     }
     worker.stop();
-    announce_stop();
+    announce_stop(why);
 }

@@ -567,8 +567,8 @@ fn waits_calmly_for_its_database_then_serves_it() {
     let mut c = pg.client();
     pg.eventually(
         &mut c,
-        "SELECT state = 'waiting for database \"appdb\" to exist' AND NOT running FROM memory.worker_status()",
-        "launcher waiting",
+        "SELECT state = 'no worker: memory_ext.database (appdb) does not include \"postgres\"' AND NOT running FROM memory.worker_status()",
+        "this database not served",
         T,
     );
     assert_eq!(pg.worker_pid(&mut c), None);
@@ -578,12 +578,20 @@ fn waits_calmly_for_its_database_then_serves_it() {
     app.batch_execute("CREATE EXTENSION memory_ext").unwrap();
     let id = enqueue(&mut app, "c1", "confirmed: served = yes");
     assert_eq!(wait(&mut app, &id), "complete");
-    // in the other database the health check says which database is served
+    // the health check in each database speaks of its own
     let state: String = c
         .query_one("SELECT state FROM memory.worker_status()", &[])
         .unwrap()
         .get(0);
-    assert!(state.contains("serves database \"appdb\""), "{state}");
+    assert!(state.contains("does not include \"postgres\""), "{state}");
+    let served: String = app
+        .query_one(
+            "SELECT database FROM memory.worker_status() WHERE running",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(served, "appdb");
     let log = pg.log();
     assert!(
         !log.contains("FATAL"),
