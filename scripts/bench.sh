@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark memory_ext on a scratch cluster (release build, mock summarizer) and print, in one run:
 #   1. enqueue throughput vs a plain INSERT into an equal table (pgbench; ratio)
-#   2. get() vs a plain primary-key SELECT of chat_metadata (pgbench; ratio)
+#   2. get() vs a plain primary-key SELECT of chat_metadata, and context() vs get() (pgbench; ratios)
 #   3. enqueue -> memory-visible latency p50/p99 on an idle server
 #   4. drain rate for 100k snippets over 10k chats
 #   5. LLM summarizer throughput at llm_concurrency 1, 4, 16 against a fake LLM (200 ms answers)
@@ -20,7 +20,8 @@ DIR=/var/tmp/memory_ext_bench
 PORT=${MEMORY_EXT_BENCH_PORT:-5489}
 if cluster_running "$DIR/data" 2>/dev/null; then cluster_ctl "$DIR/data" stop; fi
 rm -rf "$DIR"; mkdir -p "$DIR"; chown postgres:postgres "$DIR"
-cluster_init "$DIR/data" "$PORT" "max_connections = 50" "shared_buffers = '512MB'"
+cluster_init "$DIR/data" "$PORT" "max_connections = 50" "shared_buffers = '512MB'" \
+    "memory_ext.database = 'postgres'"   # bench_api is not served: see below
 cluster_ctl "$DIR/data" start
 trap 'cluster_ctl "$DIR/data" stop || true' EXIT
 
@@ -55,6 +56,10 @@ cat > "$W/get.sql" <<'SQL'
 \set id random(0, 999)
 SELECT * FROM memory.get('chat' || :id);
 SQL
+cat > "$W/context.sql" <<'SQL'
+\set id random(0, 999)
+SELECT * FROM memory.context('chat' || :id);
+SQL
 cat > "$W/select.sql" <<'SQL'
 \set id random(0, 999)
 SELECT * FROM memory.chat_metadata WHERE chat_id = 'chat' || :id;
@@ -79,6 +84,7 @@ pending=$(psql_b -d bench_api -c "SELECT count(*) FROM memory.chat_context_queue
 # steady state, as autovacuum keeps it: not 50k dead index entries from the bulk apply above
 psql_b -d bench_api -c "VACUUM ANALYZE" >/dev/null
 read -r select_tps get_tps < <(runs bench_api "$W/select.sql" "$W/get.sql")
+read -r get2_tps context_tps < <(runs bench_api "$W/get.sql" "$W/context.sql")
 
 # Claim cost as the queue grows: one _claim of the same work (200 chats, one snippet each; rolled
 # back) at 10k and at 1M pending rows. An index-driven claim stays near 1x; a scan would grow ~100x.
@@ -177,6 +183,7 @@ memory_ext benchmark — $(date -u +%Y-%m-%d), $(nproc) cores, $(awk '/MemTotal/
 |---|---|---|---|---|
 | enqueue, tx/s ($CLIENTS clients) | $enqueue_tps | plain INSERT: $insert_tps | $(ratio "$enqueue_tps" "$insert_tps") | >= 0.80 |
 | get(), tx/s ($CLIENTS clients) | $get_tps | plain PK SELECT: $select_tps | $(ratio "$get_tps" "$select_tps") | >= 0.80 |
+| context() (prompt text, exact token count), tx/s ($CLIENTS clients) | $context_tps | get(), same runs: $get2_tps | $(ratio "$context_tps" "$get2_tps") | |
 | enqueue -> memory visible, p50 / p99 ms (idle, 300 runs) | $p50 / $p99 | | | <= 20 / <= 100 |
 | one claim (200 chats × 1 snippet), ms: 1M pending rows vs 10k | $claim_large | 10k pending: $claim_small | $(ratio "$claim_large" "$claim_small") | ~1 (O(log n)) |
 | drain 100k snippets / 10k chats | $drain_rate snippets/s (${drain_s}s; $failed failed) | enqueue of the batch: ${enqueue_s}s | $(ratio "$drain_rate" 5000) of target | >= 5000/s |

@@ -17,7 +17,7 @@ if [[ $MEMORY_EXT_PG == 15 ]]; then
     DEMO_PORT=${MEMORY_EXT_DEMO_PORT:-5488}
 else
     DEMO_DIR=${MEMORY_EXT_DEMO_DIR:-/var/tmp/memory_ext_demo$MEMORY_EXT_PG}
-    DEMO_PORT=${MEMORY_EXT_DEMO_PORT:-$((5470 + MEMORY_EXT_PG))}
+    DEMO_PORT=${MEMORY_EXT_DEMO_PORT:-$((5469 + MEMORY_EXT_PG))}
 fi
 
 pg_libdir() { "$PG_CONFIG" --pkglibdir; }

@@ -3,7 +3,8 @@
 # "15 18"): formatting and lints, unit + in-database pg_tests (cargo pgrx test), the isolation
 # specs, the worker tests against real clusters, the release tests (update from 0.1.0, dump and
 # restore), the stress test (tests/cluster) and the pgTAP security suite; then pg_upgrade from
-# the first major to the last.
+# the first major to the last, and the packages (which leave PostgreSQL 15 without memory_ext:
+# scripts/install.sh puts it back).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -56,6 +57,9 @@ if (( ${#majors[@]} > 1 )); then
     MEMORY_EXT_OLD_PG_BIN=$(MEMORY_EXT_PG=$first; source scripts/cluster.sh; echo "$PG_BIN") \
         cargo test --manifest-path tests/cluster/Cargo.toml --test releases pg_upgrade 2>&1 | tee -a "$log"
 fi
+
+echo "== packages: the .deb (dpkg -i, the demo's flow, dpkg -r) and the PostgreSQL 18 tarball, on fresh clusters"
+scripts/package_check.sh 2>&1 | tee -a "$log"
 
 # One closing line for all suites.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

@@ -1234,6 +1234,23 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'wake_at_commit_wrapper';
 
+-- new in 0.2.0: the memory as prompt text
+CREATE OR REPLACE FUNCTION "context"(
+	"p_chat_id" TEXT, /* Option < & str > */
+	"p_max_tokens" INT DEFAULT NULL /* Option < i32 > */
+) RETURNS TABLE (
+	"context" TEXT,  /* String */
+	"token_count" INT,  /* i32 */
+	"truncated" bool,  /* bool */
+	"version" bigint,  /* i64 */
+	"pending" INT,  /* i32 */
+	"needs_new_chat" bool  /* bool */
+)
+VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'context_wrapper';
+
 CREATE OR REPLACE FUNCTION "count_tokens"(
 	"text" TEXT /* & str */
 ) RETURNS INT /* i32 */
@@ -1283,7 +1300,7 @@ AS $$
         'memory.current_identity()', 'memory.create_chat(text)',
         'memory.enqueue(text, text, text)', 'memory.get(text)', 'memory.status(uuid)',
         'memory.wait(uuid, interval)', 'memory.history(text)', 'memory.forget(text)',
-        'memory.retry_failed(text)', 'memory.count_tokens(text)',
+        'memory.retry_failed(text)', 'memory.count_tokens(text)', 'memory.context(text, integer)',
         -- called by current_identity() and the RLS policies, with the caller's rights
         'memory._invoker()', 'memory._jwt_sub()', 'memory._is_admin()', 'memory._owns_chat(text)',
         -- settings read through the library, by get() and _is_admin()

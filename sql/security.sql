@@ -15,7 +15,7 @@ AS $$
         'memory.current_identity()', 'memory.create_chat(text)',
         'memory.enqueue(text, text, text)', 'memory.get(text)', 'memory.status(uuid)',
         'memory.wait(uuid, interval)', 'memory.history(text)', 'memory.forget(text)',
-        'memory.retry_failed(text)', 'memory.count_tokens(text)',
+        'memory.retry_failed(text)', 'memory.count_tokens(text)', 'memory.context(text, integer)',
         -- called by current_identity() and the RLS policies, with the caller's rights
         'memory._invoker()', 'memory._jwt_sub()', 'memory._is_admin()', 'memory._owns_chat(text)',
         -- settings read through the library, by get() and _is_admin()

@@ -285,6 +285,80 @@ fn unserved_reason(sh: &shmem::Shared) -> String {
     "starting: the launcher starts a worker for this database in a moment".into()
 }
 
+/// The memory as one prompt-ready text block (`crate::context`), within `p_max_tokens` when
+/// given. Reads through `memory.get()` with the caller's rights, so its ownership rules and
+/// errors are get()'s.
+#[allow(clippy::type_complexity)] // pgrx reads the column names from this signature
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn context(
+    p_chat_id: Option<&str>,
+    p_max_tokens: default!(Option<i32>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(context, String),
+        name!(token_count, i32),
+        name!(truncated, bool),
+        name!(version, i64),
+        name!(pending, i32),
+        name!(needs_new_chat, bool),
+    ),
+> {
+    TableIterator::once(or_raise(context_impl(p_chat_id, p_max_tokens)))
+}
+
+fn context_impl(
+    chat_id: Option<&str>,
+    max_tokens: Option<i32>,
+) -> ApiResult<(String, i32, bool, i64, i32, bool)> {
+    let budget = match max_tokens {
+        Some(n) if n < 1 => {
+            return Err(ApiError::InvalidParameter(format!(
+                "p_max_tokens must be at least 1 (or NULL for no limit), got {n}"
+            )));
+        }
+        n => n.map(|n| n as usize),
+    };
+    let row = Spi::connect_mut(|client| {
+        let rows = client.update(
+            "SELECT user_confirmed, llm_inferred, general_summary, guidance, version, pending, \
+                    needs_new_chat FROM memory.get($1)",
+            Some(1),
+            &[chat_id.into()],
+        )?;
+        let r = rows.first();
+        Ok::<_, pgrx::spi::SpiError>((
+            r.get::<pgrx::JsonB>(1)?,
+            r.get::<pgrx::JsonB>(2)?,
+            r.get::<String>(3)?,
+            r.get::<String>(4)?,
+            r.get::<i64>(5)?,
+            r.get::<i32>(6)?,
+            r.get::<bool>(7)?,
+        ))
+    })?;
+    let (confirmed, inferred, summary, guidance, version, pending, needs_new_chat) = row;
+    let memory = crate::model::Memory {
+        user_confirmed: confirmed
+            .and_then(|j| j.0.as_object().cloned())
+            .unwrap_or_default(),
+        llm_inferred: inferred
+            .and_then(|j| j.0.as_object().cloned())
+            .unwrap_or_default(),
+        general_summary: summary.unwrap_or_default(),
+    };
+    let r = crate::context::render(&memory, guidance.as_deref(), budget, tokens::count);
+    Ok((
+        r.text,
+        i32::try_from(r.tokens).unwrap_or(i32::MAX),
+        r.truncated,
+        version.unwrap_or(0),
+        pending.unwrap_or(0),
+        needs_new_chat.unwrap_or(false),
+    ))
+}
+
 /// The most `count_tokens()` takes: tokenizing is not interruptible (about 20 ms per MB), so a
 /// statement_timeout must not be outrun by one call.
 const COUNT_TOKENS_MAX_BYTES: usize = 1024 * 1024;

@@ -1,7 +1,7 @@
 //! Refused cross-tenant attempts, for the audit log. A refused call raises an ERROR, which rolls
 //! back any row it could write, so the attempt is noted in a ring in shared memory instead and the
-//! worker of its database copies it into that database's `memory.audit_log` (action
-//! `denied:<function>`) on its next pass.
+//! worker of its database, woken at once, copies it into that database's `memory.audit_log`
+//! (action `denied:<function>`).
 //!
 //! The ring holds [`CAPACITY`] attempts of all databases; beyond that they are counted (per
 //! database) and the count is audited (`denied:overflow`), so a flood cannot grow anything. With
@@ -109,6 +109,8 @@ fn note_denied(p_action: &str, p_chat_id: &str, p_identity: &str, p_role: &str) 
         e.chat_id.set(p_chat_id);
         r.head += 1;
     }
+    // Now, not at COMMIT: the refused call's transaction is about to abort.
+    slot.wake_worker();
 }
 
 fn this_database() -> u32 {

@@ -20,6 +20,7 @@ pgrx::pg_module_magic!();
 mod api;
 mod batch;
 mod bgw;
+mod context;
 mod ddl;
 mod denials;
 mod drain;

@@ -182,3 +182,49 @@ fn no_estimate_when_no_worker_serves_this_database() {
         Some(true)
     );
 }
+
+/// context(): the memory as prompt text, with get()'s ownership rules and errors, and a budget.
+#[pg_test]
+fn context_is_the_memory_as_prompt_text() {
+    as_user("alice");
+    run("SELECT memory.enqueue('c1', E'confirmed: plan = PPO\\ninferred: budget = tight\\nCompares plans.')");
+    assert_eq!(
+        text("SELECT context FROM memory.context('c1')"),
+        "",
+        "nothing applied yet: an empty text"
+    );
+    assert_eq!(one::<i32>("SELECT pending FROM memory.context('c1')"), Some(1));
+    run("SELECT memory.process_pending()");
+    let full = text("SELECT context FROM memory.context('c1')");
+    assert_eq!(
+        full,
+        "## Confirmed by the user\n- plan: PPO\n\n\
+         ## Inferred (assumptions that may be wrong)\n- budget: tight\n\n\
+         ## Conversation summary\nCompares plans."
+    );
+    assert_eq!(
+        one::<bool>(
+            "SELECT token_count = memory.count_tokens(context) AND NOT truncated AND version = 1 \
+                    AND pending = 0 AND NOT needs_new_chat FROM memory.context('c1')"
+        ),
+        Some(true)
+    );
+    // a budget one token short drops the inferred fact first, and says so
+    assert_eq!(
+        one::<bool>(
+            "SELECT truncated AND token_count < c.n AND position('budget' in context) = 0 \
+                    AND position('plan: PPO' in context) > 0 \
+               FROM (SELECT token_count AS n FROM memory.context('c1')) c, \
+                    memory.context('c1', c.n - 1)"
+        ),
+        Some(true)
+    );
+    for bad in ["0", "-5"] {
+        assert_eq!(sqlstate(&format!("SELECT * FROM memory.context('c1', {bad})")), "22023");
+    }
+    assert_eq!(sqlstate("SELECT * FROM memory.context(NULL)"), "22023");
+    assert_eq!(sqlstate("SELECT * FROM memory.context('nope')"), "P0002");
+    become_app_role();
+    as_user("bob");
+    assert_eq!(sqlstate("SELECT * FROM memory.context('c1')"), "P0002", "reads as missing");
+}

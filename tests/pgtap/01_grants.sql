@@ -60,7 +60,7 @@ SELECT is((SELECT array_agg(p.oid::regprocedure::text ORDER BY p.oid::regprocedu
           ARRAY['memory._admin_role()', 'memory._audit_reads()', 'memory._invoker()',
                 'memory._is_admin()', 'memory._jwt_sub()', 'memory._owns_chat(text)',
                 'memory._queue_row_xmin(uuid)',
-                'memory._token_limit()', 'memory.count_tokens(text)',
+                'memory._token_limit()', 'memory.context(text,integer)', 'memory.count_tokens(text)',
                 'memory.create_chat(text)', 'memory.current_identity()',
                 'memory.enqueue(text,text,text)', 'memory.forget(text)', 'memory.get(text)',
                 'memory.history(text)', 'memory.retry_failed(text)', 'memory.status(uuid)',

@@ -2,7 +2,7 @@
 //! leaves the catalog exactly as a fresh install makes it; pg_dump/pg_restore keeps every chat;
 //! pg_upgrade to a newer PostgreSQL major keeps them and the worker resumes.
 
-use memory_ext_cluster_tests::{Cluster, applied_ids, enqueue, pg_bin, text, wait};
+use memory_ext_cluster_tests::{Cluster, applied_ids, enqueue, enqueued_ids, pg_bin, text, wait};
 use postgres::Client;
 use std::time::Duration;
 
@@ -427,15 +427,7 @@ fn pg_upgrade_to_a_new_major_keeps_every_chat_and_the_worker_resumes() {
     .unwrap();
     let last = enqueue(&mut c, "c-1", "confirmed: color = green");
     assert_eq!(wait(&mut c, &last), "complete");
-    let ids: Vec<String> = c
-        .query(
-            "SELECT id::text FROM memory.chat_context_queue WHERE chat_id = 'c-1' ORDER BY seq",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids = enqueued_ids(&mut c, "c-1");
     assert_eq!(
         applied_ids(&mut c, "c-1"),
         ids,
