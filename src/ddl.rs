@@ -115,10 +115,13 @@ fn stop_worker_of(name: &str) {
     let Some(slot) = sh.serving(oid.to_u32()) else {
         return;
     };
+    // Marked before the pid is read; a starting worker publishes its pid before it reads the
+    // mark (both SeqCst): either we see its pid, or it sees the mark and does not connect.
     slot.stopped_for_ddl_at
-        .store(shmem::now(), Ordering::Release);
-    let pid = slot.worker_pid.load(Ordering::Acquire);
-    if pid <= 0 {
+        .store(shmem::now(), Ordering::SeqCst);
+    let pid = slot.worker_pid.load(Ordering::SeqCst);
+    // The slot may have been given to another database meanwhile: then leave its worker be.
+    if pid <= 0 || slot.database_oid.load(Ordering::Acquire) != oid.to_u32() {
         return;
     }
     unsafe { libc::kill(pid, libc::SIGTERM) };

@@ -146,30 +146,44 @@ fn take() -> (Vec<Denial>, u64) {
     let dropped = crate::shmem::mine().map_or(0, |s| s.denials_dropped.swap(0, Ordering::Relaxed));
     unsafe {
         let _held = LockGuard::exclusive((*ring).lock);
-        let r = &mut *ring;
-        let mut taken = Vec::new();
-        let mut others = Vec::new();
-        for i in r.tail..r.head {
-            let e = r.entries[(i % CAPACITY as u64) as usize];
-            if e.database == db {
-                taken.push(Denial {
-                    at: e.at,
-                    action: e.action.get(),
-                    identity: e.identity.get(),
-                    role: e.role.get(),
-                    chat_id: e.chat_id.get(),
-                });
-            } else {
-                others.push(e);
-            }
-        }
-        // The other databases' attempts stay, in their order, from the tail.
-        r.head = r.tail + others.len() as u64;
-        for (j, e) in others.into_iter().enumerate() {
-            r.entries[((r.tail + j as u64) % CAPACITY as u64) as usize] = e;
-        }
+        let taken = split_off(&mut *ring, |e| e.database != db)
+            .into_iter()
+            .map(|e| Denial {
+                at: e.at,
+                action: e.action.get(),
+                identity: e.identity.get(),
+                role: e.role.get(),
+                chat_id: e.chat_id.get(),
+            })
+            .collect();
         (taken, dropped)
     }
+}
+
+/// Forget the attempts noted for database `oid` (the launcher, when no worker serves it any
+/// more): nothing would copy them, and they would hold ring space for good.
+pub fn purge(oid: u32) {
+    let ring = RING.load(Ordering::Acquire);
+    if ring.is_null() || oid == 0 {
+        return;
+    }
+    unsafe {
+        let _held = LockGuard::exclusive((*ring).lock);
+        split_off(&mut *ring, |e| e.database != oid);
+    }
+}
+
+/// Keep the entries `keep` accepts, in their order, from the tail; return the others, in order.
+/// The caller holds the ring's lock exclusively.
+fn split_off(r: &mut Ring, mut keep: impl FnMut(&Entry) -> bool) -> Vec<Entry> {
+    let (kept, others): (Vec<Entry>, Vec<Entry>) = (r.tail..r.head)
+        .map(|i| r.entries[(i % CAPACITY as u64) as usize])
+        .partition(|e| keep(e));
+    r.head = r.tail + kept.len() as u64;
+    for (j, e) in kept.into_iter().enumerate() {
+        r.entries[((r.tail + j as u64) % CAPACITY as u64) as usize] = e;
+    }
+    others
 }
 
 /// Copy the noted attempts into memory.audit_log (the worker, in a transaction). If writing fails
@@ -204,4 +218,31 @@ pub fn flush() -> Result<usize, pgrx::spi::SpiError> {
         ],
     )?;
     Ok(denials.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_off_keeps_the_others_in_order_across_the_wrap() {
+        // SAFETY: every field of Ring is plain data; all-zero is a valid empty ring.
+        let mut r: Box<Ring> = Box::new(unsafe { std::mem::zeroed() });
+        r.tail = CAPACITY as u64 - 3;
+        r.head = r.tail;
+        for i in 0..8u32 {
+            let e = &mut r.entries[(r.head % CAPACITY as u64) as usize];
+            e.database = 1 + i % 2;
+            e.at = i64::from(i);
+            r.head += 1;
+        }
+        let taken = split_off(&mut r, |e| e.database != 2);
+        assert_eq!(taken.iter().map(|e| e.at).collect::<Vec<_>>(), [1, 3, 5, 7]);
+        let kept: Vec<i64> = (r.tail..r.head)
+            .map(|i| r.entries[(i % CAPACITY as u64) as usize].at)
+            .collect();
+        assert_eq!(kept, [0, 2, 4, 6], "database 1's, in order, from the tail");
+        assert!(split_off(&mut r, |_| true).is_empty());
+        assert_eq!(r.head - r.tail, 4);
+    }
 }

@@ -112,7 +112,8 @@ fn databases() -> Vec<Database> {
                 name: std::ffi::CStr::from_ptr(form.datname.data.as_ptr())
                     .to_string_lossy()
                     .into_owned(),
-                servable: form.datallowconn && !form.datistemplate,
+                // datconnlimit -2: left invalid by an interrupted DROP DATABASE
+                servable: form.datallowconn && !form.datistemplate && form.datconnlimit != -2,
             });
         }
         pg_sys::table_endscan(scan);
@@ -182,7 +183,7 @@ impl Served {
             let _ = h.terminate().wait_for_shutdown();
         }
         if let Some(i) = self.slot.take() {
-            sh.slots[i].database_oid.store(0, Ordering::Release);
+            free(sh, i);
         }
     }
 
@@ -200,10 +201,9 @@ impl Served {
             // Freed: a database without the extension holds no slot.
             self.no_extension_at = Some(self.started_rescan);
             self.slot = None;
-            slot.database_oid.store(0, Ordering::Release);
+            free(sh, i);
             self.next_start = now;
-        } else if slot.stopped_for_ddl_at.load(Ordering::Acquire) != 0 {
-            slot.stopped_for_ddl_at.store(0, Ordering::Release);
+        } else if slot.stopped_for_ddl_at.load(Ordering::SeqCst) != 0 {
             self.next_start = now + DDL_PAUSE;
         } else {
             self.next_start = now + self.backoff.stopped(now);
@@ -211,11 +211,12 @@ impl Served {
     }
 
     /// Should a worker be started now?
-    fn due(&self, rescan: u64) -> bool {
+    fn due(&self, sh: &Shared, rescan: u64) -> bool {
         !self.running()
             && self.oid.is_some()
             && Instant::now() >= self.next_start
             && self.no_extension_at.is_none_or(|at| at != rescan)
+            && !self.slot.is_some_and(|i| paused_for_ddl(&sh.slots[i]))
     }
 
     fn start(&mut self, sh: &Shared, name: &str, rescan: u64) -> Result<(), &'static str> {
@@ -223,7 +224,10 @@ impl Served {
         let i = match self.slot {
             Some(i) => i,
             None => {
-                let i = sh.free_slot().ok_or("no free slot")?;
+                let Some(i) = sh.free_slot() else {
+                    self.next_start = Instant::now() + Duration::from_secs(5);
+                    return Err("no free slot");
+                };
                 sh.slots[i].assign(oid, name);
                 self.slot = Some(i);
                 i
@@ -252,6 +256,47 @@ impl Served {
     }
 }
 
+/// Give slot `i` back: no database, and none of its refused attempts left in the ring.
+fn free(sh: &Shared, i: usize) {
+    let oid = sh.slots[i].database_oid.swap(0, Ordering::AcqRel);
+    crate::denials::purge(oid);
+}
+
+/// Was the slot's worker stopped for a DROP/RENAME DATABASE less than [`DDL_PAUSE`] ago? (A
+/// stale mark is cleared.)
+fn paused_for_ddl(slot: &shmem::Slot) -> bool {
+    let at = slot.stopped_for_ddl_at.load(Ordering::SeqCst);
+    if at == 0 {
+        return false;
+    }
+    let paused = shmem::now().saturating_sub(at) < DDL_PAUSE.as_micros() as i64;
+    if !paused {
+        let _ = slot
+            .stopped_for_ddl_at
+            .compare_exchange(at, 0, Ordering::SeqCst, Ordering::SeqCst);
+    }
+    paused
+}
+
+/// After a launcher that exited abnormally: stop the workers it left and free their slots, so
+/// no database gets a second worker.
+fn reclaim_orphans(sh: &Shared) {
+    for (i, slot) in sh.slots.iter().enumerate() {
+        if slot.database_oid.load(Ordering::Acquire) == 0 {
+            continue;
+        }
+        let pid = slot.worker_pid.load(Ordering::Acquire);
+        if pid > 0 && slot.worker_alive() {
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while slot.worker_alive() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        free(sh, i);
+    }
+}
+
 /// Everything the launcher keeps between rounds: the databases it serves, by name.
 #[derive(Default)]
 struct Launcher {
@@ -263,7 +308,10 @@ impl Launcher {
     /// long to sleep.
     fn round(&mut self, sh: &Shared) -> Duration {
         let named = settings::databases();
-        let existing = in_transaction(databases).unwrap_or_default();
+        // A failed scan says nothing about the databases: keep everything as it is.
+        let Ok(existing) = in_transaction(databases) else {
+            return Duration::from_secs(1);
+        };
         let wanted = targets(&existing, &named);
         let rescan = sh.rescan.load(Ordering::Acquire);
         // Gone, no longer wanted, or a new database under an old name: retire.
@@ -286,19 +334,21 @@ impl Launcher {
         for s in self.served.values_mut() {
             s.poll(sh);
         }
+        // The cap counts slots held: a worker waiting out its restart delay keeps its slot.
         let cap = settings::MAX_WORKERS.get().max(1) as usize;
-        let mut running = self.served.values().filter(|s| s.running()).count();
+        let mut held = self.served.values().filter(|s| s.slot.is_some()).count();
         let mut left_out = Vec::new();
         for (name, s) in &mut self.served {
-            if !s.due(rescan) {
+            if !s.due(sh, rescan) {
                 continue;
             }
-            if running >= cap {
+            let needs_slot = s.slot.is_none();
+            if needs_slot && held >= cap {
                 left_out.push(name.as_str());
                 continue;
             }
-            if s.start(sh, name, rescan).is_ok() {
-                running += 1;
+            if s.start(sh, name, rescan).is_ok() && needs_slot {
+                held += 1;
             }
         }
         sh.set_launcher_note(&if left_out.is_empty() {
@@ -314,9 +364,12 @@ impl Launcher {
 
     fn next_wake(&self) -> Duration {
         let now = Instant::now();
+        // Only restarts waiting for their time: a database left out by the cap is looked at
+        // again when a worker stops (the postmaster sets our latch) or after 10 s.
         self.served
             .values()
             .filter(|s| !s.running() && s.oid.is_some() && s.no_extension_at.is_none())
+            .filter(|s| s.next_start > now)
             .map(|s| s.next_start.saturating_duration_since(now))
             .min()
             .unwrap_or(Duration::from_secs(10))
@@ -334,6 +387,7 @@ pub extern "C-unwind" fn memory_ext_launcher_main(_arg: pg_sys::Datum) {
     sh.launcher_pid
         .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
     set_state("serving");
+    reclaim_orphans(sh);
     let mut launcher = Launcher::default();
     while !shutdown_requested() {
         reload_config_if_asked();

@@ -172,6 +172,8 @@ pub struct LlmConfig {
     pub structured_output: StructuredOutput,
     /// The mock's test directives (`mock_error:` …) are honoured, not plain text.
     pub mock_directives: bool,
+    /// `memory_ext.instructions`: the operator's guidance for the LLM (empty: none).
+    pub instructions: String,
 }
 
 impl std::fmt::Debug for LlmConfig {

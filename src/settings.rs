@@ -20,6 +20,9 @@ use std::time::Duration;
 
 pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(8);
+pub static INSTRUCTIONS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// The longest `memory_ext.instructions` (bytes): it is sent with every request.
+pub const MAX_INSTRUCTIONS_BYTES: usize = 4000;
 pub static SUMMARIZER: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"mock"));
 pub static MAX_SNIPPET_BYTES: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
@@ -259,6 +262,20 @@ pub fn init(preloading: bool) {
             None,
         );
     }
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"memory_ext.instructions",
+            c"Deployment-specific guidance added to the LLM summarizers' system prompt.",
+            c"E.g. the assistant's domain, what matters to remember, the language facts are kept \
+              in. At most 4000 bytes; the rules of the prompt (what may be confirmed) stay.",
+            &INSTRUCTIONS,
+            GucContext::Suset,
+            GucFlags::default(),
+            Some(check_instructions),
+            None,
+            None,
+        );
+    }
     GucRegistry::define_int_guc(
         c"memory_ext.llm_timeout_ms",
         c"Time limit of one LLM request, connecting included.",
@@ -450,6 +467,7 @@ impl FromSettings for LlmConfig {
                 StructuredOutputSetting::None => StructuredOutput::None,
             },
             mock_directives: MOCK_DIRECTIVES.get(),
+            instructions: string(&INSTRUCTIONS).trim().to_string(),
         })
     }
 }
@@ -458,6 +476,28 @@ impl FromSettings for LlmConfig {
 fn is_literal_key(raw: &str) -> bool {
     let raw = raw.trim();
     !(raw.is_empty() || raw.starts_with("file:") || raw.starts_with("env:"))
+}
+
+/// Refuse instructions longer than [`MAX_INSTRUCTIONS_BYTES`] when they are set.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_instructions(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pgrx::pg_sys::GucSource::Type,
+) -> bool {
+    let len = unsafe { newval.as_ref().filter(|p| !p.is_null()) }.map_or(0, |p| {
+        unsafe { std::ffi::CStr::from_ptr(*p) }.to_bytes().len()
+    });
+    if len > MAX_INSTRUCTIONS_BYTES {
+        unsafe {
+            pgrx::pg_sys::GUC_check_errdetail_string = pgrx::pg_sys::pstrdup(
+                c"memory_ext.instructions is sent with every LLM request: at most 4000 bytes."
+                    .as_ptr(),
+            );
+        }
+        return false;
+    }
+    true
 }
 
 /// Refuse a literal key set with `ALTER DATABASE`/`ALTER ROLE ... SET` (validated with source

@@ -63,8 +63,8 @@ pub struct Shared {
     /// Broadcast after every committed apply, so `wait()` re-checks without polling.
     pub applied_cv: pg_sys::ConditionVariable,
     pub launcher_pid: AtomicI32,
-    /// Bumped at the COMMIT of every `CREATE`/`ALTER EXTENSION memory_ext`: the launcher then
-    /// looks again at databases whose worker found no extension.
+    /// Bumped at the COMMIT of every `CREATE EXTENSION memory_ext`: the launcher then looks
+    /// again at databases whose worker found no extension.
     pub rescan: AtomicU64,
     /// Why databases are not served (the worker cap), for `worker_status()`.
     launcher_note: UnsafeCell<[u8; TEXT]>,
@@ -254,9 +254,10 @@ impl Slot {
         ] {
             counter.store(0, Ordering::Relaxed);
         }
+        self.worker_pid.store(0, Ordering::Release);
         self.started_at.store(0, Ordering::Relaxed);
         self.last_heartbeat.store(0, Ordering::Relaxed);
-        self.stopped_for_ddl_at.store(0, Ordering::Relaxed);
+        self.stopped_for_ddl_at.store(0, Ordering::SeqCst);
         self.exit.store(Exit::Restart as u32, Ordering::Relaxed);
         self.database_oid.store(oid, Ordering::Release);
     }

@@ -506,7 +506,7 @@ impl Worker {
 fn announce_start() {
     if let Some(slot) = shmem::mine() {
         slot.worker_pid
-            .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+            .store(unsafe { pg_sys::MyProcPid }, Ordering::SeqCst);
         slot.started_at.store(shmem::now(), Ordering::Relaxed);
         slot.exit.store(Exit::Restart as u32, Ordering::Release);
     }
@@ -529,8 +529,21 @@ pub extern "C-unwind" fn memory_ext_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     shmem::set_my_slot(arg.value());
     let db = BackgroundWorker::get_extra().to_string();
-    BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    // The pid first, then the DROP DATABASE mark (see `crate::ddl`): a worker starting while its
+    // database is being dropped does not connect to it.
     announce_start();
+    if shmem::mine().is_some_and(|s| s.stopped_for_ddl_at.load(Ordering::SeqCst) != 0) {
+        announce_stop(Exit::Restart);
+        return;
+    }
+    BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    // Renamed between the launcher's look and our connection: another database by that name.
+    if shmem::mine().is_some_and(|s| {
+        s.database_oid.load(Ordering::Acquire) != unsafe { pg_sys::MyDatabaseId }.to_u32()
+    }) {
+        announce_stop(Exit::Restart);
+        return;
+    }
     // Serving every database that has the extension: one that has not is left at once (the
     // launcher looks again after a CREATE EXTENSION). A database named in memory_ext.database
     // is waited for instead.

@@ -52,7 +52,7 @@ impl Provider for Anthropic {
         json!({
             "model": config.model,
             "max_tokens": max_tokens,
-            "system": contract::SYSTEM_PROMPT,
+            "system": contract::system_prompt(&config.instructions),
             "messages": messages,
             "tools": [{
                 "name": contract::TOOL_NAME,
@@ -123,6 +123,7 @@ mod tests {
             max_output_tokens: 0,
             structured_output: StructuredOutput::None,
             mock_directives: false,
+            instructions: String::new(),
         };
         let body = Anthropic.request(&config, &[]);
         assert_eq!(

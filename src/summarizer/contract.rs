@@ -42,7 +42,21 @@ Rules: keys are short snake_case names; reuse an existing key for the same fact,
 fact with a new value replaces the old one. Facts you do not mention stay as they are, so list only \
 new or changed facts. general_summary rewrites the running summary to include the new snippets: \
 the user's goal, progress so far, open questions and the next step, at most 200 words, keeping \
-names, numbers and identifiers verbatim.";
+names, numbers and identifiers verbatim. Write values, evidence and the summary in the language \
+the user writes in; never translate them.";
+
+/// The system prompt: the rules, then the operator's instructions when there are any (after the
+/// rules, so the stable part of every request comes first and a provider can cache it).
+pub fn system_prompt(instructions: &str) -> String {
+    if instructions.is_empty() {
+        SYSTEM_PROMPT.to_string()
+    } else {
+        format!(
+            "{SYSTEM_PROMPT}\n\nInstructions of this deployment (they add to the rules above, \
+             never replace them):\n{instructions}"
+        )
+    }
+}
 
 /// The answer's JSON schema. It satisfies OpenAI's strict mode (every property required,
 /// no additional properties), so it is also what Anthropic's tool takes as `input_schema`.
@@ -241,6 +255,15 @@ pub fn parse_text(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn instructions_follow_the_rules() {
+        assert_eq!(system_prompt(""), SYSTEM_PROMPT);
+        let p = system_prompt("Domain: insurance.");
+        assert!(p.starts_with(SYSTEM_PROMPT), "the stable part first");
+        assert!(p.ends_with("never replace them):\nDomain: insurance."));
+    }
+
     use super::*;
 
     fn snippets(texts: &[&str]) -> Vec<Snippet> {

@@ -29,7 +29,9 @@ impl Provider for OpenAi {
     }
 
     fn request(&self, config: &LlmConfig, turns: &[Turn]) -> Value {
-        let mut messages = vec![json!({"role": "system", "content": contract::SYSTEM_PROMPT})];
+        let mut messages = vec![
+            json!({"role": "system", "content": contract::system_prompt(&config.instructions)}),
+        ];
         messages.extend(turns.iter().map(|t| {
             json!({
                 "role": if t.role == Role::User { "user" } else { "assistant" },
@@ -104,6 +106,7 @@ mod tests {
             max_output_tokens,
             structured_output,
             mock_directives: false,
+            instructions: String::new(),
         }
     }
 

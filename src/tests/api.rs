@@ -228,3 +228,21 @@ fn context_is_the_memory_as_prompt_text() {
     as_user("bob");
     assert_eq!(sqlstate("SELECT * FROM memory.context('c1')"), "P0002", "reads as missing");
 }
+
+/// Text in any language round-trips unchanged: enqueue, the mock, get() and context().
+#[pg_test]
+fn non_ascii_text_round_trips_unchanged() {
+    as_user("alice");
+    run("SELECT memory.enqueue('c1', E'confirmed: 都市 = 東京\\ninferred: orçamento = apertado\\nA usuária procura um plano 😊')");
+    run("SELECT memory.process_pending()");
+    assert_eq!(
+        text("SELECT user_confirmed::text || llm_inferred::text || general_summary FROM memory.get('c1')"),
+        r#"{"都市": "東京"}{"orçamento": "apertado"}A usuária procura um plano 😊"#
+    );
+    assert_eq!(
+        text("SELECT context FROM memory.context('c1')"),
+        "## Confirmed by the user\n- 都市: 東京\n\n\
+         ## Inferred (assumptions that may be wrong)\n- orçamento: apertado\n\n\
+         ## Conversation summary\nA usuária procura um plano 😊"
+    );
+}

@@ -764,3 +764,76 @@ fn an_answer_arriving_after_a_switch_to_the_mock_is_applied() {
         T,
     );
 }
+
+/// memory_ext.instructions reach both providers after the rules, the prompt asks to keep the
+/// user's language, and non-ASCII text (Japanese, Portuguese accents, an emoji) comes back
+/// unchanged through the LLM path into get() and context().
+#[test]
+fn instructions_and_the_users_language_reach_the_model_unchanged() {
+    const INSTRUCTIONS: &str = "Domain: health insurance. Keep plan names as written.";
+    let fake = FakeLlm::start(Mode::Valid);
+    for provider in ["openai", "anthropic"] {
+        let (_pg, mut c) = start(
+            &format!("llm_instructions_{provider}"),
+            &fake,
+            provider,
+            &[&format!("memory_ext.instructions = '{INSTRUCTIONS}'")],
+        );
+        let before = fake.request_count();
+        let id = enqueue(
+            &mut c,
+            "c1",
+            "confirmed: 都市 = 東京\nA usuária está à procura de um plano 😊",
+        );
+        assert_eq!(wait(&mut c, &id), "complete", "{provider}");
+        let r = &fake.requests()[before];
+        let system = if provider == "openai" {
+            r.body["messages"][0]["content"].as_str()
+        } else {
+            r.body["system"].as_str()
+        }
+        .unwrap_or_default()
+        .to_string();
+        assert!(system.ends_with(INSTRUCTIONS), "{provider}: {system}");
+        assert!(
+            system.contains("in the language the user writes in"),
+            "{provider}"
+        );
+        assert_eq!(
+            memory(&mut c, "c1"),
+            (
+                r#"{"都市": "東京"}"#.into(),
+                "{}".into(),
+                "A usuária está à procura de um plano 😊".into()
+            ),
+            "{provider}"
+        );
+        let context: String = c
+            .query_one("SELECT context FROM memory.context('c1')", &[])
+            .unwrap()
+            .get(0);
+        assert!(
+            context.contains("- 都市: 東京")
+                && context.ends_with("A usuária está à procura de um plano 😊"),
+            "{provider}: {context}"
+        );
+    }
+}
+
+#[test]
+fn instructions_are_bounded() {
+    let fake = FakeLlm::start(Mode::Valid);
+    let (_pg, mut c) = start("llm_instructions_bound", &fake, "openai", &[]);
+    let err = c
+        .batch_execute(&format!(
+            "SET memory_ext.instructions = '{}'",
+            "x".repeat(4001)
+        ))
+        .unwrap_err();
+    assert_eq!(err.code().map(|s| s.code()), Some("22023"));
+    c.batch_execute(&format!(
+        "SET memory_ext.instructions = '{}'",
+        "x".repeat(4000)
+    ))
+    .unwrap();
+}
