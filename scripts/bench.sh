@@ -14,7 +14,7 @@ CLIENTS=${BENCH_CLIENTS:-4}
 
 scripts/setup.sh
 echo "bench: building and installing memory_ext (release)"
-cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null
+scripts/install.sh --release >/dev/null
 
 DIR=/var/tmp/memory_ext_bench
 PORT=${MEMORY_EXT_BENCH_PORT:-5489}

@@ -308,6 +308,13 @@ fn context(
     TableIterator::once(or_raise(context_impl(p_chat_id, p_max_tokens)))
 }
 
+thread_local! {
+    /// `context()`'s read of `memory.get()`, kept for the backend's life (the plan cache
+    /// re-plans it after DDL).
+    static CONTEXT_READ: std::cell::RefCell<Option<pgrx::spi::OwnedPreparedStatement>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 fn context_impl(
     chat_id: Option<&str>,
     max_tokens: Option<i32>,
@@ -321,12 +328,26 @@ fn context_impl(
         n => n.map(|n| n as usize),
     };
     let row = Spi::connect_mut(|client| {
-        let rows = client.update(
-            "SELECT user_confirmed, llm_inferred, general_summary, guidance, version, pending, \
-                    needs_new_chat FROM memory.get($1)",
-            Some(1),
-            &[chat_id.into()],
-        )?;
+        // Planned once per backend: parsing and planning it on every call cost more than get().
+        let rows = CONTEXT_READ.with(|plan| -> Result<_, pgrx::spi::SpiError> {
+            let mut plan = plan.borrow_mut();
+            if plan.is_none() {
+                *plan = Some(
+                    client
+                        .prepare_mut(
+                            "SELECT user_confirmed, llm_inferred, general_summary, guidance, \
+                                    version, pending, needs_new_chat FROM memory.get($1)",
+                            &[pgrx::PgOid::BuiltIn(pgrx::PgBuiltInOids::TEXTOID)],
+                        )?
+                        .keep(),
+                );
+            }
+            client.update(
+                plan.as_ref().expect("prepared above"),
+                Some(1),
+                &[chat_id.into()],
+            )
+        })?;
         let r = rows.first();
         Ok::<_, pgrx::spi::SpiError>((
             r.get::<pgrx::JsonB>(1)?,
