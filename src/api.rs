@@ -241,7 +241,7 @@ fn worker_status() -> TableIterator<
     let running = slot.worker_alive();
     let mut state = slot.text(Field::State);
     if unsafe { pg_sys::RecoveryInProgress() } {
-        state = "idle: this server is a hot standby; the worker starts on promotion".into();
+        state = ON_STANDBY.into();
     } else if state.is_empty() {
         state = "starting".into();
     }
@@ -259,10 +259,12 @@ fn worker_status() -> TableIterator<
     ))
 }
 
+const ON_STANDBY: &str = "idle: this server is a hot standby; the worker starts on promotion";
+
 /// Why no worker serves the current database.
 fn unserved_reason(sh: &shmem::Shared) -> String {
     if unsafe { pg_sys::RecoveryInProgress() } {
-        return "idle: this server is a hot standby; the worker starts on promotion".into();
+        return ON_STANDBY.into();
     }
     if !sh.launcher_alive() {
         return "no worker: the memory_ext launcher is not running (see the server log)".into();

@@ -12,7 +12,7 @@ use crate::shmem;
 use pgrx::pg_sys;
 use std::ffi::CStr;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 static mut PREV_HOOK: pg_sys::ProcessUtility_hook_type = None;
 
@@ -121,16 +121,8 @@ fn stop_worker_of(name: &str) {
         .store(shmem::now(), Ordering::SeqCst);
     let pid = slot.worker_pid.load(Ordering::SeqCst);
     // The slot may have been given to another database meanwhile: then leave its worker be.
-    if pid <= 0 || slot.database_oid.load(Ordering::Acquire) != oid.to_u32() {
-        return;
-    }
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let deadline = Instant::now() + STOP_WAIT;
-    while slot.worker_alive() && Instant::now() < deadline {
-        unsafe {
-            pg_sys::pg_usleep(10_000);
-            pgrx::check_for_interrupts!();
-        }
+    if slot.database_oid.load(Ordering::Acquire) == oid.to_u32() {
+        slot.terminate_worker(pid, STOP_WAIT);
     }
 }
 

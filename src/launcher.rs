@@ -285,13 +285,8 @@ fn reclaim_orphans(sh: &Shared) {
         if slot.database_oid.load(Ordering::Acquire) == 0 {
             continue;
         }
-        let pid = slot.worker_pid.load(Ordering::Acquire);
-        if pid > 0 && slot.worker_alive() {
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while slot.worker_alive() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
+        if slot.worker_alive() {
+            slot.terminate_worker(slot.worker_pid.load(Ordering::Acquire), DDL_PAUSE);
         }
         free(sh, i);
     }
@@ -402,6 +397,10 @@ pub extern "C-unwind" fn memory_ext_launcher_main(_arg: pg_sys::Datum) {
         s.retire(sh);
     }
     sh.launcher_pid.store(0, Ordering::Release);
+    // Exit status 1: the postmaster starts the launcher again (after its restart time) unless
+    // the server itself is shutting down. With 0 it would unregister it, and a
+    // pg_terminate_backend() of the launcher would stop memory_ext until the next restart.
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 #[cfg(test)]

@@ -236,6 +236,22 @@ impl Slot {
         pid > 0 && unsafe { !pg_sys::BackendPidGetProc(pid).is_null() }
     }
 
+    /// SIGTERM the worker with pid `pid` (read by the caller, who checked it belongs here) and
+    /// wait, at most `within`, until it is gone. Interruptible.
+    pub fn terminate_worker(&self, pid: i32, within: std::time::Duration) {
+        if pid <= 0 {
+            return;
+        }
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + within;
+        while self.worker_alive() && std::time::Instant::now() < deadline {
+            unsafe {
+                pg_sys::pg_usleep(10_000);
+                pgrx::check_for_interrupts!();
+            }
+        }
+    }
+
     /// Set the worker's latch. Safe in a commit callback: it cannot raise an ERROR.
     pub fn wake_worker(&self) {
         set_latch_of(self.worker_pid.load(Ordering::Acquire));

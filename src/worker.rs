@@ -253,10 +253,12 @@ impl Worker {
             Spi::get_one::<String>(
                 "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'memory_ext'",
             )
-        });
+        })
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
         match installed {
-            Ok(Ok(Some(v))) if v == LIBRARY => true,
-            Ok(Ok(v)) => {
+            Ok(Some(v)) if v == LIBRARY => true,
+            Ok(v) => {
                 set_state(&format!(
                     "waiting for ALTER EXTENSION memory_ext UPDATE in \"{}\": version {} is \
                      installed, the library is {LIBRARY}",
@@ -265,12 +267,8 @@ impl Worker {
                 ));
                 false
             }
-            Ok(Err(e)) => {
-                record_error(&e.to_string());
-                false
-            }
             Err(e) => {
-                record_error(&e.to_string());
+                record_error(&e);
                 false
             }
         }

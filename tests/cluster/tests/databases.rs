@@ -185,6 +185,21 @@ fn beyond_max_workers_a_database_is_left_out_and_told_why() {
         "the database left out is told why",
         T,
     );
+    // A served database's worker that dies keeps its place: restarted in its slot, while the
+    // database left out stays out (the cap counts slots, not live processes).
+    let victim = served_now[0].clone();
+    c.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+          WHERE backend_type = 'memory_ext worker' AND datname = $1",
+        &[&victim],
+    )
+    .unwrap();
+    let victim_db = ["cap_a", "cap_b", "cap_c"]
+        .iter()
+        .position(|d| *d == victim)
+        .unwrap();
+    applied_in(&mut dbs[victim_db], "after-restart");
+    assert_eq!(served(&mut c), served_now, "the same two databases served");
     let id = enqueue(&mut dbs[out], "chat", "confirmed: waits = yes");
     // A served database letting go of its worker makes room.
     let other = (out + 1) % 3;
@@ -198,4 +213,50 @@ fn beyond_max_workers_a_database_is_left_out_and_told_why() {
         "still two served",
         T,
     );
+}
+
+#[test]
+fn a_restarted_launcher_leaves_no_database_with_two_workers() {
+    let pg = start("launcher_restart", &[]);
+    let mut c = pg.client();
+    let mut dbs: Vec<Client> = ["lr_a", "lr_b"]
+        .iter()
+        .map(|d| create_with_extension(&pg, &mut c, d))
+        .collect();
+    for d in dbs.iter_mut() {
+        applied_in(d, "before");
+    }
+    let launcher: i32 = c
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'memory_ext launcher'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    c.execute("SELECT pg_terminate_backend($1)", &[&launcher])
+        .unwrap();
+    // The postmaster starts a new launcher (after its restart time); it stops the workers the
+    // old one left and starts its own: one per database, never two.
+    pg.eventually(
+        &mut c,
+        &format!(
+            "SELECT count(*) = 1 FROM pg_stat_activity \
+              WHERE backend_type = 'memory_ext launcher' AND pid <> {launcher}"
+        ),
+        "a new launcher",
+        T,
+    );
+    for d in dbs.iter_mut() {
+        applied_in(d, "after");
+    }
+    eventually_served(&pg, &mut c, &["lr_a", "lr_b"]);
+    let per_db: i64 = c
+        .query_one(
+            "SELECT max(n) FROM (SELECT count(*) AS n FROM pg_stat_activity \
+              WHERE backend_type = 'memory_ext worker' GROUP BY datname) x",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(per_db, 1);
 }
