@@ -142,28 +142,25 @@ unsafe extern "C-unwind" fn process_utility(
     if let Ddl::Database(name) = &ddl {
         stop_worker_of(name);
     }
+    // The previous hook, else the standard processing: one of them must run the statement.
+    macro_rules! run_with {
+        ($next:expr) => {
+            $next(
+                pstmt,
+                query,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                qc,
+            )
+        };
+    }
     unsafe {
         match PREV_HOOK {
-            Some(prev) => prev(
-                pstmt,
-                query,
-                read_only_tree,
-                context,
-                params,
-                query_env,
-                dest,
-                qc,
-            ),
-            None => pg_sys::standard_ProcessUtility(
-                pstmt,
-                query,
-                read_only_tree,
-                context,
-                params,
-                query_env,
-                dest,
-                qc,
-            ),
+            Some(prev) => run_with!(prev),
+            None => run_with!(pg_sys::standard_ProcessUtility),
         }
     }
     match ddl {

@@ -13,6 +13,7 @@
 //! recorded for the tests to inspect (unless [`FakeLlm::set_recording`] turned that off).
 
 use crate::Rng;
+use crate::mock_rules::{directive, fold_summary, key_value};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -21,8 +22,7 @@ use std::time::{Duration, Instant};
 
 pub const PROMPT_TOKENS: u64 = 100;
 pub const COMPLETION_TOKENS: u64 = 20;
-/// The summary keeps its last this many characters (as the mock summarizer's).
-pub const SUMMARY_MAX_CHARS: usize = 2000;
+pub use crate::mock_rules::SUMMARY_MAX_CHARS;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Mode {
@@ -249,6 +249,19 @@ fn chaos_draw(rng: &Mutex<Rng>, p_429: f64, p_500: f64, max_delay_ms: u64) -> Ch
 fn handle(mut request: tiny_http::Request, st: &State) {
     let now = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     st.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let (body, path, key) = record(&mut request, st);
+    let response = respond(st, &body, &path, &key);
+    *st.statuses
+        .lock()
+        .unwrap()
+        .entry(response.status_code().0)
+        .or_default() += 1;
+    let _ = request.respond(response);
+    st.in_flight.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Reads the request, records it (when recording): its body, path and API key.
+fn record(request: &mut tiny_http::Request, st: &State) -> (Value, String, String) {
     let mut raw = String::new();
     let _ = request.as_reader().read_to_string(&mut raw);
     let body: Value = serde_json::from_str(&raw).unwrap_or(Value::Null);
@@ -274,6 +287,26 @@ fn handle(mut request: tiny_http::Request, st: &State) {
     if st.recording.load(Ordering::SeqCst) {
         st.requests.lock().unwrap().push(rec);
     }
+    (body, path, key)
+}
+
+type Response = tiny_http::Response<std::io::Cursor<Vec<u8>>>;
+
+fn reply(status: u16, body: Value, headers: &[(&str, String)]) -> Response {
+    let mut r = tiny_http::Response::from_string(body.to_string()).with_status_code(status);
+    r.add_header(tiny_http::Header::from_bytes("content-type", "application/json").unwrap());
+    for (n, v) in headers {
+        r.add_header(tiny_http::Header::from_bytes(*n, v.as_bytes()).unwrap());
+    }
+    r
+}
+
+fn error(message: &str, code: &str) -> Value {
+    json!({"error": {"message": message, "type": code, "code": code}})
+}
+
+/// The answer to one request, after the mode's (or the snippets') delay.
+fn respond(st: &State, body: &Value, path: &str, key: &str) -> Response {
     let n = st.served.fetch_add(1, Ordering::SeqCst);
     let mode = st.mode.lock().unwrap().clone();
     let delay = *st.delay.lock().unwrap();
@@ -288,7 +321,7 @@ fn handle(mut request: tiny_http::Request, st: &State) {
         _ => None,
     };
 
-    let (memory, snippets) = conversation(&body);
+    let (memory, snippets) = conversation(body);
     let sleep = snippets
         .iter()
         .filter_map(|s| marker(s, "fake_sleep_ms"))
@@ -303,20 +336,7 @@ fn handle(mut request: tiny_http::Request, st: &State) {
         .any(|s| s.lines().any(|l| directive(l, "mock_fatal").is_some()));
 
     let fault = chaos.as_ref().and_then(|c| c.fault.as_ref());
-    // A repair request carries the model's earlier answer.
-    let repair = body["messages"]
-        .as_array()
-        .is_some_and(|m| m.iter().any(|m| m["role"] == "assistant"));
-    let reply = |status: u16, body: Value, headers: &[(&str, String)]| {
-        let mut r = tiny_http::Response::from_string(body.to_string()).with_status_code(status);
-        r.add_header(tiny_http::Header::from_bytes("content-type", "application/json").unwrap());
-        for (n, v) in headers {
-            r.add_header(tiny_http::Header::from_bytes(*n, v.as_bytes()).unwrap());
-        }
-        r
-    };
-    let error = |message: &str, code: &str| json!({"error": {"message": message, "type": code, "code": code}});
-    let response = match mode {
+    match mode {
         Mode::RateLimited {
             times,
             retry_after_s,
@@ -344,50 +364,52 @@ fn handle(mut request: tiny_http::Request, st: &State) {
             ),
             &[],
         ),
-        _ if rejected => reply(
-            400,
-            error(
-                "This model's maximum context length is 10 tokens",
-                "context_length_exceeded",
-            ),
-            &[],
+        _ if rejected => too_long(),
+        Mode::ContextWindow { max_snippets } if snippets.len() > max_snippets => too_long(),
+        _ => success(&mode, body, &memory, &snippets, anthropic),
+    }
+}
+
+/// The input is more than the model takes.
+fn too_long() -> Response {
+    reply(
+        400,
+        error(
+            "This model's maximum context length is 10 tokens",
+            "context_length_exceeded",
         ),
-        Mode::ContextWindow { max_snippets } if snippets.len() > max_snippets => reply(
-            400,
-            error(
-                "This model's maximum context length is 10 tokens",
-                "context_length_exceeded",
-            ),
-            &[],
-        ),
-        _ => {
-            let answer = answer(&memory, &snippets, mode == Mode::Ungrounded);
-            let text = match mode {
-                Mode::Fenced => Some(format!("```json\n{answer}\n```")),
-                Mode::Prose => Some(format!(
-                    "Here is the memory update you asked for:\n{answer}\nLet me know if {{anything}} else is needed."
-                )),
-                Mode::Think => Some(format!(
-                    "<think>The user said {{\"ops\": maybe}}. Let me write it.</think>\n{answer}"
-                )),
-                Mode::InvalidThenValid if !repair => {
-                    Some("Sure! The user wants to move; I'll remember that.".to_string())
-                }
-                Mode::SchemaViolating => {
-                    Some(json!({"ops": "set everything", "summary": 42}).to_string())
-                }
-                _ => None,
-            };
-            reply(200, wrap(anthropic, text, answer), &[])
+        &[],
+    )
+}
+
+/// A 200 answer, delivered as the mode says.
+fn success(
+    mode: &Mode,
+    body: &Value,
+    memory: &Value,
+    snippets: &[String],
+    anthropic: bool,
+) -> Response {
+    // A repair request carries the model's earlier answer.
+    let repair = body["messages"]
+        .as_array()
+        .is_some_and(|m| m.iter().any(|m| m["role"] == "assistant"));
+    let answer = answer(memory, snippets, *mode == Mode::Ungrounded);
+    let text = match mode {
+        Mode::Fenced => Some(format!("```json\n{answer}\n```")),
+        Mode::Prose => Some(format!(
+            "Here is the memory update you asked for:\n{answer}\nLet me know if {{anything}} else is needed."
+        )),
+        Mode::Think => Some(format!(
+            "<think>The user said {{\"ops\": maybe}}. Let me write it.</think>\n{answer}"
+        )),
+        Mode::InvalidThenValid if !repair => {
+            Some("Sure! The user wants to move; I'll remember that.".to_string())
         }
+        Mode::SchemaViolating => Some(json!({"ops": "set everything", "summary": 42}).to_string()),
+        _ => None,
     };
-    *st.statuses
-        .lock()
-        .unwrap()
-        .entry(response.status_code().0)
-        .or_default() += 1;
-    let _ = request.respond(response);
-    st.in_flight.fetch_sub(1, Ordering::SeqCst);
+    reply(200, wrap(anthropic, text, answer), &[])
 }
 
 /// The provider envelope around an answer: structured (`text` None) or as text.
@@ -444,41 +466,6 @@ fn marker<'a>(text: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
-/// `line` is the directive `name` (head trimmed, any case): what follows the colon, trimmed.
-fn directive<'a>(line: &'a str, name: &str) -> Option<&'a str> {
-    let (head, rest) = line.split_once(':')?;
-    head.trim().eq_ignore_ascii_case(name).then(|| rest.trim())
-}
-
-/// `key = value`, both trimmed, the key not empty.
-fn key_value(rest: &str) -> Option<(String, String)> {
-    let (k, v) = rest.split_once('=')?;
-    let k = k.trim();
-    (!k.is_empty()).then(|| (k.to_string(), v.trim().to_string()))
-}
-
-/// Keep the last `max` characters, starting after the first space when it is within 40 bytes.
-fn tail(s: &str, max: usize) -> String {
-    let count = s.chars().count();
-    if count <= max {
-        return s.to_string();
-    }
-    let cut: String = s.chars().skip(count - max).collect();
-    match cut.find(' ') {
-        Some(i) if i < 40 => cut[i + 1..].to_string(),
-        _ => cut,
-    }
-}
-
-/// The summary with one more line, capped like the mock's.
-fn fold_summary(summary: &str, line: &str) -> String {
-    if summary.is_empty() {
-        tail(line, SUMMARY_MAX_CHARS)
-    } else {
-        tail(&format!("{summary} | {line}"), SUMMARY_MAX_CHARS)
-    }
-}
-
 /// The "model": ops from markers (in line order), the summary extended with the other lines.
 fn answer(memory: &Value, snippets: &[String], ungrounded: bool) -> Value {
     let mut ops = Vec::new();
@@ -513,6 +500,7 @@ fn answer(memory: &Value, snippets: &[String], ungrounded: bool) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mock_rules::tail;
     use std::io::{Read, Write};
 
     /// POST an OpenAI request (the memory's `summary` and `snippets`): status, head, body.

@@ -3,6 +3,7 @@
 //! programs come from `MEMORY_EXT_PG_BIN` (scripts/cluster.sh sets it), Debian's 15 by default.
 
 pub mod fake_llm;
+pub mod mock_rules;
 
 use postgres::{Client, NoTls};
 use std::net::TcpListener;

@@ -20,6 +20,9 @@
 //! Thread timing is not reproducible, but each thread's schedule of actions is.
 
 use memory_ext_cluster_tests::fake_llm::{FakeLlm, Mode};
+use memory_ext_cluster_tests::mock_rules::{
+    SUMMARY_MAX_CHARS, directive, fold_summary, key_value, tail,
+};
 use memory_ext_cluster_tests::{Cluster, Rng, applied_ids, enqueued_ids};
 use postgres::Client;
 use postgres::error::SqlState;
@@ -35,7 +38,6 @@ const KEYS: u64 = 5;
 const MAX_FORGETS: usize = 6;
 const DEFAULT_SECS: u64 = 60;
 const HEAL_TIMEOUT: Duration = Duration::from_secs(120);
-const SUMMARY_MAX_CHARS: usize = 2000;
 /// The fake LLM's chaos: probabilities of 429 and 500, and the longest answer delay.
 const P_429: f64 = 0.04;
 const P_500: f64 = 0.08;
@@ -81,36 +83,10 @@ fn rerun(seed: u64) -> String {
 
 // ---- the reference model ----------------------------------------------------------------------
 
-/// A line's directive head (before the first ':', trimmed, lowercased) and the rest (trimmed).
-fn head_rest(line: &str) -> Option<(String, &str)> {
-    let (head, rest) = line.split_once(':')?;
-    Some((head.trim().to_lowercase(), rest.trim()))
-}
-
-/// `key = value`, both trimmed, with a non-empty key.
-fn key_value(rest: &str) -> Option<(String, String)> {
-    let (k, v) = rest.split_once('=')?;
-    let k = k.trim();
-    (!k.is_empty()).then(|| (k.to_string(), v.trim().to_string()))
-}
-
 /// A snippet the summarizer rejects as input: it is dead-lettered alone and changes nothing.
 fn is_rejected(text: &str) -> bool {
     text.lines()
-        .any(|l| head_rest(l.trim()).is_some_and(|(h, _)| h == "mock_fatal"))
-}
-
-/// The last `max` characters; when the cut has a space within its first 40 bytes, from after it.
-fn tail(s: &str, max: usize) -> String {
-    let count = s.chars().count();
-    if count <= max {
-        return s.to_string();
-    }
-    let cut: String = s.chars().skip(count - max).collect();
-    match cut.find(' ') {
-        Some(i) if i < 40 => cut[i + 1..].to_string(),
-        _ => cut,
-    }
+        .any(|l| directive(l.trim(), "mock_fatal").is_some())
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -127,32 +103,23 @@ impl Model {
             return;
         }
         for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-            let hr = head_rest(line);
-            let (head, rest) = match &hr {
-                Some((h, r)) => (h.as_str(), *r),
-                None => ("", ""),
-            };
-            match (head, key_value(rest)) {
-                ("confirmed", Some((k, v))) => {
+            let confirmed = directive(line, "confirmed").map(key_value);
+            let inferred = directive(line, "inferred").map(key_value);
+            let retract = directive(line, "retract").filter(|k| !k.is_empty());
+            match (confirmed, inferred, retract) {
+                (Some(Some((k, v))), _, _) => {
                     self.inferred.remove(&k);
                     self.confirmed.insert(k, v);
                 }
-                ("inferred", Some((k, v))) => {
+                (_, Some(Some((k, v))), _) => {
                     if !self.confirmed.contains_key(&k) {
                         self.inferred.insert(k, v);
                     }
                 }
-                ("retract", _) if !rest.is_empty() => {
-                    self.inferred.remove(rest);
+                (_, _, Some(k)) => {
+                    self.inferred.remove(k);
                 }
-                _ => {
-                    let joined = if self.summary.is_empty() {
-                        line.to_string()
-                    } else {
-                        format!("{} | {line}", self.summary)
-                    };
-                    self.summary = tail(&joined, SUMMARY_MAX_CHARS);
-                }
+                _ => self.summary = fold_summary(&self.summary, line),
             }
         }
     }
