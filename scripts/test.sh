@@ -15,7 +15,7 @@ trap 'rm -f "$log"' EXIT
 echo "== cargo fmt --check / clippy"
 cargo fmt --check
 for pg in "${majors[@]}"; do
-    cargo clippy --quiet --no-default-features --features "pg$pg" -- -D warnings
+    cargo clippy --quiet --all-targets --no-default-features --features "pg$pg" -- -D warnings
 done
 (cd tests/cluster && cargo fmt --check && cargo clippy --quiet --tests -- -D warnings)
 

@@ -251,7 +251,6 @@ mod tests {
                     Op::Infer(fact("zip", "3")),
                 ],
                 general_summary: Some("new".into()),
-                ..Default::default()
             })
             .unwrap(),
             usize::MAX,

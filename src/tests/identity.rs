@@ -135,9 +135,9 @@ fn no_existence_oracle() {
 fn owners_see_the_error_class_admins_the_detail() {
     as_user("alice");
     let detail = "mock error: key sk-ab***1234 of org-42 was refused";
-    let id = text(&format!(
-        "SELECT queue_id::text FROM memory.enqueue('c1', 'mock_error: key sk-ab***1234 of org-42 was refused')"
-    ));
+    let id = text(
+        "SELECT queue_id::text FROM memory.enqueue('c1', 'mock_error: key sk-ab***1234 of org-42 was refused')",
+    );
     run("SELECT memory.process_pending()");
     let status = format!("SELECT error_message FROM memory.status('{id}')");
     assert_eq!(text(&status), detail, "an admin sees the detail");
