@@ -2,6 +2,7 @@
 # Benchmark memory_ext on a scratch cluster (release build, mock summarizer) and print, in one run:
 #   1. enqueue throughput vs a plain INSERT into an equal table (pgbench; ratio)
 #   2. get() vs a plain primary-key SELECT of chat_metadata, and context() vs get() (pgbench; ratios)
+#      and an INSERT into a watched message table vs the same table unwatched (pgbench; ratio)
 #   3. enqueue -> memory-visible latency p50/p99 on an idle server
 #   4. drain rate for 100k snippets over 10k chats
 #   5. LLM summarizer throughput at llm_concurrency 1, 4, 16 against a fake LLM (200 ms answers)
@@ -42,6 +43,13 @@ CREATE TABLE public.plain_queue (LIKE memory.chat_context_queue INCLUDING ALL,
     FOREIGN KEY (chat_id) REFERENCES public.plain_chats (chat_id));
 INSERT INTO public.plain_chats (chat_id, owner) SELECT 'chat' || g, 'postgres' FROM generate_series(0, 999) g;
 SELECT count(*) FROM (SELECT memory.create_chat('chat' || g) FROM generate_series(0, 999) g) x;
+-- an app's message table, and the same table watched (memory.watch)
+CREATE TABLE public.messages_plain (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    conversation_id text NOT NULL, user_id text NOT NULL, role text NOT NULL, content text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now());
+CREATE INDEX ON public.messages_plain (conversation_id);
+CREATE TABLE public.messages_watched (LIKE public.messages_plain INCLUDING ALL);
+SELECT memory.watch('public.messages_watched', 'conversation_id', 'content', 'user_id', 'role');
 SQL
 W=$(mktemp -d); chmod 755 "$W"
 cat > "$W/enqueue.sql" <<'SQL'
@@ -64,6 +72,12 @@ cat > "$W/select.sql" <<'SQL'
 \set id random(0, 999)
 SELECT * FROM memory.chat_metadata WHERE chat_id = 'chat' || :id;
 SQL
+for t in plain watched; do
+    cat > "$W/messages_$t.sql" <<SQL
+\\set id random(0, 999)
+INSERT INTO public.messages_$t (conversation_id, user_id, role, content) VALUES ('conv' || :id, 'user' || :id, 'user', 'confirmed: plan = PPO. The user compares plans for next year and asks about premiums.');
+SQL
+done
 chmod 644 "$W"/*.sql
 
 echo "bench: pgbench, $CLIENTS clients, ${DURATION}s per run, median of three interleaved runs"
@@ -77,6 +91,7 @@ runs() { # db scriptA scriptB -> "medianA medianB"
     echo "$(median3 "${a[@]}") $(median3 "${b[@]}")"
 }
 read -r insert_tps enqueue_tps < <(runs bench_api "$W/insert.sql" "$W/enqueue.sql")
+read -r plain_msg_tps watched_msg_tps < <(runs bench_api "$W/messages_plain.sql" "$W/messages_watched.sql")
 # give get() real memory to read: apply what was enqueued
 psql_b -d bench_api -c "SET memory_ext.batch_chats = 1000; SET memory_ext.batch_snippets = 10000; SELECT memory.process_pending(1000)" >/dev/null
 pending=$(psql_b -d bench_api -c "SELECT count(*) FROM memory.chat_context_queue WHERE status <> 'complete'")
@@ -183,7 +198,8 @@ memory_ext benchmark — $(date -u +%Y-%m-%d), $(nproc) cores, $(awk '/MemTotal/
 |---|---|---|---|---|
 | enqueue, tx/s ($CLIENTS clients) | $enqueue_tps | plain INSERT: $insert_tps | $(ratio "$enqueue_tps" "$insert_tps") | >= 0.80 |
 | get(), tx/s ($CLIENTS clients) | $get_tps | plain PK SELECT: $select_tps | $(ratio "$get_tps" "$select_tps") | >= 0.80 |
-| context() (prompt text, exact token count), tx/s ($CLIENTS clients) | $context_tps | get(), same runs: $get2_tps | $(ratio "$context_tps" "$get2_tps") | |
+| context() (prompt text, exact token count), tx/s ($CLIENTS clients) | $context_tps | get(), same runs: $get2_tps | $(ratio "$context_tps" "$get2_tps") | >= 0.90 |
+| INSERT into a watched message table (captured), tx/s ($CLIENTS clients) | $watched_msg_tps | same table unwatched: $plain_msg_tps | $(ratio "$watched_msg_tps" "$plain_msg_tps") | >= 0.70 |
 | enqueue -> memory visible, p50 / p99 ms (idle, 300 runs) | $p50 / $p99 | | | <= 20 / <= 100 |
 | one claim (200 chats × 1 snippet), ms: 1M pending rows vs 10k | $claim_large | 10k pending: $claim_small | $(ratio "$claim_large" "$claim_small") | ~1 (O(log n)) |
 | drain 100k snippets / 10k chats | $drain_rate snippets/s (${drain_s}s; $failed failed) | enqueue of the batch: ${enqueue_s}s | $(ratio "$drain_rate" 5000) of target | >= 5000/s |

@@ -34,7 +34,7 @@ for pg in "${majors[@]}"; do
     scripts/install_check.sh 2>&1 | tee -a "$log"
 
     echo "== PostgreSQL $pg: worker, LLM summarizer and many-database tests against real clusters and a fake LLM (tests/cluster)"
-    cargo test --manifest-path tests/cluster/Cargo.toml --test worker --test llm --test databases -- --test-threads=2 2>&1 | tee -a "$log"
+    cargo test --manifest-path tests/cluster/Cargo.toml --test worker --test llm --test databases --test watch -- --test-threads=2 2>&1 | tee -a "$log"
 
     echo "== PostgreSQL $pg: releases: ALTER EXTENSION UPDATE from 0.1.0 (rows kept, catalog equal to a fresh install), pg_dump/pg_restore"
     cargo test --manifest-path tests/cluster/Cargo.toml --test releases -- --skip pg_upgrade 2>&1 | tee -a "$log"

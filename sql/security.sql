@@ -35,6 +35,9 @@ AS $$
         'memory.process_pending(integer)', 'memory.worker_status()',
         'memory.grant_usage(regrole)', 'memory.revoke_usage(regrole)',
         'memory.grant_admin(regrole)', 'memory.revoke_admin(regrole)',
+        'memory.watch(regclass, name, name, name, name)', 'memory.unwatch(regclass)',
+        -- read by the memory.watched view, with the reader's rights
+        'memory._trigger_args(bytea)',
         -- the audit_direct_write triggers' WHEN runs with the writer's rights: a role given table
         -- privileges without it cannot write them at all (rather than unaudited)
         'memory._superuser()'

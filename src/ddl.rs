@@ -8,7 +8,7 @@
 //!   database's worker is stopped first (and not started again for a while), so they neither
 //!   wait on it nor fail because of it.
 
-use crate::shmem;
+use crate::{shmem, watch};
 use pgrx::pg_sys;
 use std::ffi::CStr;
 use std::sync::atomic::Ordering;
@@ -31,6 +31,7 @@ pub fn init() {
 enum Ddl {
     CreateExtension,
     ChangeExtension,
+    DropExtension,
     /// Drop or rename of the database with this name.
     Database(String),
     Other,
@@ -73,7 +74,7 @@ unsafe fn classify(stmt: *mut pg_sys::Node) -> Ddl {
         } else if pgrx::is_a(stmt, T_DropStmt) {
             let s = &*stmt.cast::<pg_sys::DropStmt>();
             if s.removeType == pg_sys::ObjectType::OBJECT_EXTENSION && names_memory_ext(s.objects) {
-                return Ddl::ChangeExtension;
+                return Ddl::DropExtension;
             }
         } else if pgrx::is_a(stmt, T_DropdbStmt) {
             let s = &*stmt.cast::<pg_sys::DropdbStmt>();
@@ -139,8 +140,10 @@ unsafe extern "C-unwind" fn process_utility(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     let ddl = unsafe { classify((*pstmt).utilityStmt) };
-    if let Ddl::Database(name) = &ddl {
-        stop_worker_of(name);
+    match &ddl {
+        Ddl::Database(name) => stop_worker_of(name),
+        Ddl::DropExtension => watch::unwatch_all_before_drop(),
+        _ => {}
     }
     // The previous hook, else the standard processing: one of them must run the statement.
     macro_rules! run_with {
@@ -168,7 +171,7 @@ unsafe extern "C-unwind" fn process_utility(
             shmem::rescan_at_commit();
             shmem::wake_at_commit();
         }
-        Ddl::ChangeExtension => shmem::wake_at_commit(),
+        Ddl::ChangeExtension | Ddl::DropExtension => shmem::wake_at_commit(),
         _ => {}
     }
 }

@@ -10,6 +10,8 @@
 //!   `llm`, `http` and `contract`); `pipeline`: concurrent LLM requests for the worker;
 //! - `merge`: the merge rules; `tokens`: BPE token counting;
 //! - `rate_limit`: the per-identity enqueue limit (shared memory);
+//! - `watch`: capture of rows inserted into an app's table (`sql/watch.sql`);
+//! - `context`: the memory as prompt text; `ddl`: the utility hook (databases, extension);
 //! - `launcher`: starts and restarts the worker; `worker`: the queue-draining background
 //!   worker; `drain`: writing its results; `bgw`: what both processes share.
 
@@ -36,6 +38,7 @@ mod shmem;
 mod spi;
 mod summarizer;
 mod tokens;
+mod watch;
 mod worker;
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
@@ -46,6 +49,11 @@ extension_sql_file!(
     "../sql/api.sql",
     name = "api",
     requires = [api::admin_role, api::audit_reads, api::token_limit]
+);
+extension_sql_file!(
+    "../sql/watch.sql",
+    name = "watch",
+    requires = ["api", watch::truncate_utf8_sql, watch::trigger_args]
 );
 // Grants, RLS and revokes: after every function (SQL and Rust) exists.
 extension_sql_file!("../sql/security.sql", name = "security", finalize);
@@ -80,6 +88,7 @@ mod tests {
     include!("tests/api.rs");
     include!("tests/summarizing.rs");
     include!("tests/settings.rs");
+    include!("tests/watch.rs");
 }
 
 /// Required by `cargo pgrx test`.

@@ -304,6 +304,13 @@ fn a_dump_of_a_supabase_database_restores_every_chat() {
         "user-1",
         "SELECT memory.enqueue('c-2', 'confirmed: language = Rust')",
     );
+    // a watched app table: its trigger is dumped with the table, after the data
+    c.batch_execute(
+        "CREATE TABLE public.messages (chat text, body text);
+         SELECT memory.watch('public.messages', 'chat', 'body');
+         INSERT INTO public.messages VALUES ('m-1', 'captured before the dump');",
+    )
+    .unwrap();
     let failed = enqueue(&mut c, "c-3", "mock_fatal: refused");
     assert_eq!(wait(&mut c, &failed), "failed");
     pg.eventually(
@@ -324,6 +331,19 @@ fn a_dump_of_a_supabase_database_restores_every_chat() {
 
     dump_and_restore(&pg, "postgres", "restored");
     let mut restored = pg.client_db("restored");
+    restored
+        .batch_execute(
+            "DO $$ BEGIN
+                 ASSERT (SELECT count(*) FROM memory.chat_context_queue WHERE chat_id = 'm-1') = 1,
+                        'restoring the table captured nothing again';
+                 ASSERT (SELECT source::text FROM memory.watched) = 'messages';
+             END $$;
+             INSERT INTO public.messages VALUES ('m-1', 'captured after the restore');
+             DO $$ BEGIN
+                 ASSERT (SELECT count(*) FROM memory.chat_context_queue WHERE chat_id = 'm-1') = 2;
+             END $$;",
+        )
+        .unwrap();
     as_jwt_user(
         &mut restored,
         "user-1",
@@ -333,7 +353,7 @@ fn a_dump_of_a_supabase_database_restores_every_chat() {
     as_role(
         &mut restored,
         "ops",
-        "DO $$ BEGIN ASSERT (SELECT count(DISTINCT chat_id) FROM memory.chat_memory_history) = 2; END $$",
+        "DO $$ BEGIN ASSERT (SELECT count(DISTINCT chat_id) FROM memory.chat_memory_history) = 3; END $$",
     );
 }
 
