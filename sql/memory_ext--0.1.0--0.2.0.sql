@@ -3,7 +3,8 @@
 --
 -- Every row is kept. What changes:
 -- - chat_metadata.due_at (fair claiming), chat_context_queue.error_public (what owners see of an
---   error), table owner_turns (owners take turns).
+--   error), table owner_turns (owners take turns), table fact_keys (declared fact keys), and
+--   memory.watch() (capture from an app's own table).
 -- - Identities of direct callers move to their own namespace: an owner or enqueued_by naming an
 --   existing role becomes 'role:<name>' (0.1.0 stored a role's name as it was, in the namespace
 --   of JWT subs). A JWT sub equal to a role's name is taken for that role.
@@ -28,6 +29,16 @@ CREATE TABLE memory.owner_turns (
     owner       text PRIMARY KEY,
     served_at   timestamptz NOT NULL
 );
+CREATE TABLE memory.fact_keys (
+    key          text PRIMARY KEY
+                 CONSTRAINT fact_keys_key_check CHECK (key ~ '^[a-z][a-z0-9_]{0,63}$'),
+    description  text NOT NULL DEFAULT ''
+                 CONSTRAINT fact_keys_description_check CHECK (length(description) <= 500),
+    may_confirm  bool NOT NULL DEFAULT true,
+    may_infer    bool NOT NULL DEFAULT true,
+    CONSTRAINT fact_keys_some_use_check CHECK (may_confirm OR may_infer)
+);
+SELECT pg_catalog.pg_extension_config_dump('memory.fact_keys', '');
 
 -- ---- functions that are gone or whose arguments changed (with what uses them) ---------------
 DROP POLICY owner_reads ON memory.chat_context_queue;
@@ -1410,7 +1421,8 @@ BEGIN
     PERFORM memory._grant_functions(true, memory._admin_functions(), p_role);
     EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA memory TO %s', p_role);
     EXECUTE format('GRANT INSERT, UPDATE, DELETE ON memory.chat_metadata, '
-                   'memory.chat_context_queue, memory.chat_memory_history TO %s', p_role);
+                   'memory.chat_context_queue, memory.chat_memory_history, memory.fact_keys '
+                   'TO %s', p_role);
     EXECUTE format('GRANT USAGE ON SEQUENCE memory.chat_context_queue_seq TO %s', p_role);
 END
 $$;
@@ -1775,13 +1787,16 @@ CREATE POLICY owner_reads ON memory.chat_memory_history FOR SELECT
     USING (memory._owns_chat(chat_id));
 ALTER TABLE memory.owner_turns ENABLE ROW LEVEL SECURITY;
 CREATE POLICY admin_reads ON memory.owner_turns FOR SELECT USING (memory._is_admin());
+ALTER TABLE memory.fact_keys ENABLE ROW LEVEL SECURITY;
+CREATE POLICY admin_all ON memory.fact_keys FOR ALL
+    USING (memory._is_admin()) WITH CHECK (memory._is_admin());
 
 DO $$
 DECLARE
     t text;
 BEGIN
     FOREACH t IN ARRAY ARRAY['chat_metadata', 'chat_context_queue', 'chat_memory_history',
-                             'admin_roles'] LOOP
+                             'admin_roles', 'fact_keys'] LOOP
         EXECUTE format('CREATE TRIGGER audit_direct_write AFTER INSERT OR UPDATE OR DELETE '
                        'ON memory.%I FOR EACH STATEMENT WHEN (NOT memory._superuser()) '
                        'EXECUTE FUNCTION memory._audit_direct_write()', t);
@@ -1805,7 +1820,7 @@ UPDATE memory.chat_context_queue q SET error_public = memory._public_error(NULL)
 
 -- ---- privileges ------------------------------------------------------------------------------
 -- New objects: nothing for PUBLIC.
-REVOKE ALL ON memory.owner_turns FROM PUBLIC;
+REVOKE ALL ON memory.owner_turns, memory.fact_keys FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA memory FROM PUBLIC;
 
 -- Roles that had the API or admin rights get what grant_usage()/grant_admin() include in 0.2.0.

@@ -84,6 +84,20 @@ CREATE TABLE memory.owner_turns (
     served_at   timestamptz NOT NULL
 );
 
+-- The fact keys an admin declared (none: free-form keys, as the summarizer chooses). With any
+-- declared, operations on other keys, and confirmations (inferences) of a key that may not be
+-- confirmed (inferred), are refused by the merge and counted in rejected_ops; the LLM prompt
+-- lists the keys with their descriptions and the answer's schema allows only them.
+CREATE TABLE memory.fact_keys (
+    key          text PRIMARY KEY
+                 CONSTRAINT fact_keys_key_check CHECK (key ~ '^[a-z][a-z0-9_]{0,63}$'),
+    description  text NOT NULL DEFAULT ''
+                 CONSTRAINT fact_keys_description_check CHECK (length(description) <= 500),
+    may_confirm  bool NOT NULL DEFAULT true,
+    may_infer    bool NOT NULL DEFAULT true,
+    CONSTRAINT fact_keys_some_use_check CHECK (may_confirm OR may_infer)
+);
+
 -- Every applied version of a chat's memory, with the snippets that produced it.
 CREATE TABLE memory.chat_memory_history (
     chat_id             text NOT NULL REFERENCES memory.chat_metadata (chat_id) ON DELETE CASCADE,
@@ -154,3 +168,4 @@ SELECT pg_catalog.pg_extension_config_dump('memory.chat_context_queue_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('memory.llm_usage_daily', '');
 SELECT pg_catalog.pg_extension_config_dump('memory.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('memory.admin_roles', '');
+SELECT pg_catalog.pg_extension_config_dump('memory.fact_keys', '');

@@ -129,7 +129,8 @@ BEGIN
     PERFORM memory._grant_functions(true, memory._admin_functions(), p_role);
     EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA memory TO %s', p_role);
     EXECUTE format('GRANT INSERT, UPDATE, DELETE ON memory.chat_metadata, '
-                   'memory.chat_context_queue, memory.chat_memory_history TO %s', p_role);
+                   'memory.chat_context_queue, memory.chat_memory_history, memory.fact_keys '
+                   'TO %s', p_role);
     EXECUTE format('GRANT USAGE ON SEQUENCE memory.chat_context_queue_seq TO %s', p_role);
 END
 $$;
@@ -197,6 +198,10 @@ CREATE POLICY admin_reads ON memory.llm_usage_daily FOR SELECT USING (memory._is
 ALTER TABLE memory.admin_roles ENABLE ROW LEVEL SECURITY;
 CREATE POLICY admin_reads ON memory.admin_roles FOR SELECT USING (memory._is_admin());
 
+ALTER TABLE memory.fact_keys ENABLE ROW LEVEL SECURITY;
+CREATE POLICY admin_all ON memory.fact_keys FOR ALL
+    USING (memory._is_admin()) WITH CHECK (memory._is_admin());
+
 ALTER TABLE memory.owner_turns ENABLE ROW LEVEL SECURITY;
 CREATE POLICY admin_reads ON memory.owner_turns FOR SELECT USING (memory._is_admin());
 
@@ -240,7 +245,7 @@ DECLARE
     t text;
 BEGIN
     FOREACH t IN ARRAY ARRAY['chat_metadata', 'chat_context_queue', 'chat_memory_history',
-                             'admin_roles'] LOOP
+                             'admin_roles', 'fact_keys'] LOOP
         EXECUTE format('CREATE TRIGGER audit_direct_write AFTER INSERT OR UPDATE OR DELETE '
                        'ON memory.%I FOR EACH STATEMENT WHEN (NOT memory._superuser()) '
                        'EXECUTE FUNCTION memory._audit_direct_write()', t);

@@ -158,7 +158,9 @@ fn process_pending_impl(p_max: i32) -> ApiResult<i32> {
     }
     let mut policy = QueuePolicy::current();
     policy.batch_chats = p_max;
-    let config = <crate::model::LlmConfig as settings::FromSettings>::current()?;
+    policy.fact_keys = queue::fact_keys()?;
+    let mut config = <crate::model::LlmConfig as settings::FromSettings>::current()?;
+    config.fact_keys = policy.fact_keys.clone();
     let summarizer = summarizer::from_config(&config)?;
     let label = summarizer.label();
     // Takes back leases of dead processes and expired ones (NO KEY UPDATE locks: enqueues into
@@ -166,7 +168,7 @@ fn process_pending_impl(p_max: i32) -> ApiResult<i32> {
     queue::reclaim(policy.max_attempts, true)?;
     let mut applied_snippets = 0;
     for peeked in queue::peek(&policy)? {
-        let mut result = batch::process(peeked.clone(), summarizer.as_ref(), policy.bounds());
+        let mut result = batch::process(peeked.clone(), summarizer.as_ref(), &policy.bounds());
         let Some(lease) = queue::claim_exact(&peeked, &policy)? else {
             continue; // the chat changed or is busy elsewhere: its work is not lost, only not done here
         };

@@ -37,11 +37,16 @@ fn summarize_into(
     summarizer: &dyn Summarizer,
     progress: &mut Progress,
     snippets: &[Snippet],
-    max_facts: usize,
+    bounds: &Bounds,
 ) -> Result<(), SummarizerError> {
     match summarizer.summarize(&progress.memory, snippets, &mut progress.usage) {
         Ok(update) => {
-            let stats = merge::apply(&mut progress.memory, update, max_facts);
+            let stats = merge::apply(
+                &mut progress.memory,
+                update,
+                bounds.max_facts,
+                &bounds.fact_keys,
+            );
             progress.usage.rejected_ops += stats.rejected() as u32;
             progress
                 .applied
@@ -50,8 +55,8 @@ fn summarize_into(
         }
         Err(e) if e.is_about_input() && snippets.len() > 1 => {
             let (first, second) = snippets.split_at(snippets.len() / 2);
-            summarize_into(summarizer, progress, first, max_facts)?;
-            summarize_into(summarizer, progress, second, max_facts)
+            summarize_into(summarizer, progress, first, bounds)?;
+            summarize_into(summarizer, progress, second, bounds)
         }
         Err(e) if e.is_about_input() => {
             let error = match &e {
@@ -83,13 +88,13 @@ fn failure(e: &SummarizerError) -> Failure {
 
 /// Summarize one claimed chat. A panic in the summarizer fails the whole claim (transiently):
 /// nothing of a batch that panicked is applied.
-pub fn process(claim: Claim, summarizer: &dyn Summarizer, bounds: Bounds) -> Finished {
+pub fn process(claim: Claim, summarizer: &dyn Summarizer, bounds: &Bounds) -> Finished {
     let mut progress = Progress {
         memory: claim.memory.clone(),
         ..Default::default()
     };
     let result = catch_unwind(AssertUnwindSafe(|| {
-        summarize_into(summarizer, &mut progress, &claim.snippets, bounds.max_facts)
+        summarize_into(summarizer, &mut progress, &claim.snippets, bounds)
     }));
     let failure = match result {
         Ok(Ok(())) => None,
@@ -127,7 +132,7 @@ pub fn process(claim: Claim, summarizer: &dyn Summarizer, bounds: Bounds) -> Fin
 pub fn process_all(
     claims: Vec<Claim>,
     summarizer: &dyn Summarizer,
-    bounds: Bounds,
+    bounds: &Bounds,
 ) -> Vec<Finished> {
     claims
         .into_iter()
@@ -138,7 +143,7 @@ pub fn process_all(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Fact, Op, SummaryUpdate};
+    use crate::model::{Fact, FactKeys, Op, SummaryUpdate};
     use serde_json::Value;
     use std::sync::Mutex;
 
@@ -193,9 +198,10 @@ mod tests {
         }
     }
 
-    const TEST_BOUNDS: Bounds = Bounds {
+    const TEST_BOUNDS: &Bounds = &Bounds {
         token_limit: 8000,
         max_facts: usize::MAX,
+        fact_keys: FactKeys::none(),
     };
 
     fn claim(texts: &[&str]) -> Claim {

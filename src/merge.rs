@@ -12,7 +12,7 @@
 //! Operations apply one by one in the order stated, so folding snippets one at a time or all
 //! together gives the same memory.
 
-use crate::model::{Memory, Op, SummaryUpdate};
+use crate::model::{FactKeys, Memory, Op, SummaryUpdate};
 use thiserror::Error;
 
 pub const MAX_KEY_CHARS: usize = 200;
@@ -41,12 +41,14 @@ pub struct MergeStats {
     pub rejected_inferences: usize,
     /// Operations refused by the bounds: a new key beyond `max_facts`, or a value too long.
     pub rejected_over_bounds: usize,
+    /// Operations refused by the declared keys (`memory.fact_keys`).
+    pub rejected_undeclared: usize,
 }
 
 impl MergeStats {
     /// Operations the merge refused.
     pub fn rejected(&self) -> usize {
-        self.rejected_inferences + self.rejected_over_bounds
+        self.rejected_inferences + self.rejected_over_bounds + self.rejected_undeclared
     }
 }
 
@@ -107,12 +109,18 @@ pub fn validate(update: SummaryUpdate) -> Result<Validated, InvalidUpdate> {
 }
 
 /// Apply a validated update to `memory`, one operation at a time in the order stated, keeping
-/// at most `max_facts` facts.
-pub fn apply(memory: &mut Memory, update: Validated, max_facts: usize) -> MergeStats {
+/// at most `max_facts` facts, of the declared keys when there are any.
+pub fn apply(
+    memory: &mut Memory,
+    update: Validated,
+    max_facts: usize,
+    keys: &FactKeys,
+) -> MergeStats {
     let Validated(update) = update;
     let mut stats = MergeStats::default();
     for op in update.ops {
         match op {
+            op if !keys.allows(&op) => stats.rejected_undeclared += 1,
             Op::Confirm(fact) | Op::Infer(fact)
                 if !within_bounds(memory, &fact.key, &fact.value, max_facts) =>
             {
@@ -229,7 +237,12 @@ mod tests {
         ];
         for (name, c, i, update, ec, ei) in cases {
             let mut m = memory(c, i);
-            apply(&mut m, validate(update).unwrap(), usize::MAX);
+            apply(
+                &mut m,
+                validate(update).unwrap(),
+                usize::MAX,
+                &FactKeys::default(),
+            );
             assert_eq!(Value::Object(m.user_confirmed), ec, "{name}");
             assert_eq!(Value::Object(m.llm_inferred), ei, "{name}");
             assert_eq!(
@@ -254,10 +267,12 @@ mod tests {
             })
             .unwrap(),
             usize::MAX,
+            &FactKeys::default(),
         );
         assert_eq!(
             stats,
             MergeStats {
+                rejected_undeclared: 0,
                 superseded: 1,
                 promoted: 1,
                 rejected_inferences: 1,
@@ -331,6 +346,7 @@ mod tests {
                         })
                         .unwrap(),
                         usize::MAX,
+                        &FactKeys::default(),
                     );
                     let mut single = Memory::default();
                     for op in ops {
@@ -342,6 +358,7 @@ mod tests {
                             })
                             .unwrap(),
                             usize::MAX,
+                            &FactKeys::default(),
                         );
                     }
                     assert_eq!(together, single, "{a:?} {b:?} {c:?}");
@@ -360,8 +377,50 @@ mod tests {
             })
             .unwrap(),
             usize::MAX,
+            &FactKeys::default(),
         );
         assert_eq!(Value::Object(m.llm_inferred), json!({"k": "b"}));
+    }
+
+    /// With keys declared, only they may be set, each as declared; drops always apply.
+    #[test]
+    fn declared_keys_refuse_the_others() {
+        use crate::model::FactKey;
+        let keys = FactKeys::new(vec![
+            FactKey {
+                key: "mood".into(),
+                description: String::new(),
+                may_confirm: false,
+                may_infer: true,
+            },
+            FactKey {
+                key: "city".into(),
+                description: String::new(),
+                may_confirm: true,
+                may_infer: false,
+            },
+        ]);
+        let mut m = memory(json!({}), json!({"old": "1"}));
+        let stats = apply(
+            &mut m,
+            validate(SummaryUpdate {
+                ops: vec![
+                    Op::Confirm(fact("city", "Lyon")),  // declared, may be confirmed
+                    Op::Infer(fact("city", "Paris")),   // may not be inferred (and is confirmed)
+                    Op::Confirm(fact("mood", "happy")), // may not be confirmed
+                    Op::Infer(fact("mood", "calm")),    // may be inferred
+                    Op::Infer(fact("zip", "69001")),    // not declared
+                    Op::DropInferred("old".into()),     // drops always apply
+                ],
+                ..Default::default()
+            })
+            .unwrap(),
+            usize::MAX,
+            &keys,
+        );
+        assert_eq!(Value::Object(m.user_confirmed), json!({"city": "Lyon"}));
+        assert_eq!(Value::Object(m.llm_inferred), json!({"mood": "calm"}));
+        assert_eq!((stats.rejected_undeclared, stats.rejected()), (3, 3));
     }
 
     /// At the bound, new keys are refused (counted) while existing keys still change, and a
@@ -386,6 +445,7 @@ mod tests {
             })
             .unwrap(),
             3,
+            &FactKeys::default(),
         );
         assert_eq!(stats.rejected_over_bounds, 3);
         assert_eq!(stats.rejected(), 3);

@@ -143,12 +143,66 @@ pub fn no_lease() -> pgrx::Uuid {
     pgrx::Uuid::from_bytes([0; 16])
 }
 
+/// A fact key an admin declared (`memory.fact_keys`), and what it may be used for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FactKey {
+    pub key: String,
+    pub description: String,
+    pub may_confirm: bool,
+    pub may_infer: bool,
+}
+
+/// The declared fact keys, in key order. None declared: any key goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FactKeys(Vec<FactKey>);
+
+impl FactKeys {
+    pub fn new(mut keys: Vec<FactKey>) -> Self {
+        keys.sort_by(|a, b| a.key.cmp(&b.key));
+        keys.dedup_by(|a, b| a.key == b.key);
+        Self(keys)
+    }
+
+    /// No keys declared: any key goes.
+    pub const fn none() -> Self {
+        Self(Vec::new())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &FactKey> {
+        self.0.iter()
+    }
+
+    fn get(&self, key: &str) -> Option<&FactKey> {
+        let i = self.0.binary_search_by(|k| k.key.as_str().cmp(key)).ok()?;
+        Some(&self.0[i])
+    }
+
+    /// May the merge apply `op`? With keys declared, a confirmation or an inference only of a
+    /// declared key that may be confirmed (inferred). A drop always may: it only removes, and it
+    /// can clear a fact kept from before the keys were declared.
+    pub fn allows(&self, op: &Op) -> bool {
+        if self.is_empty() {
+            return true;
+        }
+        match op {
+            Op::Confirm(f) => self.get(&f.key).is_some_and(|k| k.may_confirm),
+            Op::Infer(f) => self.get(&f.key).is_some_and(|k| k.may_infer),
+            Op::DropInferred(_) => true,
+        }
+    }
+}
+
 /// The bounds a merged memory must keep.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Bounds {
     /// Above it the memory is flagged `needs_new_chat`.
     pub token_limit: i32,
     pub max_facts: usize,
+    pub fact_keys: FactKeys,
 }
 
 /// How `openai` asks for structured output (`memory_ext.llm_structured_output`).
@@ -174,6 +228,8 @@ pub struct LlmConfig {
     pub mock_directives: bool,
     /// `memory_ext.instructions`: the operator's guidance for the LLM (empty: none).
     pub instructions: String,
+    /// The declared fact keys (`memory.fact_keys`), listed in the prompt and the answer's schema.
+    pub fact_keys: FactKeys,
 }
 
 impl std::fmt::Debug for LlmConfig {

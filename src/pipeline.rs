@@ -165,7 +165,7 @@ impl Pipeline {
         &mut self,
         claims: Vec<Claim>,
         summarizer: &Arc<dyn Summarizer>,
-        bounds: Bounds,
+        bounds: &Bounds,
     ) -> Result<(), (String, Vec<(String, pgrx::Uuid)>)> {
         let label = summarizer.label();
         let mut claims = claims.into_iter();
@@ -176,7 +176,7 @@ impl Pipeline {
                 wake,
                 summarizer: Arc::clone(summarizer),
                 label: label.clone(),
-                bounds,
+                bounds: bounds.clone(),
             });
             let started = job.and_then(|job| spawn_without_signals(move || job.run(c)));
             if let Err(e) = started {
@@ -214,7 +214,7 @@ struct Job {
 impl Job {
     fn run(mut self, claim: Claim) {
         let started = Instant::now();
-        let outcome = batch::process(claim, self.summarizer.as_ref(), self.bounds);
+        let outcome = batch::process(claim, self.summarizer.as_ref(), &self.bounds);
         let _ = self.tx.send(Done {
             outcome,
             label: self.label,

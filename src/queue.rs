@@ -1,7 +1,7 @@
 //! Claiming and applying: thin typed wrappers over the SQL functions in `sql/queue.sql`.
 //! Every call here must run inside a transaction on the main thread.
 
-use crate::model::{Claim, Finished, Memory, Snippet, no_lease};
+use crate::model::{Claim, FactKey, FactKeys, Finished, Memory, Snippet, no_lease};
 use crate::settings::QueuePolicy;
 use pgrx::datum::JsonB;
 use pgrx::prelude::*;
@@ -16,6 +16,28 @@ pub enum QueueError {
     /// `_claim` returned a row it can never produce: a bug, not an empty batch to apply.
     #[error("malformed claim of chat \"{0}\": {1}")]
     MalformedClaim(String, &'static str),
+}
+
+/// The declared fact keys (`memory.fact_keys`), read once per batch: a change applies from the
+/// next batch on.
+pub fn fact_keys() -> Result<FactKeys, QueueError> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT key, description, may_confirm, may_infer FROM memory.fact_keys",
+            None,
+            &[],
+        )?;
+        let mut keys = Vec::new();
+        for row in rows {
+            keys.push(FactKey {
+                key: row.get::<String>(1)?.unwrap_or_default(),
+                description: row.get::<String>(2)?.unwrap_or_default(),
+                may_confirm: row.get::<bool>(3)?.unwrap_or(false),
+                may_infer: row.get::<bool>(4)?.unwrap_or(false),
+            });
+        }
+        Ok(FactKeys::new(keys))
+    })
 }
 
 /// How `_finish` reads a result.

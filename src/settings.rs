@@ -390,6 +390,8 @@ pub struct QueuePolicy {
     pub token_limit: i32,
     pub max_facts: i32,
     pub history_versions: i32,
+    /// Not a setting: the declared keys (`memory.fact_keys`), filled in by the caller.
+    pub fact_keys: crate::model::FactKeys,
 }
 
 impl QueuePolicy {
@@ -398,6 +400,7 @@ impl QueuePolicy {
         crate::model::Bounds {
             token_limit: self.token_limit,
             max_facts: self.max_facts.max(1) as usize,
+            fact_keys: self.fact_keys.clone(),
         }
     }
 
@@ -412,6 +415,7 @@ impl QueuePolicy {
             token_limit: TOKEN_LIMIT.get(),
             max_facts: MAX_FACTS.get(),
             history_versions: HISTORY_VERSIONS.get(),
+            fact_keys: crate::model::FactKeys::none(),
         }
     }
 }
@@ -468,6 +472,8 @@ impl FromSettings for LlmConfig {
             },
             mock_directives: MOCK_DIRECTIVES.get(),
             instructions: string(&INSTRUCTIONS).trim().to_string(),
+            // filled in by the caller, from memory.fact_keys
+            fact_keys: crate::model::FactKeys::none(),
         })
     }
 }

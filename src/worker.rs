@@ -18,7 +18,7 @@ use crate::bgw::{
     shutdown_requested,
 };
 use crate::drain::{self, note_latency};
-use crate::model::LlmConfig;
+use crate::model::{FactKeys, LlmConfig};
 use crate::model::{Finished, Usage};
 use crate::pipeline::{self, Pipeline};
 use crate::queue;
@@ -101,12 +101,16 @@ struct SummarizerCache {
 }
 
 impl SummarizerCache {
-    fn current(&mut self) -> Configured {
+    /// The summarizer for the settings and the declared `keys` (read each batch: a change to
+    /// memory.fact_keys rebuilds it too).
+    fn current(&mut self, keys: &FactKeys) -> Configured {
         let generation = CONFIG_GENERATION.load(Ordering::Relaxed);
-        if self.generation != Some(generation) {
+        let keys_changed = self.config.as_ref().is_some_and(|c| c.fact_keys != *keys);
+        if self.generation != Some(generation) || keys_changed {
             self.generation = Some(generation);
             match LlmConfig::current() {
-                Ok(config) => {
+                Ok(mut config) => {
+                    config.fact_keys = keys.clone();
                     let unchanged = self.config.as_ref() == Some(&config)
                         && matches!(self.summarizer, Some(Ok(_)));
                     if !unchanged {
@@ -160,7 +164,7 @@ fn drain_once(
     set_state(&format!("summarizing {n} chat(s)"));
     let (results, label) = match summarizer {
         Ok(s) => (
-            batch::process_all(claims, s.as_ref(), policy.bounds()),
+            batch::process_all(claims, s.as_ref(), &policy.bounds()),
             s.label(),
         ),
         Err(e) => (
@@ -292,7 +296,19 @@ impl Worker {
         if !self.was_ready && !self.schema_matches_library() {
             return Duration::from_secs(2);
         }
-        let policy = QueuePolicy::current();
+        let mut policy = QueuePolicy::current();
+        // Declared keys bound every merge: without them no batch is summarized.
+        match in_transaction(queue::fact_keys) {
+            Ok(Ok(keys)) => policy.fact_keys = keys,
+            Ok(Err(e)) => {
+                record_error(&e.to_string());
+                return Duration::from_secs(1);
+            }
+            Err(e) => {
+                record_error(&e.to_string());
+                return Duration::from_secs(1);
+            }
+        }
         if !self.was_ready {
             // Leases held by processes that died (a crash, a restart) are taken back at once.
             match in_transaction(|| queue::reclaim(policy.max_attempts, true)) {
@@ -307,7 +323,7 @@ impl Worker {
             finish_grouped(deferred, &policy, &mut self.deferred);
         }
         self.collect_answers(&policy);
-        let summarizer = self.cache.current();
+        let summarizer = self.cache.current(&policy.fact_keys);
         let pass = match &summarizer {
             Ok(s) if s.is_remote() => self.drain_remote(&policy, s),
             _ => Self::drain_inline(&policy, &summarizer, &mut self.deferred),
@@ -358,7 +374,7 @@ impl Worker {
                 Ok(claims) => {
                     pass.claimed = claims.len();
                     pass.more = claims.len() == asked && p.in_flight() + asked < concurrency;
-                    if let Err((e, unstarted)) = p.start(claims, s, policy.bounds()) {
+                    if let Err((e, unstarted)) = p.start(claims, s, &policy.bounds()) {
                         record_error(&e);
                         release_all(unstarted);
                         pass.more = false;

@@ -52,12 +52,12 @@ impl Provider for Anthropic {
         json!({
             "model": config.model,
             "max_tokens": max_tokens,
-            "system": contract::system_prompt(&config.instructions),
+            "system": contract::system_prompt(&config.instructions, &config.fact_keys),
             "messages": messages,
             "tools": [{
                 "name": contract::TOOL_NAME,
                 "description": "Record the memory update for the new snippets.",
-                "input_schema": contract::schema(),
+                "input_schema": contract::schema(&config.fact_keys),
             }],
             "tool_choice": {"type": "tool", "name": contract::TOOL_NAME},
         })
@@ -124,6 +124,7 @@ mod tests {
             structured_output: StructuredOutput::None,
             mock_directives: false,
             instructions: String::new(),
+            fact_keys: crate::model::FactKeys::none(),
         };
         let body = Anthropic.request(&config, &[]);
         assert_eq!(

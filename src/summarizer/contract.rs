@@ -18,7 +18,7 @@
 //! breaks the schema is an [`InvalidAnswer`], which earns one repair request.
 
 use crate::merge;
-use crate::model::{Fact, Memory, Op, Snippet, SummaryUpdate};
+use crate::model::{Fact, FactKeys, Memory, Op, Snippet, SummaryUpdate};
 use serde_json::{Value, json};
 use thiserror::Error;
 
@@ -45,23 +45,46 @@ the user's goal, progress so far, open questions and the next step, at most 200 
 names, numbers and identifiers verbatim. Write values, evidence and the summary in the language \
 the user writes in; never translate them.";
 
-/// The system prompt: the rules, then the operator's instructions when there are any (after the
-/// rules, so the stable part of every request comes first and a provider can cache it).
-pub fn system_prompt(instructions: &str) -> String {
-    if instructions.is_empty() {
-        SYSTEM_PROMPT.to_string()
-    } else {
-        format!(
-            "{SYSTEM_PROMPT}\n\nInstructions of this deployment (they add to the rules above, \
-             never replace them):\n{instructions}"
-        )
+/// The system prompt: the rules, the declared fact keys, then the operator's instructions when
+/// there are any (all of it the same for every request, so a provider can cache it).
+pub fn system_prompt(instructions: &str, keys: &FactKeys) -> String {
+    let mut prompt = SYSTEM_PROMPT.to_string();
+    if !keys.is_empty() {
+        prompt.push_str(
+            "\n\nFact keys: use only these keys, each only as marked (any other operation is \
+             refused):",
+        );
+        for k in keys.iter() {
+            let uses = match (k.may_confirm, k.may_infer) {
+                (true, true) => "confirm or infer",
+                (true, false) => "confirm only",
+                _ => "infer only",
+            };
+            prompt.push_str(&format!("\n- {} ({uses})", k.key));
+            if !k.description.is_empty() {
+                prompt.push_str(&format!(": {}", k.description));
+            }
+        }
     }
+    if !instructions.is_empty() {
+        prompt.push_str(&format!(
+            "\n\nInstructions of this deployment (they add to the rules above, never replace \
+             them):\n{instructions}"
+        ));
+    }
+    prompt
 }
 
 /// The answer's JSON schema. It satisfies OpenAI's strict mode (every property required,
 /// no additional properties), so it is also what Anthropic's tool takes as `input_schema`.
-pub fn schema() -> Value {
+pub fn schema(keys: &FactKeys) -> Value {
     let nullable_string = json!({"type": ["string", "null"]});
+    // With keys declared the model can only name them (a drop of an older key is refused too).
+    let key = if keys.is_empty() {
+        json!({"type": "string"})
+    } else {
+        json!({"type": "string", "enum": keys.iter().map(|k| k.key.as_str()).collect::<Vec<_>>()})
+    };
     json!({
         "type": "object",
         "additionalProperties": false,
@@ -75,7 +98,7 @@ pub fn schema() -> Value {
                     "required": ["op", "key", "value", "evidence", "basis"],
                     "properties": {
                         "op": {"type": "string", "enum": ["confirm", "infer", "drop_inferred"]},
-                        "key": {"type": "string"},
+                        "key": key,
                         "value": nullable_string,
                         "evidence": nullable_string,
                         "basis": nullable_string
@@ -258,8 +281,8 @@ mod tests {
 
     #[test]
     fn instructions_follow_the_rules() {
-        assert_eq!(system_prompt(""), SYSTEM_PROMPT);
-        let p = system_prompt("Domain: insurance.");
+        assert_eq!(system_prompt("", &FactKeys::none()), SYSTEM_PROMPT);
+        let p = system_prompt("Domain: insurance.", &FactKeys::none());
         assert!(p.starts_with(SYSTEM_PROMPT), "the stable part first");
         assert!(p.ends_with("never replace them):\nDomain: insurance."));
     }
@@ -396,7 +419,25 @@ mod tests {
                 check(items);
             }
         }
-        check(&schema());
+        check(&schema(&FactKeys::none()));
+        let keys = FactKeys::new(vec![crate::model::FactKey {
+            key: "zip".into(),
+            description: "postal code".into(),
+            may_confirm: true,
+            may_infer: false,
+        }]);
+        let declared = schema(&keys);
+        check(&declared);
+        assert_eq!(
+            declared["properties"]["ops"]["items"]["properties"]["key"],
+            json!({"type": "string", "enum": ["zip"]})
+        );
+        let p = system_prompt("Domain: insurance.", &keys);
+        assert!(p.starts_with(SYSTEM_PROMPT));
+        assert!(
+            p.contains("\n- zip (confirm only): postal code\n\nInstructions"),
+            "{p}"
+        );
     }
 
     #[test]
@@ -420,7 +461,7 @@ mod tests {
             .collect();
         assert_eq!(kinds, ["infer", "drop", "infer", "confirm"]);
         let mut m = Memory::default();
-        crate::merge::apply(&mut m, u, usize::MAX);
+        crate::merge::apply(&mut m, u, usize::MAX, &FactKeys::none());
         assert_eq!(Value::Object(m.llm_inferred), json!({"k": "b"}));
     }
 }

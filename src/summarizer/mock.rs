@@ -237,7 +237,7 @@ mod tests {
         ];
         let fold = |memory: &mut Memory, texts: &[&str]| {
             let u = run(memory, texts).unwrap();
-            crate::merge::apply(memory, u, usize::MAX);
+            crate::merge::apply(memory, u, usize::MAX, &crate::model::FactKeys::none());
         };
         let mut together = Memory::default();
         fold(&mut together, &texts);

@@ -30,7 +30,7 @@ impl Provider for OpenAi {
 
     fn request(&self, config: &LlmConfig, turns: &[Turn]) -> Value {
         let mut messages = vec![
-            json!({"role": "system", "content": contract::system_prompt(&config.instructions)}),
+            json!({"role": "system", "content": contract::system_prompt(&config.instructions, &config.fact_keys)}),
         ];
         messages.extend(turns.iter().map(|t| {
             json!({
@@ -46,7 +46,7 @@ impl Provider for OpenAi {
                     "json_schema": {
                         "name": contract::TOOL_NAME,
                         "strict": true,
-                        "schema": contract::schema(),
+                        "schema": contract::schema(&config.fact_keys),
                     }
                 });
             }
@@ -107,6 +107,7 @@ mod tests {
             structured_output,
             mock_directives: false,
             instructions: String::new(),
+            fact_keys: crate::model::FactKeys::none(),
         }
     }
 

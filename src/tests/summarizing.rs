@@ -325,3 +325,51 @@ fn cleanup_forgets_owners_not_served_for_a_day() {
         "recent"
     );
 }
+
+/// With fact keys declared, the mock's operations on other keys, and confirmations of an
+/// infer-only key, are refused and counted; a drop of an older key still applies. With none
+/// declared, keys are free-form again.
+#[pg_test]
+fn declared_fact_keys_bound_what_the_summarizer_may_set() {
+    run("SELECT memory.enqueue('c1', E'inferred: legacy = x')");
+    run("SELECT memory.process_pending()");
+    run("INSERT INTO memory.fact_keys (key, description, may_confirm, may_infer) VALUES
+           ('city', 'where the user lives', true, true), ('mood', '', false, true)");
+    run("SELECT memory.enqueue('c1', E'confirmed: city = Lyon\\nconfirmed: mood = happy\\n\
+         inferred: mood = calm\\nconfirmed: zip = 69001\\nretract: legacy')");
+    run("SELECT memory.process_pending()");
+    assert_eq!(
+        text("SELECT user_confirmed::text || ' ' || llm_inferred::text FROM memory.get('c1')"),
+        r#"{"city": "Lyon"} {"mood": "calm"}"#
+    );
+    assert_eq!(
+        one::<i32>("SELECT rejected_ops FROM memory.chat_memory_history WHERE version = 2"),
+        Some(2)
+    );
+    run("DELETE FROM memory.fact_keys");
+    run("SELECT memory.enqueue('c1', 'confirmed: zip = 69001')");
+    run("SELECT memory.process_pending()");
+    assert_eq!(text("SELECT user_confirmed->>'zip' FROM memory.get('c1')"), "69001");
+}
+
+/// Declared keys are snake_case, described briefly, usable somehow; only admins declare them.
+#[pg_test]
+fn fact_keys_are_checked_and_for_admins() {
+    for (row, constraint) in [
+        ("('Zip', '', true, true)", "fact_keys_key_check"),
+        ("('', '', true, true)", "fact_keys_key_check"),
+        ("('zip code', '', true, true)", "fact_keys_key_check"),
+        (&format!("('{}', '', true, true)", "k".repeat(65)), "fact_keys_key_check"),
+        (&format!("('zip', '{}', true, true)", "d".repeat(501)), "fact_keys_description_check"),
+        ("('zip', '', false, false)", "fact_keys_some_use_check"),
+    ] {
+        let e = error_of(&format!("INSERT INTO memory.fact_keys VALUES {row}"));
+        assert!(e.starts_with("23514") && e.contains(constraint), "{row}: {e}");
+    }
+    run("INSERT INTO memory.fact_keys (key) VALUES ('zip')");
+    become_app_role();
+    assert_eq!(sqlstate("INSERT INTO memory.fact_keys (key) VALUES ('city')"), "42501");
+    assert_eq!(sqlstate("SELECT 1 FROM memory.fact_keys"), "42501");
+    run("RESET ROLE");
+    assert_eq!(count("SELECT 1 FROM memory.fact_keys"), 1);
+}

@@ -837,3 +837,68 @@ fn instructions_are_bounded() {
     ))
     .unwrap();
 }
+
+/// Declared fact keys reach both providers (listed with their descriptions in the system prompt,
+/// and the only values the answer's schema allows for `key`), and the merge refuses, and counts,
+/// what the model proposes beyond them: an undeclared key, a confirmation of an infer-only key.
+/// Keys declared while the worker runs apply from its next batch.
+#[test]
+fn declared_fact_keys_reach_the_model_and_bound_the_merge() {
+    let fake = FakeLlm::start(Mode::Valid);
+    for provider in ["openai", "anthropic"] {
+        let (_pg, mut c) = start(&format!("llm_fact_keys_{provider}"), &fake, provider, &[]);
+        c.batch_execute(
+            "INSERT INTO memory.fact_keys (key, description, may_confirm, may_infer) VALUES
+               ('mood', 'how the user feels today', false, true),
+               ('city', 'where the user lives', true, true)",
+        )
+        .unwrap();
+        let before = fake.request_count();
+        let id = enqueue(
+            &mut c,
+            "c1",
+            "confirmed: city = Lyon\nconfirmed: mood = happy\ninferred: mood = calm\n\
+             confirmed: zip = 69001",
+        );
+        assert_eq!(wait(&mut c, &id), "complete", "{provider}");
+        assert_eq!(
+            memory(&mut c, "c1"),
+            (
+                r#"{"city": "Lyon"}"#.into(),
+                r#"{"mood": "calm"}"#.into(),
+                String::new()
+            ),
+            "{provider}"
+        );
+        let rejected: i32 = c
+            .query_one(
+                "SELECT rejected_ops FROM memory.chat_memory_history WHERE chat_id = 'c1'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(rejected, 2, "{provider}: zip and a confirmed mood");
+        let r = &fake.requests()[before];
+        let (system, schema) = if provider == "openai" {
+            (
+                &r.body["messages"][0]["content"],
+                &r.body["response_format"]["json_schema"]["schema"],
+            )
+        } else {
+            (&r.body["system"], &r.body["tools"][0]["input_schema"])
+        };
+        let system = system.as_str().unwrap_or_default();
+        assert!(
+            system.contains(
+                "- city (confirm or infer): where the user lives\n\
+                 - mood (infer only): how the user feels today"
+            ),
+            "{provider}: {system}"
+        );
+        assert_eq!(
+            schema["properties"]["ops"]["items"]["properties"]["key"]["enum"],
+            serde_json::json!(["city", "mood"]),
+            "{provider}"
+        );
+    }
+}
