@@ -400,9 +400,58 @@ BEGIN
         PERFORM memory._audit('get', p_chat_id);
     END IF;
     IF needs_new_chat THEN
-        guidance := format('This chat''s memory is %s tokens, over the limit of %s: start a new '
-            'chat and carry over the summary and confirmed facts.', token_count,
-            memory._token_limit());
+        guidance := memory._guidance(token_count);
+    END IF;
+    RETURN NEXT;
+END
+$$;
+
+-- What get() and context() tell an agent whose chat's memory is over memory_ext.token_limit.
+CREATE FUNCTION memory._guidance(p_token_count int)
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format('This chat''s memory is %s tokens, over the limit of %s: start a new chat and '
+                  'carry over the summary and confirmed facts.', p_token_count,
+                  memory._token_limit())
+$$;
+
+-- The memory as prompt text, with get()'s ownership rules, errors and read audit. The worker
+-- renders it when it applies a version (chat_metadata.context_text): that text is returned as it
+-- is when it fits the budget and no guidance is due; otherwise it is rendered here.
+CREATE FUNCTION memory.context(p_chat_id text, p_max_tokens int DEFAULT NULL)
+RETURNS TABLE (context text, token_count int, truncated bool, version bigint, pending int,
+               needs_new_chat bool)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    c memory.chat_metadata%ROWTYPE;
+BEGIN
+    IF p_max_tokens < 1 THEN
+        RAISE EXCEPTION 'p_max_tokens must be at least 1 (or NULL for no limit), got %',
+            p_max_tokens USING ERRCODE = '22023';
+    END IF;
+    c := memory._owned_chat(p_chat_id, 'context');
+    SELECT count(*)::int INTO pending FROM memory.chat_context_queue q
+     WHERE q.chat_id = p_chat_id AND q.status IN ('pending_summarization', 'processing');
+    IF memory._audit_reads() THEN
+        PERFORM memory._audit('context', p_chat_id);
+    END IF;
+    version := c.version;
+    needs_new_chat := c.needs_new_chat;
+    IF c.context_text IS NOT NULL AND NOT c.needs_new_chat
+       AND c.context_tokens <= coalesce(p_max_tokens, c.context_tokens) THEN
+        context := c.context_text;
+        token_count := c.context_tokens;
+        truncated := false;
+    ELSE
+        SELECT r.context, r.token_count, r.truncated INTO context, token_count, truncated
+          FROM memory._render_context(c.user_confirmed, c.llm_inferred, c.general_summary,
+                   CASE WHEN c.needs_new_chat THEN memory._guidance(c.token_count) END,
+                   p_max_tokens) r;
     END IF;
     RETURN NEXT;
 END

@@ -22,7 +22,8 @@ SELECT pg_catalog.set_config('memory_ext_upgrade.initial_grantees',
         AND i.classoid = 'pg_catalog.pg_proc'::regclass), true);
 
 -- ---- tables ---------------------------------------------------------------------------------
-ALTER TABLE memory.chat_metadata ADD COLUMN due_at timestamptz;
+ALTER TABLE memory.chat_metadata ADD COLUMN due_at timestamptz,
+    ADD COLUMN context_text text, ADD COLUMN context_tokens int;
 CREATE INDEX chat_metadata_due_idx ON memory.chat_metadata (due_at) WHERE due_at IS NOT NULL;
 ALTER TABLE memory.chat_context_queue ADD COLUMN error_public text;
 CREATE TABLE memory.owner_turns (
@@ -355,6 +356,7 @@ $$;
 --   {chat_id, lease_token,
 --    applied_ids: [..]   the snippets merged into the memory below, in order (may be empty),
 --    user_confirmed, llm_inferred, general_summary, token_count, needs_new_chat,
+--    context, context_tokens   the memory as context() renders it, and its token count,
 --    dead: [{id, error}] snippets the summarizer refused on their own (dead-lettered alone),
 --    failure: {error, permanent, retry_after_ms} | null   for every other claimed snippet,
 --    usage: {llm_requests, prompt_tokens, completion_tokens, rejected_ops}}
@@ -383,7 +385,7 @@ BEGIN
     FOR r IN SELECT * FROM jsonb_to_recordset(p_results) AS x(
         chat_id text, lease_token uuid, applied_ids uuid[], user_confirmed jsonb,
         llm_inferred jsonb, general_summary text, token_count int, needs_new_chat bool,
-        dead jsonb, failure jsonb, usage jsonb)
+        context text, context_tokens int, dead jsonb, failure jsonb, usage jsonb)
     LOOP
         -- NO KEY UPDATE: excludes the other finishers and reclaimers of this chat, not enqueues.
         PERFORM 1 FROM memory.chat_metadata c
@@ -399,7 +401,8 @@ BEGIN
         v_done := memory._finish_applied(r.chat_id, r.lease_token, r.applied_ids,
                                          r.user_confirmed, r.llm_inferred, r.general_summary,
                                          r.token_count, r.needs_new_chat, p_summarizer,
-                                         r.usage, p_history_versions);
+                                         r.usage, p_history_versions, r.context,
+                                         r.context_tokens);
         v_dead := jsonb_array_length(coalesce(r.dead, '[]')) > 0;
         IF v_dead THEN
             PERFORM memory._finish_dead(r.chat_id, r.lease_token, r.dead);
@@ -449,7 +452,8 @@ CREATE OR REPLACE FUNCTION memory._finish_applied(p_chat_id text, p_lease_token 
                                        p_confirmed jsonb, p_inferred jsonb, p_summary text,
                                        p_token_count int, p_needs_new_chat bool,
                                        p_summarizer text, p_usage jsonb,
-                                       p_history_versions int)
+                                       p_history_versions int, p_context text,
+                                       p_context_tokens int)
 RETURNS bool
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -475,7 +479,8 @@ BEGIN
     UPDATE memory.chat_metadata c
        SET user_confirmed = p_confirmed, llm_inferred = p_inferred,
            general_summary = p_summary, token_count = p_token_count,
-           needs_new_chat = p_needs_new_chat, version = c.version + 1, last_updated = now()
+           needs_new_chat = p_needs_new_chat, version = c.version + 1, last_updated = now(),
+           context_text = p_context, context_tokens = p_context_tokens
      WHERE c.chat_id = p_chat_id;
     INSERT INTO memory.chat_memory_history (chat_id, version, queue_ids, old_user_confirmed,
         old_llm_inferred, old_general_summary, user_confirmed, llm_inferred, general_summary,
@@ -617,7 +622,8 @@ REVOKE ALL ON FUNCTION memory._due_chats(int), memory._claim(int, int, int),
     memory._peek(int, int),
     memory._claim_exact(text, bigint, uuid[], int),
     memory._finish(jsonb, text, int, int, int, int),
-    memory._finish_applied(text, uuid, uuid[], jsonb, jsonb, text, int, bool, text, jsonb, int),
+    memory._finish_applied(text, uuid, uuid[], jsonb, jsonb, text, int, bool, text, jsonb, int,
+                           text, int),
     memory._finish_dead(text, uuid, jsonb), memory._backoff_until(text, uuid, int, int, int),
     memory._return_claimed(text, bool, bool, text, text, int, timestamptz),
     memory._public_error(text),
@@ -1069,9 +1075,58 @@ BEGIN
         PERFORM memory._audit('get', p_chat_id);
     END IF;
     IF needs_new_chat THEN
-        guidance := format('This chat''s memory is %s tokens, over the limit of %s: start a new '
-            'chat and carry over the summary and confirmed facts.', token_count,
-            memory._token_limit());
+        guidance := memory._guidance(token_count);
+    END IF;
+    RETURN NEXT;
+END
+$$;
+
+-- What get() and context() tell an agent whose chat's memory is over memory_ext.token_limit.
+CREATE FUNCTION memory._guidance(p_token_count int)
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format('This chat''s memory is %s tokens, over the limit of %s: start a new chat and '
+                  'carry over the summary and confirmed facts.', p_token_count,
+                  memory._token_limit())
+$$;
+
+-- The memory as prompt text, with get()'s ownership rules, errors and read audit. The worker
+-- renders it when it applies a version (chat_metadata.context_text): that text is returned as it
+-- is when it fits the budget and no guidance is due; otherwise it is rendered here.
+CREATE FUNCTION memory.context(p_chat_id text, p_max_tokens int DEFAULT NULL)
+RETURNS TABLE (context text, token_count int, truncated bool, version bigint, pending int,
+               needs_new_chat bool)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    c memory.chat_metadata%ROWTYPE;
+BEGIN
+    IF p_max_tokens < 1 THEN
+        RAISE EXCEPTION 'p_max_tokens must be at least 1 (or NULL for no limit), got %',
+            p_max_tokens USING ERRCODE = '22023';
+    END IF;
+    c := memory._owned_chat(p_chat_id, 'context');
+    SELECT count(*)::int INTO pending FROM memory.chat_context_queue q
+     WHERE q.chat_id = p_chat_id AND q.status IN ('pending_summarization', 'processing');
+    IF memory._audit_reads() THEN
+        PERFORM memory._audit('context', p_chat_id);
+    END IF;
+    version := c.version;
+    needs_new_chat := c.needs_new_chat;
+    IF c.context_text IS NOT NULL AND NOT c.needs_new_chat
+       AND c.context_tokens <= coalesce(p_max_tokens, c.context_tokens) THEN
+        context := c.context_text;
+        token_count := c.context_tokens;
+        truncated := false;
+    ELSE
+        SELECT r.context, r.token_count, r.truncated INTO context, token_count, truncated
+          FROM memory._render_context(c.user_confirmed, c.llm_inferred, c.general_summary,
+                   CASE WHEN c.needs_new_chat THEN memory._guidance(c.token_count) END,
+                   p_max_tokens) r;
     END IF;
     RETURN NEXT;
 END
@@ -1245,22 +1300,21 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'wake_at_commit_wrapper';
 
--- new in 0.2.0: the memory as prompt text
-CREATE OR REPLACE FUNCTION "context"(
-	"p_chat_id" TEXT, /* Option < & str > */
-	"p_max_tokens" INT DEFAULT NULL /* Option < i32 > */
+-- new in 0.2.0: the memory as prompt text (memory.context() renders with it when it must)
+CREATE FUNCTION "_render_context"(
+	"p_confirmed" jsonb, /* Option < pgrx :: JsonB > */
+	"p_inferred" jsonb, /* Option < pgrx :: JsonB > */
+	"p_summary" TEXT, /* Option < & str > */
+	"p_guidance" TEXT, /* Option < & str > */
+	"p_max_tokens" INT /* Option < i32 > */
 ) RETURNS TABLE (
 	"context" TEXT,  /* String */
 	"token_count" INT,  /* i32 */
-	"truncated" bool,  /* bool */
-	"version" bigint,  /* i64 */
-	"pending" INT,  /* i32 */
-	"needs_new_chat" bool  /* bool */
+	"truncated" bool  /* bool */
 )
-VOLATILE PARALLEL UNSAFE
-SET search_path TO pg_catalog, pg_temp
+IMMUTABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'context_wrapper';
+AS 'MODULE_PATHNAME', 'render_context_wrapper';
 
 CREATE OR REPLACE FUNCTION "count_tokens"(
 	"text" TEXT /* & str */

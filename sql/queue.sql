@@ -302,6 +302,7 @@ $$;
 --   {chat_id, lease_token,
 --    applied_ids: [..]   the snippets merged into the memory below, in order (may be empty),
 --    user_confirmed, llm_inferred, general_summary, token_count, needs_new_chat,
+--    context, context_tokens   the memory as context() renders it, and its token count,
 --    dead: [{id, error}] snippets the summarizer refused on their own (dead-lettered alone),
 --    failure: {error, permanent, retry_after_ms} | null   for every other claimed snippet,
 --    usage: {llm_requests, prompt_tokens, completion_tokens, rejected_ops}}
@@ -330,7 +331,7 @@ BEGIN
     FOR r IN SELECT * FROM jsonb_to_recordset(p_results) AS x(
         chat_id text, lease_token uuid, applied_ids uuid[], user_confirmed jsonb,
         llm_inferred jsonb, general_summary text, token_count int, needs_new_chat bool,
-        dead jsonb, failure jsonb, usage jsonb)
+        context text, context_tokens int, dead jsonb, failure jsonb, usage jsonb)
     LOOP
         -- NO KEY UPDATE: excludes the other finishers and reclaimers of this chat, not enqueues.
         PERFORM 1 FROM memory.chat_metadata c
@@ -346,7 +347,8 @@ BEGIN
         v_done := memory._finish_applied(r.chat_id, r.lease_token, r.applied_ids,
                                          r.user_confirmed, r.llm_inferred, r.general_summary,
                                          r.token_count, r.needs_new_chat, p_summarizer,
-                                         r.usage, p_history_versions);
+                                         r.usage, p_history_versions, r.context,
+                                         r.context_tokens);
         v_dead := jsonb_array_length(coalesce(r.dead, '[]')) > 0;
         IF v_dead THEN
             PERFORM memory._finish_dead(r.chat_id, r.lease_token, r.dead);
@@ -396,7 +398,8 @@ CREATE FUNCTION memory._finish_applied(p_chat_id text, p_lease_token uuid, p_ids
                                        p_confirmed jsonb, p_inferred jsonb, p_summary text,
                                        p_token_count int, p_needs_new_chat bool,
                                        p_summarizer text, p_usage jsonb,
-                                       p_history_versions int)
+                                       p_history_versions int, p_context text,
+                                       p_context_tokens int)
 RETURNS bool
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -422,7 +425,8 @@ BEGIN
     UPDATE memory.chat_metadata c
        SET user_confirmed = p_confirmed, llm_inferred = p_inferred,
            general_summary = p_summary, token_count = p_token_count,
-           needs_new_chat = p_needs_new_chat, version = c.version + 1, last_updated = now()
+           needs_new_chat = p_needs_new_chat, version = c.version + 1, last_updated = now(),
+           context_text = p_context, context_tokens = p_context_tokens
      WHERE c.chat_id = p_chat_id;
     INSERT INTO memory.chat_memory_history (chat_id, version, queue_ids, old_user_confirmed,
         old_llm_inferred, old_general_summary, user_confirmed, llm_inferred, general_summary,
@@ -564,7 +568,8 @@ REVOKE ALL ON FUNCTION memory._due_chats(int), memory._claim(int, int, int),
     memory._peek(int, int),
     memory._claim_exact(text, bigint, uuid[], int),
     memory._finish(jsonb, text, int, int, int, int),
-    memory._finish_applied(text, uuid, uuid[], jsonb, jsonb, text, int, bool, text, jsonb, int),
+    memory._finish_applied(text, uuid, uuid[], jsonb, jsonb, text, int, bool, text, jsonb, int,
+                           text, int),
     memory._finish_dead(text, uuid, jsonb), memory._backoff_until(text, uuid, int, int, int),
     memory._return_claimed(text, bool, bool, text, text, int, timestamptz),
     memory._public_error(text),

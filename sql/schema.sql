@@ -26,7 +26,11 @@ CREATE TABLE memory.chat_metadata (
     -- when the chat has work to claim (NULL: none). Set by the first enqueue into an idle chat,
     -- put behind every waiting chat after each summarization (round robin), pushed to the
     -- backoff after a failure. Claims pick chats by it, so one chat's backlog is one candidate.
-    due_at          timestamptz
+    due_at          timestamptz,
+    -- the memory as memory.context() renders it (no budget, no guidance) and its exact token
+    -- count, written with the memory by the worker: context() on the hot path is a read
+    context_text    text,
+    context_tokens  int
 );
 CREATE INDEX chat_metadata_owner_idx ON memory.chat_metadata (owner);
 -- Claiming: chats with work, in the order it came due.

@@ -290,97 +290,41 @@ fn unserved_reason(sh: &shmem::Shared) -> String {
 }
 
 /// The memory as one prompt-ready text block (`crate::context`), within `p_max_tokens` when
-/// given. Reads through `memory.get()` with the caller's rights, so its ownership rules and
-/// errors are get()'s.
-#[allow(clippy::type_complexity)] // pgrx reads the column names from this signature
-#[pg_extern(volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
-fn context(
-    p_chat_id: Option<&str>,
-    p_max_tokens: default!(Option<i32>, "NULL"),
+/// given: what `memory.context()` (`sql/api.sql`) returns when the worker's rendering does not
+/// fit the budget or guidance is due. Pure: no SQL.
+#[pg_extern(immutable, parallel_safe, name = "_render_context")]
+fn render_context(
+    p_confirmed: Option<pgrx::JsonB>,
+    p_inferred: Option<pgrx::JsonB>,
+    p_summary: Option<&str>,
+    p_guidance: Option<&str>,
+    p_max_tokens: Option<i32>,
 ) -> TableIterator<
     'static,
     (
         name!(context, String),
         name!(token_count, i32),
         name!(truncated, bool),
-        name!(version, i64),
-        name!(pending, i32),
-        name!(needs_new_chat, bool),
     ),
 > {
-    TableIterator::once(or_raise(context_impl(p_chat_id, p_max_tokens)))
-}
-
-thread_local! {
-    /// `context()`'s read of `memory.get()`, kept for the backend's life (the plan cache
-    /// re-plans it after DDL).
-    static CONTEXT_READ: std::cell::RefCell<Option<pgrx::spi::OwnedPreparedStatement>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-fn context_impl(
-    chat_id: Option<&str>,
-    max_tokens: Option<i32>,
-) -> ApiResult<(String, i32, bool, i64, i32, bool)> {
-    let budget = match max_tokens {
-        Some(n) if n < 1 => {
-            return Err(ApiError::InvalidParameter(format!(
-                "p_max_tokens must be at least 1 (or NULL for no limit), got {n}"
-            )));
-        }
-        n => n.map(|n| n as usize),
+    let object = |j: Option<pgrx::JsonB>| {
+        j.and_then(|j| match j.0 {
+            serde_json::Value::Object(m) => Some(m),
+            _ => None,
+        })
+        .unwrap_or_default()
     };
-    let row = Spi::connect_mut(|client| {
-        // Planned once per backend: parsing and planning it on every call cost more than get().
-        let rows = CONTEXT_READ.with(|plan| -> Result<_, pgrx::spi::SpiError> {
-            let mut plan = plan.borrow_mut();
-            if plan.is_none() {
-                *plan = Some(
-                    client
-                        .prepare_mut(
-                            "SELECT user_confirmed, llm_inferred, general_summary, guidance, \
-                                    version, pending, needs_new_chat FROM memory.get($1)",
-                            &[pgrx::PgOid::BuiltIn(pgrx::PgBuiltInOids::TEXTOID)],
-                        )?
-                        .keep(),
-                );
-            }
-            client.update(
-                plan.as_ref().expect("prepared above"),
-                Some(1),
-                &[chat_id.into()],
-            )
-        })?;
-        let r = rows.first();
-        Ok::<_, pgrx::spi::SpiError>((
-            r.get::<pgrx::JsonB>(1)?,
-            r.get::<pgrx::JsonB>(2)?,
-            r.get::<String>(3)?,
-            r.get::<String>(4)?,
-            r.get::<i64>(5)?,
-            r.get::<i32>(6)?,
-            r.get::<bool>(7)?,
-        ))
-    })?;
-    let (confirmed, inferred, summary, guidance, version, pending, needs_new_chat) = row;
     let memory = crate::model::Memory {
-        user_confirmed: confirmed
-            .and_then(|j| j.0.as_object().cloned())
-            .unwrap_or_default(),
-        llm_inferred: inferred
-            .and_then(|j| j.0.as_object().cloned())
-            .unwrap_or_default(),
-        general_summary: summary.unwrap_or_default(),
+        user_confirmed: object(p_confirmed),
+        llm_inferred: object(p_inferred),
+        general_summary: p_summary.unwrap_or_default().to_string(),
     };
-    let r = crate::context::render(&memory, guidance.as_deref(), budget, tokens::count);
-    Ok((
+    let budget = p_max_tokens.map(|n| n.max(1) as usize);
+    let r = crate::context::render(&memory, p_guidance, budget, tokens::count);
+    TableIterator::once((
         r.text,
         i32::try_from(r.tokens).unwrap_or(i32::MAX),
         r.truncated,
-        version.unwrap_or(0),
-        pending.unwrap_or(0),
-        needs_new_chat.unwrap_or(false),
     ))
 }
 

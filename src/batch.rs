@@ -7,6 +7,7 @@
 //! single snippet it refuses is dead-lettered alone and the rest go on. Any other error stops
 //! the batch there: what was merged before it is applied, the rest is retried later.
 
+use crate::context;
 use crate::merge;
 use crate::model::{Bounds, Claim, Dead, Failure, Finished, Memory, Snippet, Usage};
 use crate::summarizer::{Summarizer, SummarizerError};
@@ -111,10 +112,14 @@ pub fn process(claim: Claim, summarizer: &dyn Summarizer, bounds: &Bounds) -> Fi
             ))))
         }
     };
-    let token_count = if progress.applied.is_empty() {
-        0
+    // What the memory costs to store and to read: counted here, off the read path.
+    let (token_count, context) = if progress.applied.is_empty() {
+        (0, context::Rendered::default())
     } else {
-        i32::try_from(tokens::count_memory(&progress.memory)).unwrap_or(i32::MAX)
+        (
+            i32::try_from(tokens::count_memory(&progress.memory)).unwrap_or(i32::MAX),
+            context::render(&progress.memory, None, None, tokens::count),
+        )
     };
     Finished {
         chat_id: claim.chat_id,
@@ -123,6 +128,8 @@ pub fn process(claim: Claim, summarizer: &dyn Summarizer, bounds: &Bounds) -> Fi
         memory: progress.memory,
         token_count,
         needs_new_chat: token_count > bounds.token_limit,
+        context: context.text,
+        context_tokens: i32::try_from(context.tokens).unwrap_or(i32::MAX),
         dead: progress.dead,
         failure,
         usage: progress.usage,

@@ -14,7 +14,7 @@ pub const SUMMARY: &str = "## Conversation summary";
 pub const GUIDANCE: &str = "## Guidance";
 
 /// What `context()` returns besides the memory's own columns.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct Rendered {
     pub text: String,
     pub tokens: usize,

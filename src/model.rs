@@ -82,6 +82,10 @@ pub struct Finished {
     pub memory: Memory,
     pub token_count: i32,
     pub needs_new_chat: bool,
+    /// The memory as `context()` renders it without a budget or guidance, and its token count
+    /// (empty and 0 when nothing was applied).
+    pub context: String,
+    pub context_tokens: i32,
     /// Snippets dead-lettered alone.
     pub dead: Vec<Dead>,
     pub failure: Option<Failure>,
@@ -126,6 +130,8 @@ impl Finished {
             memory: Memory::default(),
             token_count: 0,
             needs_new_chat: false,
+            context: String::new(),
+            context_tokens: 0,
             dead: Vec::new(),
             failure: Some(Failure {
                 error,

@@ -64,6 +64,8 @@ fn finished_json(f: &Finished) -> Value {
         "general_summary": f.memory.general_summary,
         "token_count": f.token_count,
         "needs_new_chat": f.needs_new_chat,
+        "context": f.context,
+        "context_tokens": f.context_tokens,
         "dead": dead,
         "failure": failure,
         "usage": {

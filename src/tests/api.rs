@@ -219,6 +219,27 @@ fn context_is_the_memory_as_prompt_text() {
         ),
         Some(true)
     );
+    // the worker's rendering is what context() renders itself, budget or not
+    assert_eq!(
+        text("SELECT context_text FROM memory.chat_metadata WHERE chat_id = 'c1'"),
+        full
+    );
+    run("UPDATE memory.chat_metadata SET context_text = NULL, context_tokens = NULL");
+    assert_eq!(text("SELECT context FROM memory.context('c1')"), full);
+    assert_eq!(
+        one::<bool>(
+            "SELECT truncated AND position('budget' in context) = 0                FROM (SELECT token_count AS n FROM memory.context('c1')) c,                     memory.context('c1', c.n - 1)"
+        ),
+        Some(true)
+    );
+    // over the token limit: the guidance closes the text, as get() words it
+    run("UPDATE memory.chat_metadata SET needs_new_chat = true");
+    assert_eq!(
+        one::<bool>(
+            "SELECT x.needs_new_chat AND x.context LIKE '%## Guidance\n' || g.guidance                FROM memory.context('c1') x, memory.get('c1') g"
+        ),
+        Some(true)
+    );
     for bad in ["0", "-5"] {
         assert_eq!(sqlstate(&format!("SELECT * FROM memory.context('c1', {bad})")), "22023");
     }
