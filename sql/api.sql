@@ -47,11 +47,14 @@ RETURN CASE WHEN memory._jwt_sub() OPERATOR(pg_catalog.~~) 'role:%' THEN NULL
 -- shared_preload_libraries an unloaded library's setting is a placeholder any role may SET.
 CREATE FUNCTION memory._is_admin()
 RETURNS bool
-LANGUAGE sql STABLE PARALLEL SAFE
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT coalesce((
+BEGIN
+    -- plpgsql, not sql: its plan is kept for the session (a sql function with SET is parsed and
+    -- planned on every call, which cost more than the rest of a captured insert)
+    RETURN coalesce((
         SELECT r.rolsuper
             OR pg_catalog.pg_has_role(r.oid, e.extowner, 'MEMBER')
             OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles a
@@ -60,7 +63,8 @@ AS $$
             OR EXISTS (SELECT 1 FROM memory.admin_roles g
                         WHERE pg_catalog.pg_has_role(r.oid, g.role::oid, 'MEMBER'))
           FROM pg_catalog.pg_roles r, pg_catalog.pg_extension e
-         WHERE r.rolname = memory._invoker() AND e.extname = 'memory_ext'), false)
+         WHERE r.rolname = memory._invoker() AND e.extname = 'memory_ext'), false);
+END
 $$;
 
 -- Why the caller may not create chats, or NULL. A request that carries JWT claims but no usable
@@ -103,25 +107,29 @@ $$;
 CREATE FUNCTION memory._audit(p_action text, p_chat_id text DEFAULT NULL,
                               p_queue_id uuid DEFAULT NULL, p_detail text DEFAULT NULL)
 RETURNS void
-LANGUAGE sql VOLATILE PARALLEL UNSAFE
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+BEGIN
     INSERT INTO memory.audit_log (identity, role, action, chat_id, queue_id, detail)
     VALUES (coalesce(memory.current_identity(), 'role:' || memory._invoker()), memory._invoker(),
-            p_action, p_chat_id, p_queue_id, p_detail)
+            p_action, p_chat_id, p_queue_id, p_detail);
+END
 $$;
 
 -- Does the caller's identity own this chat? For RLS policies of tables without an owner column.
 -- It answers only about the caller, so it tells nothing about other users' chats.
 CREATE FUNCTION memory._owns_chat(p_chat_id text)
 RETURNS bool
-LANGUAGE sql STABLE PARALLEL SAFE
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT EXISTS (SELECT 1 FROM memory.chat_metadata m
-                    WHERE m.chat_id = p_chat_id AND m.owner = memory.current_identity())
+BEGIN
+    RETURN EXISTS (SELECT 1 FROM memory.chat_metadata m
+                    WHERE m.chat_id = p_chat_id AND m.owner = memory.current_identity());
+END
 $$;
 
 -- 42501 unless the caller is an admin.
@@ -497,13 +505,15 @@ $$;
 -- may not see.
 CREATE FUNCTION memory._queue_row_xmin(p_queue_id uuid)
 RETURNS bigint
-LANGUAGE sql STABLE PARALLEL SAFE
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT q.xmin::text::bigint
-      FROM memory.chat_context_queue q JOIN memory.chat_metadata m ON m.chat_id = q.chat_id
-     WHERE q.id = p_queue_id AND (m.owner = memory.current_identity() OR memory._is_admin())
+BEGIN
+    RETURN (SELECT q.xmin::text::bigint
+              FROM memory.chat_context_queue q JOIN memory.chat_metadata m ON m.chat_id = q.chat_id
+             WHERE q.id = p_queue_id AND (m.owner = memory.current_identity() OR memory._is_admin()));
+END
 $$;
 
 CREATE FUNCTION memory.history(p_chat_id text)

@@ -2,8 +2,8 @@
 -- the 0.2.0 library installed and the server restarted; the 0.2.0 worker waits for this update).
 --
 -- Every row is kept. What changes:
--- - chat_metadata.due_at (fair claiming), chat_context_queue.error_public (what owners see of an
---   error), table owner_turns (owners take turns), table fact_keys (declared fact keys), and
+-- - chat_metadata.due_at (fair claiming; the queue's due and lease indexes go),
+--   chat_context_queue.error_public (what owners see of an error), table owner_turns (owners take turns), table fact_keys (declared fact keys), and
 --   memory.watch() (capture from an app's own table).
 -- - Identities of direct callers move to their own namespace: an owner or enqueued_by naming an
 --   existing role becomes 'role:<name>' (0.1.0 stored a role's name as it was, in the namespace
@@ -26,6 +26,8 @@ ALTER TABLE memory.chat_metadata ADD COLUMN due_at timestamptz,
     ADD COLUMN context_text text, ADD COLUMN context_tokens int;
 CREATE INDEX chat_metadata_due_idx ON memory.chat_metadata (due_at) WHERE due_at IS NOT NULL;
 ALTER TABLE memory.chat_context_queue ADD COLUMN error_public text;
+-- claims and reclaims read chat_metadata (due_at, lease_until): these only cost every write
+DROP INDEX memory.chat_context_queue_due_idx, memory.chat_context_queue_lease_idx;
 CREATE TABLE memory.owner_turns (
     owner       text PRIMARY KEY,
     served_at   timestamptz NOT NULL
@@ -722,11 +724,14 @@ RETURN CASE WHEN memory._jwt_sub() OPERATOR(pg_catalog.~~) 'role:%' THEN NULL
 -- shared_preload_libraries an unloaded library's setting is a placeholder any role may SET.
 CREATE OR REPLACE FUNCTION memory._is_admin()
 RETURNS bool
-LANGUAGE sql STABLE PARALLEL SAFE
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT coalesce((
+BEGIN
+    -- plpgsql, not sql: its plan is kept for the session (a sql function with SET is parsed and
+    -- planned on every call, which cost more than the rest of a captured insert)
+    RETURN coalesce((
         SELECT r.rolsuper
             OR pg_catalog.pg_has_role(r.oid, e.extowner, 'MEMBER')
             OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles a
@@ -735,7 +740,8 @@ AS $$
             OR EXISTS (SELECT 1 FROM memory.admin_roles g
                         WHERE pg_catalog.pg_has_role(r.oid, g.role::oid, 'MEMBER'))
           FROM pg_catalog.pg_roles r, pg_catalog.pg_extension e
-         WHERE r.rolname = memory._invoker() AND e.extname = 'memory_ext'), false)
+         WHERE r.rolname = memory._invoker() AND e.extname = 'memory_ext'), false);
+END
 $$;
 
 -- Why the caller may not create chats, or NULL. A request that carries JWT claims but no usable
@@ -778,25 +784,29 @@ $$;
 CREATE OR REPLACE FUNCTION memory._audit(p_action text, p_chat_id text DEFAULT NULL,
                               p_queue_id uuid DEFAULT NULL, p_detail text DEFAULT NULL)
 RETURNS void
-LANGUAGE sql VOLATILE PARALLEL UNSAFE
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+BEGIN
     INSERT INTO memory.audit_log (identity, role, action, chat_id, queue_id, detail)
     VALUES (coalesce(memory.current_identity(), 'role:' || memory._invoker()), memory._invoker(),
-            p_action, p_chat_id, p_queue_id, p_detail)
+            p_action, p_chat_id, p_queue_id, p_detail);
+END
 $$;
 
 -- Does the caller's identity own this chat? For RLS policies of tables without an owner column.
 -- It answers only about the caller, so it tells nothing about other users' chats.
 CREATE OR REPLACE FUNCTION memory._owns_chat(p_chat_id text)
 RETURNS bool
-LANGUAGE sql STABLE PARALLEL SAFE
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT EXISTS (SELECT 1 FROM memory.chat_metadata m
-                    WHERE m.chat_id = p_chat_id AND m.owner = memory.current_identity())
+BEGIN
+    RETURN EXISTS (SELECT 1 FROM memory.chat_metadata m
+                    WHERE m.chat_id = p_chat_id AND m.owner = memory.current_identity());
+END
 $$;
 
 -- 42501 unless the caller is an admin.
@@ -1172,13 +1182,15 @@ $$;
 -- may not see.
 CREATE OR REPLACE FUNCTION memory._queue_row_xmin(p_queue_id uuid)
 RETURNS bigint
-LANGUAGE sql STABLE PARALLEL SAFE
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT q.xmin::text::bigint
-      FROM memory.chat_context_queue q JOIN memory.chat_metadata m ON m.chat_id = q.chat_id
-     WHERE q.id = p_queue_id AND (m.owner = memory.current_identity() OR memory._is_admin())
+BEGIN
+    RETURN (SELECT q.xmin::text::bigint
+              FROM memory.chat_context_queue q JOIN memory.chat_metadata m ON m.chat_id = q.chat_id
+             WHERE q.id = p_queue_id AND (m.owner = memory.current_identity() OR memory._is_admin()));
+END
 $$;
 
 CREATE OR REPLACE FUNCTION memory.history(p_chat_id text)

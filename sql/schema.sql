@@ -66,15 +66,12 @@ CREATE TABLE memory.chat_context_queue (
 );
 ALTER SEQUENCE memory.chat_context_queue_seq OWNED BY memory.chat_context_queue.seq;
 
--- Claiming scans only due, pending rows, oldest first: O(log n) however many rows are pending.
-CREATE INDEX chat_context_queue_due_idx ON memory.chat_context_queue (next_attempt_at, seq)
-    WHERE status = 'pending_summarization';
--- A chat's open work in order: claiming its snippets and get()'s pending count.
+-- A chat's open work in order: claiming its snippets and get()'s pending count. Which chats are
+-- due and which leases expired is read from chat_metadata (due_at, lease_until), one row per
+-- chat: the queue needs no index of its own for either, and an enqueue writes three index
+-- entries (this one, the primary key, chat_idx).
 CREATE INDEX chat_context_queue_open_idx ON memory.chat_context_queue (chat_id, seq)
     WHERE status IN ('pending_summarization', 'processing');
--- Reclaiming expired leases.
-CREATE INDEX chat_context_queue_lease_idx ON memory.chat_context_queue (lease_expires_at)
-    WHERE status = 'processing';
 -- Retention deletes old complete rows in small batches.
 CREATE INDEX chat_context_queue_done_idx ON memory.chat_context_queue (processed_at)
     WHERE status = 'complete';
