@@ -119,6 +119,8 @@ CREATE TABLE memory.chat_memory_history (
     -- model operations refused by the extension (e.g. a confirmation quoting nothing it was given)
     rejected_ops        int NOT NULL DEFAULT 0,
     changed_at          timestamptz NOT NULL DEFAULT now(),
+    -- a version made by memory.rollback(): the version whose memory it restored (no snippets)
+    restored_version    bigint,
     PRIMARY KEY (chat_id, version)
 );
 

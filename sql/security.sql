@@ -16,6 +16,7 @@ AS $$
         'memory.enqueue(text, text, text)', 'memory.get(text)', 'memory.status(uuid)',
         'memory.wait(uuid, interval)', 'memory.history(text)', 'memory.forget(text)',
         'memory.retry_failed(text)', 'memory.count_tokens(text)', 'memory.context(text, integer)',
+        'memory.rollback(text, bigint)',
         -- called by current_identity() and the RLS policies, with the caller's rights
         'memory._invoker()', 'memory._jwt_sub()', 'memory._is_admin()', 'memory._owns_chat(text)',
         -- settings read through the library, by get() and _is_admin()
@@ -36,6 +37,7 @@ AS $$
         'memory.grant_usage(regrole)', 'memory.revoke_usage(regrole)',
         'memory.grant_admin(regrole)', 'memory.revoke_admin(regrole)',
         'memory.watch(regclass, name, name, name, name)', 'memory.unwatch(regclass)',
+        'memory.forget_owner(text)',
         -- read by the memory.watched view, with the reader's rights
         'memory._trigger_args(bytea)',
         -- the audit_direct_write triggers' WHEN runs with the writer's rights: a role given table

@@ -307,18 +307,7 @@ fn render_context(
         name!(truncated, bool),
     ),
 > {
-    let object = |j: Option<pgrx::JsonB>| {
-        j.and_then(|j| match j.0 {
-            serde_json::Value::Object(m) => Some(m),
-            _ => None,
-        })
-        .unwrap_or_default()
-    };
-    let memory = crate::model::Memory {
-        user_confirmed: object(p_confirmed),
-        llm_inferred: object(p_inferred),
-        general_summary: p_summary.unwrap_or_default().to_string(),
-    };
+    let memory = memory_of(p_confirmed, p_inferred, p_summary);
     let budget = p_max_tokens.map(|n| n.max(1) as usize);
     let r = crate::context::render(&memory, p_guidance, budget, tokens::count);
     TableIterator::once((
@@ -326,6 +315,38 @@ fn render_context(
         i32::try_from(r.tokens).unwrap_or(i32::MAX),
         r.truncated,
     ))
+}
+
+/// A memory from its columns (a non-object fact column reads as no facts).
+fn memory_of(
+    confirmed: Option<pgrx::JsonB>,
+    inferred: Option<pgrx::JsonB>,
+    summary: Option<&str>,
+) -> crate::model::Memory {
+    let object = |j: Option<pgrx::JsonB>| {
+        j.and_then(|j| match j.0 {
+            serde_json::Value::Object(m) => Some(m),
+            _ => None,
+        })
+        .unwrap_or_default()
+    };
+    crate::model::Memory {
+        user_confirmed: object(confirmed),
+        llm_inferred: object(inferred),
+        general_summary: summary.unwrap_or_default().to_string(),
+    }
+}
+
+/// A memory's `token_count` as the worker counts it (the record's compact JSON), for versions
+/// made outside the worker (`memory.rollback()`).
+#[pg_extern(immutable, parallel_safe, name = "_count_memory")]
+fn count_memory(
+    p_confirmed: Option<pgrx::JsonB>,
+    p_inferred: Option<pgrx::JsonB>,
+    p_summary: Option<&str>,
+) -> i32 {
+    let memory = memory_of(p_confirmed, p_inferred, p_summary);
+    i32::try_from(tokens::count_memory(&memory)).unwrap_or(i32::MAX)
 }
 
 /// The most `count_tokens()` takes: tokenizing is not interruptible (about 20 ms per MB), so a

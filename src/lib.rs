@@ -55,6 +55,11 @@ extension_sql_file!(
     name = "watch",
     requires = ["api", watch::truncate_utf8_sql, watch::trigger_args]
 );
+extension_sql_file!(
+    "../sql/lifecycle.sql",
+    name = "lifecycle",
+    requires = ["api"]
+);
 // Grants, RLS and revokes: after every function (SQL and Rust) exists.
 extension_sql_file!("../sql/security.sql", name = "security", finalize);
 
@@ -89,6 +94,7 @@ mod tests {
     include!("tests/summarizing.rs");
     include!("tests/settings.rs");
     include!("tests/watch.rs");
+    include!("tests/lifecycle.rs");
 }
 
 /// Required by `cargo pgrx test`.

@@ -44,9 +44,9 @@ SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
             WHERE p.pronamespace = 'memory'::regnamespace
               AND p.prosqlbody IS NULL
               AND NOT coalesce(p.proconfig @> ARRAY['search_path=pg_catalog, pg_temp'], false)),
-          ARRAY['_admin_role', '_audit_reads', '_max_snippet_bytes', '_note_denied', '_rate_limit',
-                '_render_context', '_superuser', '_token_limit', '_trigger_args', '_truncate_utf8',
-                '_wake_at_commit', 'count_tokens'],
+          ARRAY['_admin_role', '_audit_reads', '_count_memory', '_max_snippet_bytes', '_note_denied',
+                '_rate_limit', '_render_context', '_superuser', '_token_limit', '_trigger_args',
+                '_truncate_utf8', '_wake_at_commit', 'count_tokens'],
           'every memory function pins search_path = pg_catalog, pg_temp, but the C ones running no SQL');
 SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
             WHERE p.pronamespace = 'memory'::regnamespace AND p.prosqlbody IS NOT NULL),
@@ -65,7 +65,8 @@ SELECT is((SELECT array_agg(p.oid::regprocedure::text ORDER BY p.oid::regprocedu
                 'memory._token_limit()', 'memory.context(text,integer)', 'memory.count_tokens(text)',
                 'memory.create_chat(text)', 'memory.current_identity()',
                 'memory.enqueue(text,text,text)', 'memory.forget(text)', 'memory.get(text)',
-                'memory.history(text)', 'memory.retry_failed(text)', 'memory.status(uuid)',
+                'memory.history(text)', 'memory.retry_failed(text)', 'memory.rollback(text,bigint)',
+                'memory.status(uuid)',
                 'memory.wait(uuid,interval)'],
           'an API role can execute the documented API and caller-only helpers, nothing else');
 SELECT is((SELECT array_agg(f ORDER BY f) FROM unnest(ARRAY[
