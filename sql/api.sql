@@ -626,6 +626,8 @@ SELECT u.summarizer,
        sum(u.llm_requests)::bigint AS llm_requests,
        sum(u.prompt_tokens)::bigint AS prompt_tokens,
        sum(u.completion_tokens)::bigint AS completion_tokens,
-       sum(u.rejected_ops)::bigint AS rejected_ops
+       sum(u.rejected_ops)::bigint AS rejected_ops,
+       sum(u.cached_prompt_tokens)::bigint AS cached_prompt_tokens,
+       sum(u.cache_write_tokens)::bigint AS cache_write_tokens
   FROM memory.llm_usage_daily u
  GROUP BY u.summarizer;

@@ -27,6 +27,11 @@ ALTER TABLE memory.chat_metadata ADD COLUMN due_at timestamptz,
 CREATE INDEX chat_metadata_due_idx ON memory.chat_metadata (due_at) WHERE due_at IS NOT NULL;
 ALTER TABLE memory.chat_context_queue ADD COLUMN error_public text;
 ALTER TABLE memory.chat_memory_history ADD COLUMN restored_version bigint;
+-- what providers served from their prompt cache (read), and wrote to it (Anthropic)
+ALTER TABLE memory.chat_memory_history ADD COLUMN cached_prompt_tokens bigint NOT NULL DEFAULT 0,
+    ADD COLUMN cache_write_tokens bigint NOT NULL DEFAULT 0;
+ALTER TABLE memory.llm_usage_daily ADD COLUMN cached_prompt_tokens bigint NOT NULL DEFAULT 0,
+    ADD COLUMN cache_write_tokens bigint NOT NULL DEFAULT 0;
 -- claims and reclaims read chat_metadata (due_at, lease_until): these only cost every write
 DROP INDEX memory.chat_context_queue_due_idx, memory.chat_context_queue_lease_idx;
 CREATE TABLE memory.owner_turns (
@@ -48,6 +53,7 @@ SELECT pg_catalog.pg_extension_config_dump('memory.fact_keys', '');
 DROP POLICY owner_reads ON memory.chat_context_queue;
 DROP POLICY owner_reads ON memory.chat_memory_history;
 DROP FUNCTION memory._claim(int, int, int, text[]);
+DROP FUNCTION memory._record_usage(text, int, int, bigint, bigint, bigint, bigint);
 DROP FUNCTION memory._apply(jsonb, text);
 DROP FUNCTION memory._fail(text, uuid, text, bool, int, int, int, int, text, jsonb);
 DROP FUNCTION memory._chat_owner(text);
@@ -255,23 +261,26 @@ $$;
 -- Add one batch's cost to the daily usage rollup.
 CREATE OR REPLACE FUNCTION memory._record_usage(p_summarizer text, p_applied int, p_failed int,
                                      p_requests bigint, p_prompt bigint, p_completion bigint,
-                                     p_rejected bigint)
+                                     p_rejected bigint, p_cached bigint, p_cache_write bigint)
 RETURNS void
 LANGUAGE sql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
     INSERT INTO memory.llm_usage_daily AS u (day, summarizer, batches_applied, attempts_failed,
                                              llm_requests, prompt_tokens, completion_tokens,
-                                             rejected_ops)
+                                             rejected_ops, cached_prompt_tokens,
+                                             cache_write_tokens)
     VALUES (current_date, p_summarizer, p_applied, p_failed, p_requests, p_prompt, p_completion,
-            p_rejected)
+            p_rejected, p_cached, p_cache_write)
     ON CONFLICT (day, summarizer) DO UPDATE
        SET batches_applied = u.batches_applied + excluded.batches_applied,
            attempts_failed = u.attempts_failed + excluded.attempts_failed,
            llm_requests = u.llm_requests + excluded.llm_requests,
            prompt_tokens = u.prompt_tokens + excluded.prompt_tokens,
            completion_tokens = u.completion_tokens + excluded.completion_tokens,
-           rejected_ops = u.rejected_ops + excluded.rejected_ops
+           rejected_ops = u.rejected_ops + excluded.rejected_ops,
+           cached_prompt_tokens = u.cached_prompt_tokens + excluded.cached_prompt_tokens,
+           cache_write_tokens = u.cache_write_tokens + excluded.cache_write_tokens
 $$;
 
 -- What a snippet's owner is told about a failed attempt: its class, never the provider's text
@@ -362,7 +371,8 @@ $$;
 --    context, context_tokens   the memory as context() renders it, and its token count,
 --    dead: [{id, error}] snippets the summarizer refused on their own (dead-lettered alone),
 --    failure: {error, permanent, retry_after_ms} | null   for every other claimed snippet,
---    usage: {llm_requests, prompt_tokens, completion_tokens, rejected_ops}}
+--    usage: {llm_requests, prompt_tokens, completion_tokens, rejected_ops, cached_prompt_tokens,
+--            cache_write_tokens}}
 -- A result whose lease is no longer held (it expired and was reclaimed, or the chat was
 -- forgotten) changes nothing: a snippet is never applied twice. The memory update, the rows'
 -- new status and the end of the lease commit together.
@@ -383,7 +393,7 @@ DECLARE
     v_busy text[] := '{}';
     v_done bool;
     v_dead bool;
-    v_usage bigint[] := '{0,0,0,0}';
+    v_usage bigint[] := '{0,0,0,0,0,0}';
 BEGIN
     FOR r IN SELECT * FROM jsonb_to_recordset(p_results) AS x(
         chat_id text, lease_token uuid, applied_ids uuid[], user_confirmed jsonb,
@@ -423,12 +433,14 @@ BEGIN
         v_usage := ARRAY[v_usage[1] + coalesce((r.usage ->> 'llm_requests')::bigint, 0),
                          v_usage[2] + coalesce((r.usage ->> 'prompt_tokens')::bigint, 0),
                          v_usage[3] + coalesce((r.usage ->> 'completion_tokens')::bigint, 0),
-                         v_usage[4] + coalesce((r.usage ->> 'rejected_ops')::bigint, 0)];
+                         v_usage[4] + coalesce((r.usage ->> 'rejected_ops')::bigint, 0),
+                         v_usage[5] + coalesce((r.usage ->> 'cached_prompt_tokens')::bigint, 0),
+                         v_usage[6] + coalesce((r.usage ->> 'cache_write_tokens')::bigint, 0)];
     END LOOP;
     -- What the batch cost, once per batch (one row per day and summarizer).
     IF v_applied + v_failed > 0 THEN
         PERFORM memory._record_usage(p_summarizer, v_applied, v_failed, v_usage[1], v_usage[2],
-                                     v_usage[3], v_usage[4]);
+                                     v_usage[3], v_usage[4], v_usage[5], v_usage[6]);
     END IF;
     RETURN jsonb_build_object('applied', v_applied, 'busy', to_jsonb(v_busy));
 END
@@ -487,13 +499,16 @@ BEGIN
      WHERE c.chat_id = p_chat_id;
     INSERT INTO memory.chat_memory_history (chat_id, version, queue_ids, old_user_confirmed,
         old_llm_inferred, old_general_summary, user_confirmed, llm_inferred, general_summary,
-        token_count, summarizer, llm_requests, prompt_tokens, completion_tokens, rejected_ops)
+        token_count, summarizer, llm_requests, prompt_tokens, completion_tokens, rejected_ops,
+        cached_prompt_tokens, cache_write_tokens)
     VALUES (p_chat_id, old.version + 1, p_ids, old.user_confirmed, old.llm_inferred,
         old.general_summary, p_confirmed, p_inferred, p_summary, p_token_count, p_summarizer,
         coalesce((p_usage ->> 'llm_requests')::int, 0),
         coalesce((p_usage ->> 'prompt_tokens')::bigint, 0),
         coalesce((p_usage ->> 'completion_tokens')::bigint, 0),
-        coalesce((p_usage ->> 'rejected_ops')::int, 0));
+        coalesce((p_usage ->> 'rejected_ops')::int, 0),
+        coalesce((p_usage ->> 'cached_prompt_tokens')::bigint, 0),
+        coalesce((p_usage ->> 'cache_write_tokens')::bigint, 0));
     -- Keep the newest p_history_versions versions (0: all): every version stores the whole
     -- memory, so unbounded history grows with versions x memory size.
     IF p_history_versions > 0 THEN
@@ -631,7 +646,7 @@ REVOKE ALL ON FUNCTION memory._due_chats(int), memory._claim(int, int, int),
     memory._return_claimed(text, bool, bool, text, text, int, timestamptz),
     memory._public_error(text),
     memory._release(text, uuid), memory._reclaim(int, bool),
-    memory._record_usage(text, int, int, bigint, bigint, bigint, bigint),
+    memory._record_usage(text, int, int, bigint, bigint, bigint, bigint, bigint, bigint),
     memory._cleanup(int, int, int), memory._next_due() FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION "_admin_role"() RETURNS TEXT /* String */
@@ -1304,7 +1319,9 @@ SELECT u.summarizer,
        sum(u.llm_requests)::bigint AS llm_requests,
        sum(u.prompt_tokens)::bigint AS prompt_tokens,
        sum(u.completion_tokens)::bigint AS completion_tokens,
-       sum(u.rejected_ops)::bigint AS rejected_ops
+       sum(u.rejected_ops)::bigint AS rejected_ops,
+       sum(u.cached_prompt_tokens)::bigint AS cached_prompt_tokens,
+       sum(u.cache_write_tokens)::bigint AS cache_write_tokens
   FROM memory.llm_usage_daily u
  GROUP BY u.summarizer;
 

@@ -121,6 +121,10 @@ CREATE TABLE memory.chat_memory_history (
     changed_at          timestamptz NOT NULL DEFAULT now(),
     -- a version made by memory.rollback(): the version whose memory it restored (no snippets)
     restored_version    bigint,
+    -- prompt tokens the provider served from its prompt cache (included in prompt_tokens), and
+    -- wrote to it (Anthropic's cache_creation_input_tokens)
+    cached_prompt_tokens bigint NOT NULL DEFAULT 0,
+    cache_write_tokens  bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (chat_id, version)
 );
 
@@ -136,6 +140,8 @@ CREATE TABLE memory.llm_usage_daily (
     prompt_tokens       bigint NOT NULL DEFAULT 0,
     completion_tokens   bigint NOT NULL DEFAULT 0,
     rejected_ops        bigint NOT NULL DEFAULT 0,
+    cached_prompt_tokens bigint NOT NULL DEFAULT 0,
+    cache_write_tokens  bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (day, summarizer)
 );
 

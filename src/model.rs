@@ -58,6 +58,10 @@ pub struct Usage {
     pub completion_tokens: u64,
     /// Operations refused by the extension (an ungrounded confirmation, for one).
     pub rejected_ops: u32,
+    /// Prompt tokens the provider served from its prompt cache (part of `prompt_tokens`).
+    pub cached_prompt_tokens: u64,
+    /// Prompt tokens the provider wrote to its prompt cache (Anthropic; part of `prompt_tokens`).
+    pub cache_write_tokens: u64,
 }
 
 /// One leased chat with its current memory and claimed snippets (in order).

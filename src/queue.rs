@@ -73,6 +73,8 @@ fn finished_json(f: &Finished) -> Value {
             "prompt_tokens": f.usage.prompt_tokens,
             "completion_tokens": f.usage.completion_tokens,
             "rejected_ops": f.usage.rejected_ops,
+            "cached_prompt_tokens": f.usage.cached_prompt_tokens,
+            "cache_write_tokens": f.usage.cache_write_tokens,
         },
     })
 }

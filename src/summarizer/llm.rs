@@ -34,7 +34,11 @@ pub enum Content {
 #[derive(Debug)]
 pub struct Answer {
     pub content: Content,
+    /// Every prompt token, cached or not.
     pub prompt_tokens: u64,
+    /// Of those, read from the provider's prompt cache, and written to it.
+    pub cached_prompt_tokens: u64,
+    pub cache_write_tokens: u64,
     pub completion_tokens: u64,
     /// The model stopped at the output token limit.
     pub truncated: bool,
@@ -62,10 +66,11 @@ impl Answer {
 pub struct MissingPart(pub &'static str);
 
 /// A token count from the response's `usage` object (0 when the provider sent none).
-pub fn usage_tokens(response: &Value, name: &str) -> u64 {
+/// A token count in the answer's `usage` object, by JSON pointer below it (`/prompt_tokens`).
+pub fn usage_tokens(response: &Value, pointer: &str) -> u64 {
     response
         .get("usage")
-        .and_then(|u| u.get(name))
+        .and_then(|u| u.pointer(pointer))
         .and_then(Value::as_u64)
         .unwrap_or(0)
 }
@@ -124,6 +129,8 @@ impl<P: Provider> Llm<P> {
             ))
         })?;
         usage.prompt_tokens += answer.prompt_tokens;
+        usage.cached_prompt_tokens += answer.cached_prompt_tokens;
+        usage.cache_write_tokens += answer.cache_write_tokens;
         usage.completion_tokens += answer.completion_tokens;
         Ok(answer)
     }

@@ -84,8 +84,11 @@ impl Provider for OpenAi {
         let usage = |name: &str| usage_tokens(response, name);
         Ok(Answer {
             content: Content::Text(text),
-            prompt_tokens: usage("prompt_tokens"),
-            completion_tokens: usage("completion_tokens"),
+            prompt_tokens: usage("/prompt_tokens"),
+            // OpenAI caches a long enough stable prefix by itself; it reports the hits here
+            cached_prompt_tokens: usage("/prompt_tokens_details/cached_tokens"),
+            cache_write_tokens: 0,
+            completion_tokens: usage("/completion_tokens"),
             truncated: choice.get("finish_reason").and_then(Value::as_str) == Some("length"),
         })
     }

@@ -102,6 +102,8 @@ struct State {
     served: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    /// System prompts seen: the provider's prompt cache (see [`cache_usage`]).
+    cached_prefixes: Mutex<std::collections::HashSet<String>>,
 }
 
 pub struct FakeLlm {
@@ -129,6 +131,7 @@ impl FakeLlm {
             served: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
+            cached_prefixes: Mutex::default(),
         });
         let (srv, st) = (Arc::clone(&server), Arc::clone(&state));
         std::thread::spawn(move || {
@@ -366,7 +369,13 @@ fn respond(st: &State, body: &Value, path: &str, key: &str) -> Response {
         ),
         _ if rejected => too_long(),
         Mode::ContextWindow { max_snippets } if snippets.len() > max_snippets => too_long(),
-        _ => success(&mode, body, &memory, &snippets, anthropic),
+        _ => success(
+            &mode,
+            body,
+            &memory,
+            &snippets,
+            cache_usage(st, body, anthropic),
+        ),
     }
 }
 
@@ -388,7 +397,7 @@ fn success(
     body: &Value,
     memory: &Value,
     snippets: &[String],
-    anthropic: bool,
+    usage: Usage,
 ) -> Response {
     // A repair request carries the model's earlier answer.
     let repair = body["messages"]
@@ -409,12 +418,47 @@ fn success(
         Mode::SchemaViolating => Some(json!({"ops": "set everything", "summary": 42}).to_string()),
         _ => None,
     };
-    reply(200, wrap(anthropic, text, answer), &[])
+    reply(200, wrap(text, answer, usage), &[])
+}
+
+/// Of a request's [`PROMPT_TOKENS`], the first [`CACHED_PROMPT_TOKENS`] are its system prompt, and
+/// the provider caches it as the real ones do: OpenAI by itself, Anthropic where `cache_control`
+/// marks it. The first request with a system prompt writes the cache, later ones read it.
+#[derive(Clone, Copy, Debug)]
+struct Usage {
+    anthropic: bool,
+    read: u64,
+    written: u64,
+}
+
+pub const CACHED_PROMPT_TOKENS: u64 = 60;
+
+fn cache_usage(st: &State, body: &Value, anthropic: bool) -> Usage {
+    let prefix = if anthropic {
+        let block = &body["system"][0];
+        block["cache_control"]["type"]
+            .as_str()
+            .and(block["text"].as_str())
+    } else {
+        body["messages"][0]["content"].as_str()
+    };
+    let (read, written) = match prefix {
+        Some(p) if !st.cached_prefixes.lock().unwrap().insert(p.to_string()) => {
+            (CACHED_PROMPT_TOKENS, 0)
+        }
+        Some(_) => (0, CACHED_PROMPT_TOKENS),
+        None => (0, 0),
+    };
+    Usage {
+        anthropic,
+        read,
+        written: if anthropic { written } else { 0 },
+    }
 }
 
 /// The provider envelope around an answer: structured (`text` None) or as text.
-fn wrap(anthropic: bool, text: Option<String>, answer: Value) -> Value {
-    if anthropic {
+fn wrap(text: Option<String>, answer: Value, usage: Usage) -> Value {
+    if usage.anthropic {
         let block = match text {
             Some(t) => json!({"type": "text", "text": t}),
             None => {
@@ -424,7 +468,10 @@ fn wrap(anthropic: bool, text: Option<String>, answer: Value) -> Value {
         json!({
             "id": "msg_1", "type": "message", "role": "assistant", "content": [block],
             "stop_reason": "tool_use",
-            "usage": {"input_tokens": PROMPT_TOKENS, "output_tokens": COMPLETION_TOKENS}
+            "usage": {"input_tokens": PROMPT_TOKENS - usage.read - usage.written,
+                      "cache_read_input_tokens": usage.read,
+                      "cache_creation_input_tokens": usage.written,
+                      "output_tokens": COMPLETION_TOKENS}
         })
     } else {
         json!({
@@ -432,7 +479,9 @@ fn wrap(anthropic: bool, text: Option<String>, answer: Value) -> Value {
             "choices": [{"index": 0, "finish_reason": "stop",
                          "message": {"role": "assistant",
                                      "content": text.unwrap_or_else(|| answer.to_string())}}],
-            "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS}
+            "usage": {"prompt_tokens": PROMPT_TOKENS,
+                      "prompt_tokens_details": {"cached_tokens": usage.read},
+                      "completion_tokens": COMPLETION_TOKENS}
         })
     }
 }

@@ -790,7 +790,7 @@ fn instructions_and_the_users_language_reach_the_model_unchanged() {
         let system = if provider == "openai" {
             r.body["messages"][0]["content"].as_str()
         } else {
-            r.body["system"].as_str()
+            r.body["system"][0]["text"].as_str()
         }
         .unwrap_or_default()
         .to_string();
@@ -885,7 +885,10 @@ fn declared_fact_keys_reach_the_model_and_bound_the_merge() {
                 &r.body["response_format"]["json_schema"]["schema"],
             )
         } else {
-            (&r.body["system"], &r.body["tools"][0]["input_schema"])
+            (
+                &r.body["system"][0]["text"],
+                &r.body["tools"][0]["input_schema"],
+            )
         };
         let system = system.as_str().unwrap_or_default();
         assert!(
@@ -898,6 +901,62 @@ fn declared_fact_keys_reach_the_model_and_bound_the_merge() {
         assert_eq!(
             schema["properties"]["ops"]["items"]["properties"]["key"]["enum"],
             serde_json::json!(["city", "mood"]),
+            "{provider}"
+        );
+    }
+}
+
+/// The stable part of every request comes first and is marked for Anthropic's prompt cache; what
+/// the provider reports serving from (and writing to) its cache is recorded per version and in
+/// memory.llm_usage.
+#[test]
+fn prompt_cache_tokens_are_recorded() {
+    use memory_ext_cluster_tests::fake_llm::CACHED_PROMPT_TOKENS;
+    for provider in ["openai", "anthropic"] {
+        let fake = FakeLlm::start(Mode::Valid);
+        let (_pg, mut c) = start(
+            &format!("llm_prompt_cache_{provider}"),
+            &fake,
+            provider,
+            &[],
+        );
+        for text in ["confirmed: city = Lyon", "confirmed: pet = cat"] {
+            let id = enqueue(&mut c, "c1", text);
+            assert_eq!(wait(&mut c, &id), "complete", "{provider}");
+        }
+        let written = if provider == "anthropic" {
+            assert_eq!(
+                fake.requests()[0].body["system"][0]["cache_control"],
+                serde_json::json!({"type": "ephemeral"})
+            );
+            CACHED_PROMPT_TOKENS as i64
+        } else {
+            0
+        };
+        let per_version: Vec<(i64, i64, i64)> = c
+            .query(
+                "SELECT prompt_tokens, cached_prompt_tokens, cache_write_tokens
+                   FROM memory.chat_memory_history ORDER BY version",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        let total = PROMPT_TOKENS as i64;
+        let cached = CACHED_PROMPT_TOKENS as i64;
+        assert_eq!(
+            per_version,
+            [(total, 0, written), (total, cached, 0)],
+            "{provider}: the first request writes the cache, the second reads it"
+        );
+        assert_eq!(
+            text(
+                &mut c,
+                "SELECT prompt_tokens || '/' || cached_prompt_tokens || '/' || cache_write_tokens
+                   FROM memory.llm_usage"
+            ),
+            format!("{}/{cached}/{written}", 2 * total),
             "{provider}"
         );
     }

@@ -27,10 +27,13 @@ const KEPT_ROWS: &str = "SELECT json_build_object(
     'queue', (SELECT json_agg(json_build_array(q.id, q.seq, q.chat_id, q.new_context_snippet,
                  q.status, q.retry_count, q.error_message, q.created_at) ORDER BY q.seq)
                 FROM memory.chat_context_queue q),
-    'history', (SELECT json_agg(to_jsonb(h) - 'restored_version' ORDER BY h.chat_id, h.version)
+    'history', (SELECT json_agg(to_jsonb(h) - ARRAY['restored_version', 'cached_prompt_tokens',
+                                                     'cache_write_tokens']
+                                ORDER BY h.chat_id, h.version)
                   FROM memory.chat_memory_history h),
     'audit', (SELECT json_agg(a ORDER BY a.at, a.action) FROM memory.audit_log a),
-    'usage', (SELECT json_agg(u ORDER BY u.day, u.summarizer) FROM memory.llm_usage_daily u),
+    'usage', (SELECT json_agg(to_jsonb(u) - ARRAY['cached_prompt_tokens', 'cache_write_tokens']
+                              ORDER BY u.day, u.summarizer) FROM memory.llm_usage_daily u),
     'admins', (SELECT json_agg(r ORDER BY r.role) FROM memory.admin_roles r))::text";
 
 fn catalog(c: &mut Client) -> Vec<String> {
