@@ -6,6 +6,7 @@
 #   3. enqueue -> memory-visible latency p50/p99 on an idle server
 #   4. drain rate for 100k snippets over 10k chats
 #   5. LLM summarizer throughput at llm_concurrency 1, 4, 16 against a fake LLM (200 ms answers)
+#   6. LLM calls and prompt tokens per snippet with memory_ext.debounce 0 vs 10 s (the fake LLM)
 # Usage: scripts/bench.sh [seconds per pgbench run, default 15]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -166,7 +167,7 @@ enqueue_s=$(awk -v a="$start" -v b="$enqueued" 'BEGIN { printf "%.2f", b - a }')
 # 200 ms. 1,000 chats with one pending snippet each; chats applied per second over a window
 # that starts once the worker is in steady state, at llm_concurrency 1, 4 and 16.
 cargo build --quiet --release --manifest-path tests/cluster/Cargo.toml --bin fake_llm
-tests/cluster/target/release/fake_llm 0 200 > "$W/fake_llm.out" &
+tests/cluster/target/release/fake_llm 0 200 "$W/requests.jsonl" > "$W/fake_llm.out" &
 FAKE_PID=$!
 until LLM_PORT=$(sed -n 's/^fake LLM listening on 127.0.0.1://p' "$W/fake_llm.out") && [[ -n $LLM_PORT ]]; do sleep 0.1; done
 trap 'kill $FAKE_PID 2>/dev/null || true; cluster_ctl "$DIR/data" stop || true' EXIT
@@ -188,6 +189,37 @@ for conc in 1 4 16; do
     llm_failed=$(psql_b -d postgres -c "SELECT count(*) FROM memory.chat_context_queue WHERE status = 'failed'")
     [[ $llm_failed == 0 ]] || { echo "bench: $llm_failed snippets failed at concurrency $conc" >&2; exit 1; }
 done
+
+# Debounce: 20 chats, each a burst of 5 turns 2 s apart (100 turns), through the openai summarizer
+# and the fake LLM, with memory_ext.debounce 0 and 10 s: LLM calls per snippet and prompt tokens
+# per snippet, counted with cl100k (memory.count_tokens) on the messages of the request bodies the
+# fake received.
+debounce_run() { # debounce -> "calls/snippet prompt-tokens/snippet"
+    psql_b -d postgres -c "TRUNCATE memory.chat_metadata CASCADE" \
+        -c "ALTER SYSTEM SET memory_ext.debounce = '$1'" -c "SELECT pg_reload_conf()" >/dev/null
+    sleep 1
+    : > "$W/requests.jsonl"
+    for turn in 0 1 2 3 4; do
+        psql_b -d postgres -c "SELECT count(*) FROM (SELECT memory.enqueue('talk' || c, 'user: turn $turn of chat ' || c || ', about plans, premiums and deductibles for next year.') FROM generate_series(0, 19) c) x" >/dev/null
+        sleep 2
+    done
+    while [[ $(psql_b -d postgres -c "SELECT count(*) FROM memory.chat_metadata WHERE due_at IS NOT NULL OR lease_token IS NOT NULL") != 0 ]]; do
+        sleep 0.5
+    done
+    sleep 0.2 # the fake writes its log every 50 ms
+    local calls tokens=0 body
+    calls=$(wc -l < "$W/requests.jsonl")
+    while IFS= read -r body; do
+        tokens=$((tokens + $(psql_b -d postgres -v body="$body" <<'SQL'
+SELECT memory.count_tokens(string_agg(m ->> 'content', E'\n')) FROM jsonb_array_elements(:'body'::jsonb -> 'messages') m
+SQL
+)))
+    done < "$W/requests.jsonl"
+    awk -v c="$calls" -v t="$tokens" 'BEGIN { printf "%.2f %.0f", c / 100, t / 100 }'
+}
+read -r calls0 tokens0 < <(debounce_run 0)
+read -r calls10 tokens10 < <(debounce_run 10s)
+psql_b -d postgres -c "ALTER SYSTEM RESET memory_ext.debounce" >/dev/null
 psql_b -d postgres -c "ALTER SYSTEM RESET memory_ext.summarizer" -c "ALTER SYSTEM RESET memory_ext.llm_endpoint" \
     -c "ALTER SYSTEM RESET memory_ext.llm_model" -c "ALTER SYSTEM RESET memory_ext.llm_concurrency" \
     -c "SELECT pg_reload_conf()" >/dev/null
@@ -206,4 +238,6 @@ memory_ext benchmark — $(date -u +%Y-%m-%d), $(nproc) cores, $(awk '/MemTotal/
 | drain 100k snippets / 10k chats | $drain_rate snippets/s (${drain_s}s; $failed failed) | enqueue of the batch: ${enqueue_s}s | $(ratio "$drain_rate" 5000) of target | >= 5000/s |
 | LLM summarizer (fake, 200 ms/answer), chats/s: concurrency 4 | ${llm_rate[4]} | concurrency 1: ${llm_rate[1]} | $(ratio "${llm_rate[4]}" "${llm_rate[1]}") | ~4 |
 | LLM summarizer (fake, 200 ms/answer), chats/s: concurrency 16 | ${llm_rate[16]} | concurrency 1: ${llm_rate[1]} | $(ratio "${llm_rate[16]}" "${llm_rate[1]}") | >= 12 |
+| debounce 10 s: LLM calls per snippet (20 chats × 5 turns 2 s apart) | $calls10 | debounce 0: $calls0 | $(ratio "$calls10" "$calls0") | |
+| debounce 10 s: prompt tokens per snippet (cl100k, request bodies) | $tokens10 | debounce 0: $tokens0 | $(ratio "$tokens10" "$tokens0") | |
 REPORT

@@ -350,8 +350,12 @@ BEGIN
     -- The first enqueue into an idle chat makes it a claim candidate. Only then is the chat row
     -- written (and locked): never while it has work or is being summarized, so enqueues do not
     -- queue up behind each other or the worker. See _return_claimed for the other side.
-    UPDATE memory.chat_metadata m SET due_at = v_next
-     WHERE m.chat_id = p_chat_id AND m.due_at IS NULL;
+    IF memory._debounce_ms() > 0 THEN
+        v_next := memory._debounce_chat(p_chat_id, v_next);
+    ELSE
+        UPDATE memory.chat_metadata m SET due_at = v_next
+         WHERE m.chat_id = p_chat_id AND m.due_at IS NULL;
+    END IF;
 
     INSERT INTO memory.audit_log (identity, role, action, chat_id, queue_id)
     VALUES (v_identity, memory._invoker(), 'enqueue', p_chat_id, queue_id);

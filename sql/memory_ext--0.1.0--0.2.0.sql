@@ -301,6 +301,50 @@ RETURN CASE p_kind
     ELSE 'the summarization failed'
 END;
 
+-- When a chat with pending snippets becomes due under memory_ext.debounce: once it has been
+-- quiet for debounce after its newest pending snippet, and at most debounce_max after its oldest,
+-- never before p_due (a backoff, or now). p_due itself when debounce is off or nothing is pending.
+CREATE FUNCTION memory._debounced_due(p_chat_id text, p_due timestamptz)
+RETURNS timestamptz
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_debounce int := memory._debounce_ms();
+    v_first timestamptz;
+    v_last timestamptz;
+BEGIN
+    IF v_debounce <= 0 THEN
+        RETURN p_due;
+    END IF;
+    SELECT min(q.created_at), max(q.created_at) INTO v_first, v_last
+      FROM memory.chat_context_queue q
+     WHERE q.chat_id = p_chat_id AND q.status = 'pending_summarization';
+    IF v_first IS NULL THEN
+        RETURN p_due;
+    END IF;
+    RETURN greatest(p_due, least(v_last + v_debounce * interval '1 ms',
+                                 v_first + memory._debounce_max_ms() * interval '1 ms'));
+END
+$$;
+
+-- After an enqueue with debounce on: the chat is due when _debounced_due says, each new snippet
+-- pushing it back. A chat being summarized keeps its due_at (its finish reckons it the same way)
+-- unless it had none. Returns the chat's due time.
+CREATE FUNCTION memory._debounce_chat(p_chat_id text, p_due timestamptz)
+RETURNS timestamptz
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_due timestamptz := memory._debounced_due(p_chat_id, p_due);
+BEGIN
+    UPDATE memory.chat_metadata m SET due_at = v_due
+     WHERE m.chat_id = p_chat_id AND (m.lease_token IS NULL OR m.due_at IS NULL);
+    RETURN v_due;
+END
+$$;
+
 -- Give back every row a chat has claimed and end its lease. The one way a lease ends without
 -- applying: a failed attempt (_finish), an expired lease or a dead holder (_reclaim), a stopping
 -- worker (_release). The caller holds the chat row lock. All of the chat's 'processing' rows go,
@@ -344,6 +388,7 @@ BEGIN
     END IF;
     SELECT greatest(min(q.next_attempt_at), v_due) INTO v_next FROM memory.chat_context_queue q
      WHERE q.chat_id = p_chat_id AND q.status = 'pending_summarization';
+    v_next := memory._debounced_due(p_chat_id, v_next);
     IF v_next IS NULL THEN
         -- No pending row we can see. An enqueue still in flight holds KEY SHARE on the chat and
         -- left due_at as it was (it writes due_at only when it is NULL): clear it only if no
@@ -658,6 +703,17 @@ CREATE OR REPLACE FUNCTION "_audit_reads"() RETURNS bool /* bool */
 STRICT STABLE PARALLEL SAFE 
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'audit_reads_wrapper';
+
+-- new in 0.2.0: memory_ext.debounce and debounce_max, for the SQL that marks chats due
+CREATE FUNCTION "_debounce_max_ms"() RETURNS INT /* i32 */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'debounce_max_ms_wrapper';
+
+CREATE FUNCTION "_debounce_ms"() RETURNS INT /* i32 */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'debounce_ms_wrapper';
 
 CREATE OR REPLACE FUNCTION "_max_snippet_bytes"() RETURNS INT /* i32 */
 STRICT STABLE PARALLEL SAFE 
@@ -1043,8 +1099,12 @@ BEGIN
     -- The first enqueue into an idle chat makes it a claim candidate. Only then is the chat row
     -- written (and locked): never while it has work or is being summarized, so enqueues do not
     -- queue up behind each other or the worker. See _return_claimed for the other side.
-    UPDATE memory.chat_metadata m SET due_at = v_next
-     WHERE m.chat_id = p_chat_id AND m.due_at IS NULL;
+    IF memory._debounce_ms() > 0 THEN
+        v_next := memory._debounce_chat(p_chat_id, v_next);
+    ELSE
+        UPDATE memory.chat_metadata m SET due_at = v_next
+         WHERE m.chat_id = p_chat_id AND m.due_at IS NULL;
+    END IF;
 
     INSERT INTO memory.audit_log (identity, role, action, chat_id, queue_id)
     VALUES (v_identity, memory._invoker(), 'enqueue', p_chat_id, queue_id);
@@ -1674,8 +1734,12 @@ BEGIN
             v_denied := v_denied || v_chat;
             CONTINUE;
         END IF;
-        UPDATE memory.chat_metadata m SET due_at = v_next
-         WHERE m.chat_id = v_chat AND m.due_at IS NULL;
+        IF memory._debounce_ms() > 0 THEN
+            PERFORM memory._debounce_chat(v_chat, v_next);
+        ELSE
+            UPDATE memory.chat_metadata m SET due_at = v_next
+             WHERE m.chat_id = v_chat AND m.due_at IS NULL;
+        END IF;
         INSERT INTO memory.audit_log (identity, role, action, chat_id, queue_id, detail)
         VALUES (coalesce(v_identity, '(none)'), memory._invoker(), 'enqueue', v_chat, v_id,
                 v_source);

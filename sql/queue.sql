@@ -238,6 +238,50 @@ RETURN CASE p_kind
     ELSE 'the summarization failed'
 END;
 
+-- When a chat with pending snippets becomes due under memory_ext.debounce: once it has been
+-- quiet for debounce after its newest pending snippet, and at most debounce_max after its oldest,
+-- never before p_due (a backoff, or now). p_due itself when debounce is off or nothing is pending.
+CREATE FUNCTION memory._debounced_due(p_chat_id text, p_due timestamptz)
+RETURNS timestamptz
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_debounce int := memory._debounce_ms();
+    v_first timestamptz;
+    v_last timestamptz;
+BEGIN
+    IF v_debounce <= 0 THEN
+        RETURN p_due;
+    END IF;
+    SELECT min(q.created_at), max(q.created_at) INTO v_first, v_last
+      FROM memory.chat_context_queue q
+     WHERE q.chat_id = p_chat_id AND q.status = 'pending_summarization';
+    IF v_first IS NULL THEN
+        RETURN p_due;
+    END IF;
+    RETURN greatest(p_due, least(v_last + v_debounce * interval '1 ms',
+                                 v_first + memory._debounce_max_ms() * interval '1 ms'));
+END
+$$;
+
+-- After an enqueue with debounce on: the chat is due when _debounced_due says, each new snippet
+-- pushing it back. A chat being summarized keeps its due_at (its finish reckons it the same way)
+-- unless it had none. Returns the chat's due time.
+CREATE FUNCTION memory._debounce_chat(p_chat_id text, p_due timestamptz)
+RETURNS timestamptz
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_due timestamptz := memory._debounced_due(p_chat_id, p_due);
+BEGIN
+    UPDATE memory.chat_metadata m SET due_at = v_due
+     WHERE m.chat_id = p_chat_id AND (m.lease_token IS NULL OR m.due_at IS NULL);
+    RETURN v_due;
+END
+$$;
+
 -- Give back every row a chat has claimed and end its lease. The one way a lease ends without
 -- applying: a failed attempt (_finish), an expired lease or a dead holder (_reclaim), a stopping
 -- worker (_release). The caller holds the chat row lock. All of the chat's 'processing' rows go,
@@ -281,6 +325,7 @@ BEGIN
     END IF;
     SELECT greatest(min(q.next_attempt_at), v_due) INTO v_next FROM memory.chat_context_queue q
      WHERE q.chat_id = p_chat_id AND q.status = 'pending_summarization';
+    v_next := memory._debounced_due(p_chat_id, v_next);
     IF v_next IS NULL THEN
         -- No pending row we can see. An enqueue still in flight holds KEY SHARE on the chat and
         -- left due_at as it was (it writes due_at only when it is NULL): clear it only if no

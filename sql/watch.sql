@@ -83,8 +83,12 @@ BEGIN
             v_denied := v_denied || v_chat;
             CONTINUE;
         END IF;
-        UPDATE memory.chat_metadata m SET due_at = v_next
-         WHERE m.chat_id = v_chat AND m.due_at IS NULL;
+        IF memory._debounce_ms() > 0 THEN
+            PERFORM memory._debounce_chat(v_chat, v_next);
+        ELSE
+            UPDATE memory.chat_metadata m SET due_at = v_next
+             WHERE m.chat_id = v_chat AND m.due_at IS NULL;
+        END IF;
         INSERT INTO memory.audit_log (identity, role, action, chat_id, queue_id, detail)
         VALUES (coalesce(v_identity, '(none)'), memory._invoker(), 'enqueue', v_chat, v_id,
                 v_source);

@@ -366,6 +366,18 @@ fn count_tokens(text: &str) -> i32 {
     i32::try_from(tokens::count(text)).unwrap_or(i32::MAX)
 }
 
+/// `memory_ext.debounce` in milliseconds (0: off), for the SQL that marks chats due.
+#[pg_extern(stable, parallel_safe, name = "_debounce_ms")]
+fn debounce_ms() -> i32 {
+    settings::DEBOUNCE_MS.get()
+}
+
+/// `memory_ext.debounce_max` in milliseconds.
+#[pg_extern(stable, parallel_safe, name = "_debounce_max_ms")]
+fn debounce_max_ms() -> i32 {
+    settings::DEBOUNCE_MAX_MS.get()
+}
+
 /// `memory_ext.max_snippet_bytes` as a number (`current_setting` would say "64kB").
 #[pg_extern(stable, parallel_safe, name = "_max_snippet_bytes")]
 fn max_snippet_bytes() -> i32 {

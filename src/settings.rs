@@ -30,6 +30,8 @@ pub static TOKEN_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(8000);
 pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
 pub static BACKOFF_BASE_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static BACKOFF_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(300_000);
+pub static DEBOUNCE_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static DEBOUNCE_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 pub static LEASE_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(300);
 pub static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
 pub static BATCH_CHATS: GucSetting<i32> = GucSetting::<i32>::new(200);
@@ -118,6 +120,26 @@ pub fn init(preloading: bool) {
         1000,
         GucContext::Suset,
         GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"memory_ext.debounce",
+        c"A chat's pending snippets wait until the chat has been quiet this long (0: off).",
+        c"A burst of turns becomes one summarization; memory_ext.debounce_max bounds the wait.",
+        &DEBOUNCE_MS,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"memory_ext.debounce_max",
+        c"With memory_ext.debounce, the longest a chat's oldest pending snippet waits.",
+        c"",
+        &DEBOUNCE_MAX_MS,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
         c"memory_ext.backoff_base_ms",

@@ -373,3 +373,38 @@ fn fact_keys_are_checked_and_for_admins() {
     run("RESET ROLE");
     assert_eq!(count("SELECT 1 FROM memory.fact_keys"), 1);
 }
+
+/// With memory_ext.debounce, an enqueue makes the chat due once it has been quiet that long
+/// (each new snippet pushing it back), within debounce_max of its oldest pending snippet, and
+/// nothing is claimed before.
+#[pg_test]
+fn debounce_holds_a_chat_until_it_is_quiet() {
+    run("SET LOCAL memory_ext.debounce = '10s'");
+    run("SET LOCAL memory_ext.debounce_max = '1min'");
+    run("SELECT memory.enqueue('c1', 'confirmed: a = 1')");
+    assert_eq!(
+        one::<bool>("SELECT due_at = now() + interval '10 s' FROM memory.chat_metadata"),
+        Some(true)
+    );
+    assert_eq!(one::<i32>("SELECT memory.process_pending()"), Some(0), "not due yet");
+    // the oldest pending snippet bounds the wait
+    run("UPDATE memory.chat_context_queue SET created_at = now() - interval '55 s'");
+    run("SELECT memory.enqueue('c1', 'confirmed: b = 2')");
+    assert_eq!(
+        one::<bool>("SELECT due_at = now() + interval '5 s' FROM memory.chat_metadata"),
+        Some(true)
+    );
+    run("UPDATE memory.chat_context_queue SET created_at = now() - interval '2 min'");
+    run("SELECT memory.enqueue('c1', 'confirmed: c = 3')");
+    assert_eq!(
+        one::<bool>("SELECT due_at = now() FROM memory.chat_metadata"),
+        Some(true),
+        "past debounce_max: due now"
+    );
+    assert_eq!(one::<i32>("SELECT memory.process_pending()"), Some(3));
+    assert_eq!(
+        count("SELECT 1 FROM memory.chat_memory_history"),
+        1,
+        "one summarization for the burst"
+    );
+}

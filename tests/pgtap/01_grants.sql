@@ -44,7 +44,8 @@ SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
             WHERE p.pronamespace = 'memory'::regnamespace
               AND p.prosqlbody IS NULL
               AND NOT coalesce(p.proconfig @> ARRAY['search_path=pg_catalog, pg_temp'], false)),
-          ARRAY['_admin_role', '_audit_reads', '_count_memory', '_max_snippet_bytes', '_note_denied',
+          ARRAY['_admin_role', '_audit_reads', '_count_memory', '_debounce_max_ms', '_debounce_ms',
+                '_max_snippet_bytes', '_note_denied',
                 '_rate_limit', '_render_context', '_superuser', '_token_limit', '_trigger_args',
                 '_truncate_utf8', '_wake_at_commit', 'count_tokens'],
           'every memory function pins search_path = pg_catalog, pg_temp, but the C ones running no SQL');

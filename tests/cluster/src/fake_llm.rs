@@ -201,12 +201,30 @@ impl Drop for FakeLlm {
 }
 
 /// Run a fake server until killed (for the benchmark): `fake_llm PORT DELAY_MS`.
-pub fn serve_forever(port: u16, delay: Duration) -> ! {
+/// Serve until killed; with `log`, append every request's body to that file, one JSON per line
+/// (the benchmark counts the prompt tokens actually sent).
+pub fn serve_forever(port: u16, delay: Duration, log: Option<std::path::PathBuf>) -> ! {
+    use std::io::Write;
     let f = FakeLlm::start_on(port, Mode::Valid);
     f.set_delay(delay);
+    f.set_recording(log.is_some());
     println!("fake LLM listening on 127.0.0.1:{}", f.port);
+    let mut logged = 0;
     loop {
-        std::thread::sleep(Duration::from_secs(3600));
+        std::thread::sleep(Duration::from_millis(50));
+        let Some(path) = &log else { continue };
+        let requests = f.requests();
+        if requests.len() > logged {
+            let mut out = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .expect("request log");
+            for r in &requests[logged..] {
+                writeln!(out, "{}", r.body).expect("request log");
+            }
+            logged = requests.len();
+        }
     }
 }
 

@@ -798,7 +798,7 @@ fn stress_chaos_keeps_order_exactly_once_and_isolates_rejected_snippets() {
     });
     fake.set_recording(false);
     let first_summarizer = if rng.chance(0.5) { "mock" } else { "openai" };
-    let conf = [
+    let mut conf = vec![
         format!("memory_ext.summarizer = '{first_summarizer}'"),
         format!("memory_ext.llm_endpoint = '{}'", fake.openai_endpoint()),
         "memory_ext.llm_model = 'fake-model'".into(),
@@ -815,6 +815,15 @@ fn stress_chaos_keeps_order_exactly_once_and_isolates_rejected_snippets() {
         format!("memory_ext.batch_chats = {}", rng.range(3, 50)),
         format!("memory_ext.batch_snippets = {}", rng.range(1, 10)),
     ];
+    // Half the seeds hold chats back with a debounce (its own draws: the schedule stays the
+    // seed's); debounce_max keeps every chat due within a fraction of a second.
+    let mut knobs = Rng::derived(seed, 3000);
+    if knobs.chance(0.5) {
+        let ms = knobs.range(20, 200);
+        eprintln!("memory_ext stress: debounce {ms} ms, debounce_max 400 ms");
+        conf.push(format!("memory_ext.debounce = {ms}"));
+        conf.push("memory_ext.debounce_max = 400".into());
+    }
     let refs: Vec<&str> = conf.iter().map(String::as_str).collect();
     let pg = Cluster::start("stress", &refs);
 

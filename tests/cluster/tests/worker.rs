@@ -979,3 +979,78 @@ fn refused_cross_tenant_attempts_reach_the_audit_log() {
         "authenticated alices-chat"
     );
 }
+
+/// memory_ext.debounce: a burst of turns, each committed on its own, becomes one summarization
+/// no sooner than the debounce after the last of them; debounce_max bounds the wait of a chat
+/// that never goes quiet (here 2 s, against a 60 s debounce that wait() would outlast).
+#[test]
+fn debounce_turns_a_burst_into_one_summarization() {
+    let pg = Cluster::start(
+        "debounce",
+        &[
+            "memory_ext.debounce = '3s'",
+            "memory_ext.debounce_max = '30s'",
+        ],
+    );
+    let mut c = pg.client();
+    let estimate: bool = c
+        .query_one(
+            "SELECT estimated_completion >= now() + interval '3 s'
+               FROM memory.enqueue('c1', 'confirmed: turn = start')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(estimate, "the estimate counts the debounce");
+    let mut last = String::new();
+    for i in 0..5 {
+        last = enqueue(&mut c, "c1", &format!("confirmed: turn = {i}"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(wait(&mut c, &last), "complete");
+    assert_applied_once_in_order(&mut c, "c1");
+    let (versions, held): (i64, bool) = {
+        let r = c
+            .query_one(
+                "SELECT (SELECT count(*) FROM memory.chat_memory_history WHERE chat_id = 'c1'),
+                        (SELECT min(h.changed_at) FROM memory.chat_memory_history h)
+                          >= (SELECT max(q.created_at) FROM memory.chat_context_queue q)
+                             + interval '3 s'",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(versions, 1, "one summarization for the burst");
+    assert!(
+        held,
+        "applied no sooner than the debounce after the last turn"
+    );
+
+    for sql in [
+        "ALTER SYSTEM SET memory_ext.debounce = '60s'",
+        "ALTER SYSTEM SET memory_ext.debounce_max = '2s'",
+        "SELECT pg_reload_conf()",
+    ] {
+        c.batch_execute(sql).unwrap();
+    }
+    pg.eventually(
+        &mut c,
+        "SELECT current_setting('memory_ext.debounce_max') = '2s'",
+        "the reload",
+        T,
+    );
+    let first = enqueue(&mut c, "c2", "confirmed: a = 1");
+    enqueue(&mut c, "c2", "confirmed: b = 2");
+    let r: String = c
+        .query_one(
+            "SELECT memory.wait($1::text::uuid, '20 seconds')",
+            &[&first],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        r, "complete",
+        "debounce_max, not the 60 s debounce, decided"
+    );
+}
