@@ -556,7 +556,9 @@ BEGIN
         coalesce((p_usage ->> 'cache_write_tokens')::bigint, 0));
     -- Keep the newest p_history_versions versions (0: all): every version stores the whole
     -- memory, so unbounded history grows with versions x memory size.
-    IF p_history_versions > 0 THEN
+    -- Only once the chat has more versions than that: the statement cost a third of a finish
+    -- when run for every chat.
+    IF p_history_versions > 0 AND old.version + 1 > p_history_versions THEN
         DELETE FROM memory.chat_memory_history h
          WHERE h.chat_id = p_chat_id AND h.version <= old.version + 1 - p_history_versions;
     END IF;
