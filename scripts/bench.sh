@@ -218,7 +218,7 @@ SELECT memory.count_tokens(string_agg(m ->> 'content', E'\n')) FROM jsonb_array_
 SQL
 )))
     done < "$W/requests.jsonl"
-    awk -v c="$calls" -v t="$tokens" 'BEGIN { printf "%.2f %.0f", c / 100, t / 100 }'
+    awk -v c="$calls" -v t="$tokens" 'BEGIN { printf "%.2f %.0f\n", c / 100, t / 100 }'
 }
 read -r calls0 tokens0 < <(debounce_run 0)
 read -r calls10 tokens10 < <(debounce_run 10s)

@@ -323,7 +323,10 @@ BEGIN
          WHERE q.chat_id = p_chat_id AND q.status = 'pending_summarization'
            AND q.next_attempt_at < v_due;
     END IF;
-    SELECT greatest(min(q.next_attempt_at), v_due) INTO v_next FROM memory.chat_context_queue q
+    -- NULL when nothing is pending (greatest() alone would skip the NULL and answer v_due, marking
+    -- every finished chat due again: one more claim per chat to clear it).
+    SELECT CASE WHEN min(q.next_attempt_at) IS NOT NULL THEN greatest(min(q.next_attempt_at), v_due) END
+      INTO v_next FROM memory.chat_context_queue q
      WHERE q.chat_id = p_chat_id AND q.status = 'pending_summarization';
     v_next := memory._debounced_due(p_chat_id, v_next);
     IF v_next IS NULL THEN

@@ -408,3 +408,14 @@ fn debounce_holds_a_chat_until_it_is_quiet() {
         "one summarization for the burst"
     );
 }
+
+/// A chat whose snippets were all applied is no longer due: no claim is spent on it again (the
+/// finish once marked every chat it finished due, which cost one more claim per chat).
+#[pg_test]
+fn a_drained_chat_is_not_due_again() {
+    run("SELECT memory.enqueue('c1', 'confirmed: a = 1')");
+    run("SELECT memory.enqueue('c2', 'mock_fatal: refused')");
+    run("SELECT memory.process_pending()");
+    assert_eq!(count("SELECT 1 FROM memory.chat_context_queue WHERE status IN ('pending_summarization', 'processing')"), 0);
+    assert_eq!(count("SELECT 1 FROM memory.chat_metadata WHERE due_at IS NOT NULL"), 0);
+}
