@@ -156,8 +156,8 @@ psql_b -d postgres -c "CHECKPOINT" >/dev/null
 start=$(date +%s.%N)
 psql_b -d postgres -c "SELECT count(*) FROM (SELECT memory.enqueue('drain' || (g % 10000), 'confirmed: n = ' || g || E'\nline ' || g) FROM generate_series(0, 99999) g) x" >/dev/null
 enqueued=$(date +%s.%N)
-# Polled through chat_metadata's partial indexes (chats due or leased), not by scanning the queue.
-while [[ $(psql_b -d postgres -c "SELECT (SELECT count(*) FROM memory.chat_metadata WHERE due_at IS NOT NULL) + (SELECT count(*) FROM memory.chat_metadata WHERE lease_token IS NOT NULL)") != 0 ]]; do
+# Polled through the partial (chat_id, seq) index, stopping at the first open row: no queue scan.
+while [[ $(psql_b -d postgres -c "SELECT EXISTS (SELECT 1 FROM memory.chat_context_queue WHERE status IN ('pending_summarization', 'processing'))") == t ]]; do
     sleep 0.1
 done
 done_at=$(date +%s.%N)

@@ -59,9 +59,10 @@ burst() { # snippets chats: the rows enqueue() would leave, written in bulk, the
 }
 
 pending() { psql_d -d drain -c "SELECT count(*) FROM memory.chat_context_queue WHERE status IN ('pending_summarization', 'processing')"; }
-# Chats with work (due or leased), through chat_metadata's partial indexes: polling must not
-# scan the queue (a parallel scan of a million rows every few hundred ms slows the drain it times).
-busy_chats() { psql_d -d drain -c "SELECT (SELECT count(*) FROM memory.chat_metadata WHERE due_at IS NOT NULL) + (SELECT count(*) FROM memory.chat_metadata WHERE lease_token IS NOT NULL)"; }
+# Is anything pending? Through the partial (chat_id, seq) index, stopping at the first row: polling
+# must not scan the queue (a parallel scan of a million rows every few hundred ms slows the drain
+# it times).
+busy() { psql_d -d drain -c "SELECT EXISTS (SELECT 1 FROM memory.chat_context_queue WHERE status IN ('pending_summarization', 'processing'))"; }
 
 drain_rate() { # start the worker; from when it runs until nothing is pending -> snippets/s
     local t0 t1 n0
@@ -69,7 +70,7 @@ drain_rate() { # start the worker; from when it runs until nothing is pending ->
     until [[ $(psql_d -d postgres -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'memory_ext worker'") == 1 ]]; do sleep 0.05; done
     t0=$(date +%s.%N)
     n0=$(pending)
-    while [[ $(busy_chats) != 0 ]]; do
+    while [[ $(busy) == t ]]; do
         sleep 0.5
     done
     t1=$(date +%s.%N)
