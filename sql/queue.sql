@@ -275,10 +275,34 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_due timestamptz := memory._debounced_due(p_chat_id, p_due);
+    v_set timestamptz;
 BEGIN
-    UPDATE memory.chat_metadata m SET due_at = v_due
-     WHERE m.chat_id = p_chat_id AND (m.lease_token IS NULL OR m.due_at IS NULL);
-    RETURN v_due;
+    -- retry_at as the row has it when the UPDATE runs: a finish this waited for may have just
+    -- set a backoff, which the debounce must not shorten
+    UPDATE memory.chat_metadata m SET due_at = greatest(v_due, m.retry_at)
+     WHERE m.chat_id = p_chat_id AND (m.lease_token IS NULL OR m.due_at IS NULL)
+    RETURNING m.due_at INTO v_set;
+    RETURN coalesce(v_set, v_due);
+END
+$$;
+
+-- When a chat's oldest pending snippet may be claimed: not before p_due, and with memory_ext.
+-- debounce, not before the chat has been quiet. NULL when nothing is pending (greatest() alone
+-- would skip the NULL and answer p_due, marking every finished chat due again).
+CREATE FUNCTION memory._next_pending_due(p_chat_id text, p_due timestamptz)
+RETURNS timestamptz
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_first_due timestamptz;
+BEGIN
+    SELECT min(q.next_attempt_at) INTO v_first_due FROM memory.chat_context_queue q
+     WHERE q.chat_id = p_chat_id AND q.status = 'pending_summarization';
+    IF v_first_due IS NULL THEN
+        RETURN NULL;
+    END IF;
+    RETURN memory._debounced_due(p_chat_id, greatest(v_first_due, p_due));
 END
 $$;
 
@@ -323,20 +347,19 @@ BEGIN
          WHERE q.chat_id = p_chat_id AND q.status = 'pending_summarization'
            AND q.next_attempt_at < v_due;
     END IF;
-    -- NULL when nothing is pending (greatest() alone would skip the NULL and answer v_due, marking
-    -- every finished chat due again: one more claim per chat to clear it).
-    SELECT CASE WHEN min(q.next_attempt_at) IS NOT NULL THEN greatest(min(q.next_attempt_at), v_due) END
-      INTO v_next FROM memory.chat_context_queue q
-     WHERE q.chat_id = p_chat_id AND q.status = 'pending_summarization';
-    v_next := memory._debounced_due(p_chat_id, v_next);
+    v_next := memory._next_pending_due(p_chat_id, v_due);
     IF v_next IS NULL THEN
         -- No pending row we can see. An enqueue still in flight holds KEY SHARE on the chat and
         -- left due_at as it was (it writes due_at only when it is NULL): clear it only if no
         -- such enqueue exists (FOR UPDATE would conflict), else leave a "maybe" for the next
-        -- claim to settle. Never a lost wake-up.
+        -- claim to settle. Once locked, look again (a new snapshot): an enqueue that committed
+        -- between the first look and the lock is seen. Under a fixed snapshot (a caller's
+        -- REPEATABLE READ) a second look sees nothing new: leave the "maybe". Never a lost wake-up.
         PERFORM 1 FROM memory.chat_metadata c WHERE c.chat_id = p_chat_id FOR UPDATE SKIP LOCKED;
-        IF NOT FOUND THEN
+        IF NOT FOUND OR pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
             v_next := now();
+        ELSE
+            v_next := memory._next_pending_due(p_chat_id, v_due);
         END IF;
     END IF;
     UPDATE memory.chat_metadata c
@@ -385,7 +408,8 @@ BEGIN
         llm_inferred jsonb, general_summary text, token_count int, needs_new_chat bool,
         context text, context_tokens int, dead jsonb, failure jsonb, usage jsonb)
     LOOP
-        -- NO KEY UPDATE: excludes the other finishers and reclaimers of this chat, not enqueues.
+        -- NO KEY UPDATE: excludes the other finishers and reclaimers of this chat, not enqueues
+        -- (only a finish that leaves the chat idle takes it FOR UPDATE: see _return_claimed).
         PERFORM 1 FROM memory.chat_metadata c
          WHERE c.chat_id = r.chat_id AND c.lease_token = r.lease_token
            FOR NO KEY UPDATE SKIP LOCKED;
