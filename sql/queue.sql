@@ -490,10 +490,14 @@ BEGIN
         RETURN false;
     END IF;
     -- The lease is held (checked under the chat row lock): every claimed row is still ours.
+    -- The chat too: with statistics older than a bulk enqueue, "status = 'processing'" alone let
+    -- the planner walk a whole partial index it believed empty (3 ms a chat: a third of the
+    -- drain rate); by chat it reads only this chat's open rows, however stale the statistics.
     UPDATE memory.chat_context_queue q
        SET status = 'complete', processed_at = now(), claim_token = NULL,
            lease_expires_at = NULL
-     WHERE q.id = ANY (p_ids) AND q.status = 'processing' AND q.claim_token = p_lease_token;
+     WHERE q.id = ANY (p_ids) AND q.chat_id = p_chat_id AND q.status = 'processing'
+       AND q.claim_token = p_lease_token;
     GET DIAGNOSTICS v_n = ROW_COUNT;
     IF v_n <> cardinality(p_ids) THEN
         RAISE EXCEPTION 'claimed snippets of chat "%" changed under its lease (% of % left)',
