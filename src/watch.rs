@@ -38,12 +38,14 @@ fn trigger_args(args: &[u8]) -> Vec<String> {
 
 /// Before `DROP EXTENSION memory_ext`: drop the capture triggers on the app's tables, which
 /// depend on the extension's trigger function (a plain DROP would refuse). Only where the
-/// extension exists and the caller may drop it; anyone else's DROP fails on its own.
+/// extension exists and the caller may drop it (anyone else's DROP fails on its own), and where
+/// its version has watching at all (a 0.1.0 schema under this library must drop as it is).
 pub fn unwatch_all_before_drop() {
     let droppable = Spi::get_one::<bool>(
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension e
                          WHERE e.extname = 'memory_ext'
-                           AND pg_catalog.pg_has_role(e.extowner, 'USAGE'))",
+                           AND pg_catalog.pg_has_role(e.extowner, 'USAGE'))
+                AND pg_catalog.to_regprocedure('memory._unwatch_all()') IS NOT NULL",
     );
     let cleared = match droppable {
         Ok(Some(true)) => Spi::run("SELECT memory._unwatch_all()"),

@@ -462,3 +462,22 @@ fn pg_upgrade_to_a_new_major_keeps_every_chat_and_the_worker_resumes() {
         r#"{"pet": "cat", "city": "Lyon", "plan": "PPO", "color": "green"}"#
     );
 }
+
+/// The 0.2.0 library drops a 0.1.0 schema (which has no watching): DROP EXTENSION before an
+/// update must not fail on what only 0.2.0 defines.
+#[test]
+fn an_old_schema_drops_under_the_new_library() {
+    let pg = Cluster::init("drop_old", &[], true, &pg_bin(), &[]);
+    pg.ctl("start");
+    let mut c = pg.client();
+    c.batch_execute("CREATE EXTENSION memory_ext VERSION '0.1.0'")
+        .unwrap();
+    c.batch_execute("DROP EXTENSION memory_ext").unwrap();
+    assert_eq!(
+        text(
+            &mut c,
+            "SELECT count(*)::text FROM pg_extension WHERE extname = 'memory_ext'"
+        ),
+        "0"
+    );
+}
