@@ -2,7 +2,9 @@
 -- the 0.2.0 library installed and the server restarted; the 0.2.0 worker waits for this update).
 --
 -- Every row is kept. What changes:
--- - chat_metadata.due_at (fair claiming; the queue's due and lease indexes go),
+-- - chat_metadata.due_at (fair claiming; the queue's due and lease indexes go), rebuild and
+--   pruned_at (memory.rebuild(), forget_snippet()), history.rebuilt, tables owner_usage_daily and
+--   owner_budgets (per-owner daily token budgets),
 --   chat_context_queue.error_public (what owners see of an error), table owner_turns (owners take turns), table fact_keys (declared fact keys), and
 --   memory.watch() (capture from an app's own table).
 -- - Identities of direct callers move to their own namespace: an owner or enqueued_by naming an
@@ -48,6 +50,24 @@ CREATE TABLE memory.fact_keys (
     CONSTRAINT fact_keys_some_use_check CHECK (may_confirm OR may_infer)
 );
 SELECT pg_catalog.pg_extension_config_dump('memory.fact_keys', '');
+-- re-derivation (memory.rebuild(), forget_snippet()) and per-owner token budgets
+ALTER TABLE memory.chat_metadata ADD COLUMN rebuild jsonb, ADD COLUMN pruned_at timestamptz;
+ALTER TABLE memory.chat_memory_history ADD COLUMN rebuilt bool NOT NULL DEFAULT false;
+CREATE TABLE memory.owner_usage_daily (
+    day                 date NOT NULL,
+    owner               text NOT NULL,
+    llm_requests        bigint NOT NULL DEFAULT 0,
+    prompt_tokens       bigint NOT NULL DEFAULT 0,
+    completion_tokens   bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, owner)
+);
+CREATE TABLE memory.owner_budgets (
+    owner         text PRIMARY KEY CHECK (btrim(owner) <> ''),
+    daily_tokens  bigint NOT NULL CHECK (daily_tokens >= 0),
+    set_at        timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('memory.owner_usage_daily', '');
+SELECT pg_catalog.pg_extension_config_dump('memory.owner_budgets', '');
 
 -- ---- functions that are gone or whose arguments changed (with what uses them) ---------------
 DROP POLICY owner_reads ON memory.chat_context_queue;
@@ -171,8 +191,10 @@ BEGIN
              WHERE q.id = ANY ($1) AND c.chat_id = q.chat_id
             RETURNING q.chat_id, q.id, q.seq, q.new_context_snippet
         )
-        SELECT c.chat_id, c.lease_token, c.version, c.user_confirmed, c.llm_inferred,
-               c.general_summary,
+        SELECT c.chat_id, c.lease_token, c.version,
+               coalesce(c.rebuild -> 'user_confirmed', c.user_confirmed),
+               coalesce(c.rebuild -> 'llm_inferred', c.llm_inferred),
+               coalesce(c.rebuild ->> 'general_summary', c.general_summary),
                jsonb_agg(jsonb_build_object('id', m.id, 'text', m.new_context_snippet)
                          ORDER BY m.seq)
           FROM marked m JOIN memory.chat_metadata c ON c.chat_id = m.chat_id
@@ -201,8 +223,10 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     RETURN QUERY EXECUTE $q$
-        SELECT c.chat_id, NULL::uuid, c.version, c.user_confirmed, c.llm_inferred, c.general_summary,
-               s.snippets
+        SELECT c.chat_id, NULL::uuid, c.version,
+               coalesce(c.rebuild -> 'user_confirmed', c.user_confirmed),
+               coalesce(c.rebuild -> 'llm_inferred', c.llm_inferred),
+               coalesce(c.rebuild ->> 'general_summary', c.general_summary), s.snippets
           FROM memory.chat_metadata c JOIN memory._due_chats($1) cand ON cand.chat_id = c.chat_id
          CROSS JOIN LATERAL (
                SELECT jsonb_agg(jsonb_build_object('id', o.id, 'text', o.new_context_snippet)
@@ -388,6 +412,7 @@ DECLARE
     v_n int;
     v_due timestamptz := greatest(p_retry_at, now());
     v_next timestamptz;
+    v_rebuilding bool;
 BEGIN
     UPDATE memory.chat_context_queue q
        SET retry_count = q.retry_count + CASE WHEN p_count_attempt THEN 1 ELSE 0 END,
@@ -430,7 +455,11 @@ BEGIN
            retry_at = CASE WHEN v_due > now() AND v_next IS NOT NULL THEN v_due END,
            -- behind every chat already waiting: chats take turns
            due_at = v_next
-     WHERE c.chat_id = p_chat_id;
+     WHERE c.chat_id = p_chat_id
+    RETURNING c.rebuild IS NOT NULL INTO v_rebuilding;
+    IF v_rebuilding THEN
+        PERFORM memory._settle_rebuild(p_chat_id);
+    END IF;
     RETURN v_n;
 END
 $$;
@@ -499,6 +528,9 @@ BEGIN
                  ELSE memory._backoff_until(r.chat_id, r.lease_token,
                           (r.failure ->> 'retry_after_ms')::int, p_backoff_base_ms,
                           p_backoff_max_ms) END);
+        IF coalesce((r.usage ->> 'llm_requests')::bigint, 0) > 0 THEN
+            PERFORM memory._record_owner_usage(r.chat_id, r.usage);
+        END IF;
         v_applied := v_applied + v_done::int;
         -- A dead-lettered snippet is a failed attempt too (it cost a request).
         v_failed := v_failed + (r.failure IS NOT NULL OR v_dead)::int;
@@ -567,6 +599,18 @@ BEGIN
             p_chat_id, v_n, cardinality(p_ids);
     END IF;
     SELECT * INTO old FROM memory.chat_metadata c WHERE c.chat_id = p_chat_id;
+    IF old.rebuild IS NOT NULL THEN
+        -- Re-deriving: the result goes onto the memory being rebuilt, which _return_claimed
+        -- applies as one version once its last snippet is settled.
+        UPDATE memory.chat_metadata c
+           SET rebuild = old.rebuild || jsonb_build_object(
+                   'user_confirmed', p_confirmed, 'llm_inferred', p_inferred,
+                   'general_summary', p_summary, 'summarizer', p_summarizer,
+                   'ids', (old.rebuild -> 'ids') || to_jsonb(p_ids),
+                   'usage', memory._add_usage(old.rebuild -> 'usage', p_usage))
+         WHERE c.chat_id = p_chat_id;
+        RETURN true;
+    END IF;
     UPDATE memory.chat_metadata c
        SET user_confirmed = p_confirmed, llm_inferred = p_inferred,
            general_summary = p_summary, token_count = p_token_count,
@@ -679,13 +723,21 @@ LANGUAGE sql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
     WITH old AS (
-        SELECT q.id FROM memory.chat_context_queue q
+        SELECT q.id, q.chat_id FROM memory.chat_context_queue q
          WHERE q.status = 'complete'
            AND q.processed_at < now() - make_interval(secs => p_retention_seconds)
          ORDER BY q.processed_at LIMIT p_batch
            FOR UPDATE SKIP LOCKED
+    ), chats AS (
+        SELECT m.chat_id FROM memory.chat_metadata m
+         WHERE m.chat_id IN (SELECT old.chat_id FROM old)
+           FOR NO KEY UPDATE SKIP LOCKED
+    ), pruned AS (
+        UPDATE memory.chat_metadata m SET pruned_at = now()
+          FROM chats WHERE m.chat_id = chats.chat_id AND m.pruned_at IS NULL
     ), gone AS (
-        DELETE FROM memory.chat_context_queue q USING old WHERE q.id = old.id RETURNING 1
+        DELETE FROM memory.chat_context_queue q USING old, chats
+         WHERE q.id = old.id AND old.chat_id = chats.chat_id RETURNING 1
     ), old_audit AS (
         SELECT a.ctid FROM memory.audit_log a
          WHERE p_audit_retention_seconds IS NOT NULL
@@ -1489,7 +1541,7 @@ AS $$
         'memory.enqueue(text, text, text)', 'memory.get(text)', 'memory.status(uuid)',
         'memory.wait(uuid, interval)', 'memory.history(text)', 'memory.forget(text)',
         'memory.retry_failed(text)', 'memory.count_tokens(text)', 'memory.context(text, integer)',
-        'memory.rollback(text, bigint)',
+        'memory.rollback(text, bigint)', 'memory.rebuild(text)', 'memory.forget_snippet(uuid)',
         -- called by current_identity() and the RLS policies, with the caller's rights
         'memory._invoker()', 'memory._jwt_sub()', 'memory._is_admin()', 'memory._owns_chat(text)',
         -- settings read through the library, by get() and _is_admin()
@@ -1509,9 +1561,10 @@ AS $$
         'memory.grant_usage(regrole)', 'memory.revoke_usage(regrole)',
         'memory.grant_admin(regrole)', 'memory.revoke_admin(regrole)',
         'memory.watch(regclass, name, name, name, name)', 'memory.unwatch(regclass)',
-        'memory.forget_owner(text)',
-        -- read by the memory.watched view, with the reader's rights
-        'memory._trigger_args(bytea)',
+        'memory.forget_owner(text)', 'memory.set_owner_budget(text, bigint)',
+        -- read by the memory.watched and memory.owner_usage views, with the reader's rights
+        'memory._trigger_args(bytea)', 'memory._utc_today()', 'memory._owner_budget(text, bigint)',
+        'memory._owner_daily_tokens()', 'memory._budget_deferred_message()',
         -- the audit_direct_write triggers' WHEN runs with the writer's rights: a role given table
         -- privileges without it cannot write them at all (rather than unaudited)
         'memory._superuser()'
@@ -1963,7 +2016,166 @@ SELECT t.tgrelid::regclass AS source,
   FROM pg_catalog.pg_trigger t, LATERAL (SELECT memory._trigger_args(t.tgargs) AS a) args
  WHERE t.tgfoid = 'memory._capture()'::pg_catalog.regprocedure;
 
--- ---- new in 0.2.0: rollback and erasure (sql/lifecycle.sql) ---------------------------------
+-- ---- new in 0.2.0: per-owner token budgets (sql/budget.sql) ----------------------------------
+CREATE FUNCTION "_owner_daily_tokens"() RETURNS bigint /* i64 */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'owner_daily_tokens_wrapper';
+
+-- Per-owner daily token budgets: an owner whose chats spent their LLM tokens for the UTC day has
+-- their chats deferred (not failed) to the next UTC day; enqueue keeps accepting.
+--
+-- Checked when chats are claimed: a batch already in flight when an owner crosses the budget is
+-- still applied, so an owner may overshoot by one summarization per chat in that batch.
+
+-- Today, and when it ends, in UTC: budgets follow one clock whatever the server's TimeZone.
+CREATE FUNCTION memory._utc_today()
+RETURNS date
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN (pg_catalog.now() AT TIME ZONE 'UTC')::date;
+
+CREATE FUNCTION memory._utc_tomorrow()
+RETURNS timestamptz
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN ((pg_catalog.now() AT TIME ZONE 'UTC')::date + 1)::timestamp AT TIME ZONE 'UTC';
+
+-- What a deferred snippet's owner is told (error_public); set_owner_budget() finds deferred chats
+-- by it.
+CREATE FUNCTION memory._budget_deferred_message()
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN 'deferred: the daily LLM token budget is spent; summarizing resumes on the next UTC day';
+
+-- Add one summarization's LLM usage to its chat owner's day (in _finish, with the batch).
+CREATE FUNCTION memory._record_owner_usage(p_chat_id text, p_usage jsonb)
+RETURNS void
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO memory.owner_usage_daily AS u (day, owner, llm_requests, prompt_tokens,
+                                               completion_tokens)
+    SELECT memory._utc_today(), m.owner,
+           coalesce((p_usage ->> 'llm_requests')::bigint, 0),
+           coalesce((p_usage ->> 'prompt_tokens')::bigint, 0),
+           coalesce((p_usage ->> 'completion_tokens')::bigint, 0)
+      FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id
+    ON CONFLICT (day, owner) DO UPDATE
+       SET llm_requests = u.llm_requests + excluded.llm_requests,
+           prompt_tokens = u.prompt_tokens + excluded.prompt_tokens,
+           completion_tokens = u.completion_tokens + excluded.completion_tokens
+$$;
+
+-- An owner's budget: their override, else p_default (memory_ext.owner_daily_tokens); NULL when
+-- unlimited (0).
+CREATE FUNCTION memory._owner_budget(p_owner text, p_default bigint)
+RETURNS bigint
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT nullif(coalesce((SELECT b.daily_tokens FROM memory.owner_budgets b
+                             WHERE b.owner = p_owner), p_default), 0)
+$$;
+
+-- Before a claim (same transaction): the due chats of owners whose tokens today reached their
+-- budget are deferred to the next UTC day, their pending snippets saying why. Chats a client
+-- holds locked are left for the next claim (the worker never waits for a client's lock).
+-- Returns how many chats were deferred. Reads only today's usage rows: cheap when nobody spends.
+CREATE FUNCTION memory._defer_over_budget(p_default bigint)
+RETURNS int
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_until timestamptz := memory._utc_tomorrow();
+    v_n int;
+BEGIN
+    WITH over AS (
+        SELECT u.owner, u.prompt_tokens + u.completion_tokens AS spent,
+               memory._owner_budget(u.owner, p_default) AS budget
+          FROM memory.owner_usage_daily u
+         WHERE u.day = memory._utc_today()
+    ), chats AS (
+        SELECT m.chat_id, over.spent, over.budget
+          FROM memory.chat_metadata m JOIN over ON over.owner = m.owner
+         WHERE over.spent >= over.budget AND m.due_at <= now() AND m.lease_token IS NULL
+           FOR NO KEY UPDATE OF m SKIP LOCKED
+    ), deferred AS (
+        UPDATE memory.chat_metadata m SET due_at = v_until, retry_at = v_until
+          FROM chats WHERE m.chat_id = chats.chat_id
+        RETURNING m.chat_id
+    ), held AS (
+        UPDATE memory.chat_context_queue q
+           SET next_attempt_at = v_until,
+               error_message = format('deferred until %s: the owner''s LLM tokens today (%s) '
+                                      'reached their daily budget (%s)', v_until, chats.spent,
+                                      chats.budget),
+               error_public = memory._budget_deferred_message()
+          FROM chats
+         WHERE q.chat_id = chats.chat_id AND q.status = 'pending_summarization'
+    )
+    SELECT count(*) INTO v_n FROM deferred;
+    RETURN v_n;
+END
+$$;
+
+-- Set one owner's daily token budget (admins): p_daily_tokens replaces memory_ext.
+-- owner_daily_tokens for them (0: no limit), NULL removes the override. Chats deferred for their
+-- budget are due again at once (the next claim checks the new budget).
+CREATE FUNCTION memory.set_owner_budget(p_owner text, p_daily_tokens bigint)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM memory._require_admin('memory.set_owner_budget()');
+    IF p_owner IS NULL OR btrim(p_owner) = '' THEN
+        RAISE EXCEPTION 'owner must not be null or blank' USING ERRCODE = '22023';
+    END IF;
+    IF p_daily_tokens < 0 THEN
+        RAISE EXCEPTION 'daily_tokens must be 0 (no limit) or more, got %', p_daily_tokens
+            USING ERRCODE = '22023';
+    END IF;
+    IF p_daily_tokens IS NULL THEN
+        DELETE FROM memory.owner_budgets b WHERE b.owner = p_owner;
+    ELSE
+        INSERT INTO memory.owner_budgets AS b (owner, daily_tokens) VALUES (p_owner, p_daily_tokens)
+        ON CONFLICT (owner) DO UPDATE SET daily_tokens = excluded.daily_tokens, set_at = now();
+    END IF;
+    UPDATE memory.chat_metadata m SET due_at = now(), retry_at = NULL
+     WHERE m.owner = p_owner AND m.lease_token IS NULL AND m.due_at > now()
+       AND EXISTS (SELECT 1 FROM memory.chat_context_queue q
+                    WHERE q.chat_id = m.chat_id AND q.status = 'pending_summarization'
+                      AND q.error_public = memory._budget_deferred_message());
+    PERFORM memory._wake_at_commit();
+    PERFORM memory._audit('set_owner_budget', NULL, NULL,
+        format('%s: %s', p_owner, coalesce(p_daily_tokens::text, 'default')));
+END
+$$;
+
+-- Who spends what today (UTC), against which budget, and who is throttled: every owner with
+-- usage today or a budget of their own. Admins only.
+CREATE VIEW memory.owner_usage AS
+SELECT o.owner,
+       memory._utc_today() AS day,
+       coalesce(u.llm_requests, 0) AS llm_requests,
+       coalesce(u.prompt_tokens, 0) AS prompt_tokens,
+       coalesce(u.completion_tokens, 0) AS completion_tokens,
+       coalesce(u.prompt_tokens + u.completion_tokens, 0) AS tokens,
+       memory._owner_budget(o.owner, memory._owner_daily_tokens()) AS daily_budget,
+       coalesce(u.prompt_tokens + u.completion_tokens, 0)
+           >= memory._owner_budget(o.owner, memory._owner_daily_tokens()) IS TRUE AS throttled,
+       (SELECT count(*) FROM memory.chat_metadata m
+         WHERE m.owner = o.owner AND m.lease_token IS NULL AND m.due_at > now()
+           AND EXISTS (SELECT 1 FROM memory.chat_context_queue q
+                        WHERE q.chat_id = m.chat_id AND q.status = 'pending_summarization'
+                          AND q.error_public = memory._budget_deferred_message())) AS deferred_chats
+  FROM (SELECT x.owner FROM memory.owner_usage_daily x WHERE x.day = memory._utc_today()
+        UNION SELECT b.owner FROM memory.owner_budgets b) o
+  LEFT JOIN memory.owner_usage_daily u ON u.owner = o.owner AND u.day = memory._utc_today();
+
+
+-- ---- new in 0.2.0: rollback, rebuild and erasure (sql/lifecycle.sql) ------------------------
 CREATE FUNCTION "_count_memory"(
 	"p_confirmed" jsonb, /* Option < pgrx :: JsonB > */
 	"p_inferred" jsonb, /* Option < pgrx :: JsonB > */
@@ -1973,7 +2185,8 @@ IMMUTABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'count_memory_wrapper';
 
--- Correcting and erasing memory: roll a chat back to an earlier version, erase an owner.
+-- Correcting and erasing memory: roll a chat back to an earlier version, re-derive it from its
+-- snippets (rebuild), erase one snippet or an owner.
 
 -- The memory a chat had at version p_version (0: the empty memory before anything was applied),
 -- from its history: the version's own row, or the next version's "old" columns. No row when that
@@ -1999,10 +2212,63 @@ AS $$
       ORDER BY x.pick LIMIT 1)
 $$;
 
+-- Make p_memory the chat's memory as a new version, rendered and counted as the worker would,
+-- with a history row (no snippets for a rollback, the re-derived ones for a rebuild). The caller
+-- holds the chat row lock. Returns the new version.
+CREATE FUNCTION memory._set_memory(p_chat_id text, p_confirmed jsonb, p_inferred jsonb,
+                                   p_summary text, p_summarizer text, p_queue_ids uuid[],
+                                   p_restored_version bigint, p_usage jsonb)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    c memory.chat_metadata%ROWTYPE;
+    r record;
+    v_tokens int := memory._count_memory(p_confirmed, p_inferred, p_summary);
+BEGIN
+    SELECT * INTO c FROM memory.chat_metadata x WHERE x.chat_id = p_chat_id;
+    SELECT x.* INTO r FROM memory._render_context(p_confirmed, p_inferred, p_summary, NULL, NULL) x;
+    UPDATE memory.chat_metadata x
+       SET user_confirmed = p_confirmed, llm_inferred = p_inferred, general_summary = p_summary,
+           token_count = v_tokens, needs_new_chat = v_tokens > memory._token_limit(),
+           version = c.version + 1, last_updated = now(), context_text = r.context,
+           context_tokens = r.token_count, rebuild = NULL
+     WHERE x.chat_id = p_chat_id;
+    INSERT INTO memory.chat_memory_history (chat_id, version, queue_ids, old_user_confirmed,
+        old_llm_inferred, old_general_summary, user_confirmed, llm_inferred, general_summary,
+        token_count, summarizer, restored_version, rebuilt, llm_requests, prompt_tokens,
+        completion_tokens, rejected_ops, cached_prompt_tokens, cache_write_tokens)
+    VALUES (p_chat_id, c.version + 1, p_queue_ids, c.user_confirmed, c.llm_inferred,
+        c.general_summary, p_confirmed, p_inferred, p_summary, v_tokens, p_summarizer,
+        p_restored_version, p_restored_version IS NULL,
+        coalesce((p_usage ->> 'llm_requests')::int, 0),
+        coalesce((p_usage ->> 'prompt_tokens')::bigint, 0),
+        coalesce((p_usage ->> 'completion_tokens')::bigint, 0),
+        coalesce((p_usage ->> 'rejected_ops')::int, 0),
+        coalesce((p_usage ->> 'cached_prompt_tokens')::bigint, 0),
+        coalesce((p_usage ->> 'cache_write_tokens')::bigint, 0));
+    RETURN c.version + 1;
+END
+$$;
+
+-- Two usage objects ({llm_requests, prompt_tokens, ...}) added up, key by key.
+CREATE FUNCTION memory._add_usage(p_a jsonb, p_b jsonb)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(jsonb_object_agg(k, coalesce((p_a ->> k)::bigint, 0)
+                                        + coalesce((p_b ->> k)::bigint, 0)), '{}')
+      FROM (SELECT jsonb_object_keys(coalesce(p_a, '{}')) UNION
+            SELECT jsonb_object_keys(coalesce(p_b, '{}'))) AS x(k)
+$$;
+
 -- Make a chat's memory what it was at p_version again, as a new version: history keeps every
 -- version, and the new one names the version it restored (restored_version, no snippets). A
 -- summarization in flight is called off (its snippets are pending again and will be applied on
--- top of the restored memory, in order); pending snippets stay pending. Returns the new version.
+-- top of the restored memory, in order); pending snippets stay pending. Refused during a rebuild
+-- (its snippets are already being applied again). Returns the new version.
 CREATE FUNCTION memory.rollback(p_chat_id text, p_version bigint)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
@@ -2012,8 +2278,7 @@ AS $$
 DECLARE
     c memory.chat_metadata%ROWTYPE;
     m record;
-    r record;
-    v_tokens int;
+    v_new bigint;
 BEGIN
     PERFORM memory._owned_chat(p_chat_id, 'rollback');
     PERFORM memory._take_rate_token(memory.current_identity());
@@ -2023,6 +2288,10 @@ BEGIN
         RAISE EXCEPTION 'version must be an earlier version of chat "%" (0 to %), got %',
             p_chat_id, c.version - 1, coalesce(p_version::text, 'NULL') USING ERRCODE = '22023';
     END IF;
+    IF c.rebuild IS NOT NULL THEN
+        RAISE EXCEPTION 'chat "%" is being rebuilt: wait until its memory is applied', p_chat_id
+            USING ERRCODE = '55000';
+    END IF;
     SELECT * INTO m FROM memory._memory_at(p_chat_id, p_version);
     IF NOT FOUND THEN
         RAISE EXCEPTION 'version % of chat "%" is no longer kept (memory_ext.history_versions)',
@@ -2031,28 +2300,195 @@ BEGIN
     IF c.lease_token IS NOT NULL THEN
         PERFORM memory._return_claimed(p_chat_id, false, false, NULL, NULL, 1, now());
     END IF;
-    SELECT x.* INTO r FROM memory._render_context(m.user_confirmed, m.llm_inferred,
-                                                  m.general_summary, NULL, NULL) x;
-    v_tokens := memory._count_memory(m.user_confirmed, m.llm_inferred, m.general_summary);
-    UPDATE memory.chat_metadata x
-       SET user_confirmed = m.user_confirmed, llm_inferred = m.llm_inferred,
-           general_summary = m.general_summary, token_count = v_tokens,
-           needs_new_chat = v_tokens > memory._token_limit(), version = c.version + 1,
-           last_updated = now(), context_text = r.context, context_tokens = r.token_count
-     WHERE x.chat_id = p_chat_id;
-    INSERT INTO memory.chat_memory_history (chat_id, version, queue_ids, old_user_confirmed,
-        old_llm_inferred, old_general_summary, user_confirmed, llm_inferred, general_summary,
-        token_count, summarizer, restored_version)
-    VALUES (p_chat_id, c.version + 1, '{}', c.user_confirmed, c.llm_inferred, c.general_summary,
-        m.user_confirmed, m.llm_inferred, m.general_summary, v_tokens, 'rollback', p_version);
+    v_new := memory._set_memory(p_chat_id, m.user_confirmed, m.llm_inferred, m.general_summary,
+                                'rollback', '{}', p_version, NULL);
     PERFORM memory._audit('rollback', p_chat_id, NULL,
-        format('version %s restored as version %s', p_version, c.version + 1));
-    RETURN c.version + 1;
+        format('version %s restored as version %s', p_version, v_new));
+    RETURN v_new;
+END
+$$;
+
+-- During a rebuild: once no snippet up to its last one is pending or in flight (each was applied
+-- onto the rebuilt memory, or failed), the rebuilt memory becomes the chat's, as one version.
+-- The caller holds the chat row lock. Returns whether it was applied.
+CREATE FUNCTION memory._settle_rebuild(p_chat_id text)
+RETURNS bool
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    b jsonb;
+BEGIN
+    SELECT m.rebuild INTO b FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
+    IF b IS NULL OR EXISTS (SELECT 1 FROM memory.chat_context_queue q
+                             WHERE q.chat_id = p_chat_id
+                               AND q.status IN ('pending_summarization', 'processing')
+                               AND q.seq <= (b ->> 'upto')::bigint) THEN
+        RETURN false;
+    END IF;
+    PERFORM memory._set_memory(p_chat_id, b -> 'user_confirmed', b -> 'llm_inferred',
+        b ->> 'general_summary', b ->> 'summarizer',
+        ARRAY(SELECT jsonb_array_elements_text(b -> 'ids'))::uuid[], NULL, b -> 'usage');
+    RETURN true;
+END
+$$;
+
+-- Start re-deriving a chat's memory from the empty one (the caller holds the chat FOR UPDATE):
+-- a summarization in flight is called off, and every applied snippet is pending again, before
+-- any newer one (seq order, as they were applied). The worker summarizes them onto the rebuilt
+-- memory, which replaces the chat's once the last is settled (_settle_rebuild); until then
+-- agents read the memory as it was. Returns the snippet to wait() for (NULL: nothing to
+-- re-summarize; the empty memory is applied at once). Refused (55000) when retention deleted an
+-- applied snippet: the memory could not be re-derived.
+CREATE FUNCTION memory._start_rebuild(p_chat_id text)
+RETURNS uuid
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    c memory.chat_metadata%ROWTYPE;
+    v_upto bigint;
+BEGIN
+    SELECT * INTO c FROM memory.chat_metadata x WHERE x.chat_id = p_chat_id;
+    IF c.pruned_at IS NOT NULL THEN
+        RAISE EXCEPTION 'the memory of chat "%" cannot be re-derived: retention deleted snippets '
+            'it depends on (at %)', p_chat_id, c.pruned_at
+            USING ERRCODE = '55000',
+                  HINT = 'memory_ext.keep_applied_snippets keeps them; memory.forget() erases '
+                         'the whole chat';
+    END IF;
+    IF c.lease_token IS NOT NULL THEN
+        PERFORM memory._return_claimed(p_chat_id, false, false, NULL, NULL, 1, now());
+    END IF;
+    WITH reset AS (
+        UPDATE memory.chat_context_queue q
+           SET status = 'pending_summarization', processed_at = NULL, retry_count = 0,
+               error_message = NULL, error_public = NULL, next_attempt_at = now()
+         WHERE q.chat_id = p_chat_id AND q.status = 'complete'
+        RETURNING q.seq
+    )
+    SELECT greatest(max(reset.seq), (c.rebuild ->> 'upto')::bigint) INTO v_upto FROM reset;
+    UPDATE memory.chat_metadata x
+       SET rebuild = jsonb_build_object('upto', coalesce(v_upto, 0), 'user_confirmed', '{}'::jsonb,
+               'llm_inferred', '{}'::jsonb, 'general_summary', '', 'ids', '[]'::jsonb,
+               'usage', '{}'::jsonb, 'summarizer', 'rebuild'),
+           due_at = CASE WHEN v_upto IS NULL THEN x.due_at ELSE now() END, retry_at = NULL
+     WHERE x.chat_id = p_chat_id;
+    IF memory._settle_rebuild(p_chat_id) THEN
+        RETURN NULL;
+    END IF;
+    PERFORM memory._wake_at_commit();
+    -- the last snippet to settle: claims take a chat's snippets in seq order
+    RETURN (SELECT q.id FROM memory.chat_context_queue q
+             WHERE q.chat_id = p_chat_id AND q.seq <= v_upto
+               AND q.status IN ('pending_summarization', 'processing')
+             ORDER BY q.seq DESC LIMIT 1);
+END
+$$;
+
+-- Re-summarize a chat's applied snippets, in order, from the empty memory, through the current
+-- summarizer and settings (after a model or instructions change), through the worker: the result
+-- is applied as one new version (history: rebuilt, the snippets in queue_ids). A rebuild undoes
+-- rollbacks (it re-derives from every applied snippet); one started during a rebuild starts it
+-- again. Returns the snippet to memory.wait() for: once it is settled the rebuilt memory is the
+-- chat's (NULL: nothing to re-summarize, the empty memory was applied at once).
+CREATE FUNCTION memory.rebuild(p_chat_id text)
+RETURNS uuid
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_wait uuid;
+BEGIN
+    PERFORM memory._owned_chat(p_chat_id, 'rebuild');
+    PERFORM memory._take_rate_token(memory.current_identity());
+    -- Locked like the worker's finish and enqueue's KEY SHARE: nothing applies or draws a seq
+    -- while the snippets are put back.
+    PERFORM 1 FROM memory.chat_metadata x WHERE x.chat_id = p_chat_id FOR UPDATE;
+    v_wait := memory._start_rebuild(p_chat_id);
+    PERFORM memory._audit('rebuild', p_chat_id, v_wait);
+    RETURN v_wait;
+END
+$$;
+
+-- Erase one snippet: its row is deleted and, when it was already applied, the chat's memory is
+-- re-derived without it (as rebuild() does) and every history version that may hold what was
+-- derived from it is deleted (from the first version that applied it on; all of them when that
+-- version is no longer kept). The memory agents read is emptied at once (a new version with no
+-- history row), so nothing derived from the snippet is readable while the rebuild runs. A
+-- pending or failed snippet is simply deleted; one being summarized is called off first.
+-- Refused (55000, changing nothing) when the memory cannot be re-derived (retention deleted
+-- snippets it depends on): memory.forget() erases the whole chat. Returns the snippet to
+-- memory.wait() for until the re-derived memory is applied (NULL: none).
+CREATE FUNCTION memory.forget_snippet(p_queue_id uuid)
+RETURNS uuid
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_chat text;
+    v_status text;
+    v_seq bigint;
+    v_applied bool;
+    v_from bigint;
+    v_rebuilt bool;
+    v_wait uuid;
+BEGIN
+    IF p_queue_id IS NULL THEN
+        RAISE EXCEPTION 'queue_id must not be null' USING ERRCODE = '22023';
+    END IF;
+    SELECT q.chat_id INTO v_chat FROM memory.chat_context_queue q WHERE q.id = p_queue_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'queue row % not found', p_queue_id USING ERRCODE = 'P0002';
+    END IF;
+    -- Someone else's snippet reads as missing, like status().
+    IF NOT (memory._owns_chat(v_chat) OR memory._is_admin()) THEN
+        PERFORM memory._refuse('forget_snippet', v_chat, 'P0002',
+                               format('queue row %s not found', p_queue_id));
+    END IF;
+    PERFORM memory._take_rate_token(memory.current_identity());
+    PERFORM 1 FROM memory.chat_metadata x WHERE x.chat_id = v_chat FOR UPDATE;
+    -- Read again under the lock: a finish may have applied it meanwhile.
+    SELECT q.status, q.seq INTO v_status, v_seq
+      FROM memory.chat_context_queue q WHERE q.id = p_queue_id;
+    -- Applied: complete, or put back by a rebuild in progress (up to its last snippet), or in a
+    -- version history still holds (a snippet a rebuild could not apply again was applied before).
+    v_applied := v_status = 'complete'
+        OR v_seq <= (SELECT (x.rebuild ->> 'upto')::bigint FROM memory.chat_metadata x
+                      WHERE x.chat_id = v_chat)
+        OR EXISTS (SELECT 1 FROM memory.chat_memory_history h
+                    WHERE h.chat_id = v_chat AND h.queue_ids @> ARRAY[p_queue_id]);
+    IF v_status = 'processing' THEN
+        PERFORM memory._return_claimed(v_chat, false, false, NULL, NULL, 1, now());
+    END IF;
+    IF v_applied THEN
+        SELECT h.version, h.rebuilt INTO v_from, v_rebuilt FROM memory.chat_memory_history h
+         WHERE h.chat_id = v_chat AND h.queue_ids @> ARRAY[p_queue_id]
+         ORDER BY h.version LIMIT 1;
+        -- A rebuilt version is not the first to hold its effects: earlier kept ones may too.
+        DELETE FROM memory.chat_memory_history h
+         WHERE h.chat_id = v_chat AND (v_from IS NULL OR v_rebuilt OR h.version >= v_from);
+        DELETE FROM memory.chat_context_queue q WHERE q.id = p_queue_id;
+        -- refuses (so the whole call changes nothing) when the memory cannot be re-derived
+        v_wait := memory._start_rebuild(v_chat);
+        UPDATE memory.chat_metadata x
+           SET user_confirmed = '{}', llm_inferred = '{}', general_summary = '', token_count = 0,
+               needs_new_chat = false, context_text = NULL, context_tokens = NULL,
+               version = x.version + 1, last_updated = now()
+         WHERE x.chat_id = v_chat AND v_wait IS NOT NULL;
+    ELSE
+        DELETE FROM memory.chat_context_queue q WHERE q.id = p_queue_id;
+    END IF;
+    PERFORM memory._audit('forget_snippet', v_chat, p_queue_id,
+                          CASE WHEN v_applied THEN 'applied' ELSE v_status END);
+    RETURN v_wait;
 END
 $$;
 
 -- Erase everything of one identity (admins): its chats with their snippets and history (and
--- so what its usage cost per version), and its scheduling state. One audit row records the
+-- so what its usage cost per version), its daily usage and budget, and its scheduling state. One audit row records the
 -- erasure, with counts and no content. Returns the number of chats erased.
 CREATE FUNCTION memory.forget_owner(p_owner text)
 RETURNS int
@@ -2081,12 +2517,15 @@ BEGIN
     SELECT count(*) INTO v_versions FROM h;
     DELETE FROM memory.chat_metadata m WHERE m.chat_id = ANY (v_chats);
     DELETE FROM memory.owner_turns t WHERE t.owner = p_owner;
+    DELETE FROM memory.owner_usage_daily u WHERE u.owner = p_owner;
+    DELETE FROM memory.owner_budgets b WHERE b.owner = p_owner;
     PERFORM memory._audit('forget_owner', NULL, NULL,
         format('%s: %s chats, %s snippets, %s versions erased', p_owner,
                cardinality(v_chats), v_snippets, v_versions));
     RETURN cardinality(v_chats);
 END
 $$;
+
 
 -- ---- row level security, triggers ------------------------------------------------------------
 CREATE POLICY owner_reads ON memory.chat_context_queue FOR SELECT
@@ -2098,6 +2537,10 @@ CREATE POLICY admin_reads ON memory.owner_turns FOR SELECT USING (memory._is_adm
 ALTER TABLE memory.fact_keys ENABLE ROW LEVEL SECURITY;
 CREATE POLICY admin_all ON memory.fact_keys FOR ALL
     USING (memory._is_admin()) WITH CHECK (memory._is_admin());
+ALTER TABLE memory.owner_usage_daily ENABLE ROW LEVEL SECURITY;
+CREATE POLICY admin_reads ON memory.owner_usage_daily FOR SELECT USING (memory._is_admin());
+ALTER TABLE memory.owner_budgets ENABLE ROW LEVEL SECURITY;
+CREATE POLICY admin_reads ON memory.owner_budgets FOR SELECT USING (memory._is_admin());
 
 DO $$
 DECLARE
@@ -2128,7 +2571,8 @@ UPDATE memory.chat_context_queue q SET error_public = memory._public_error(NULL)
 
 -- ---- privileges ------------------------------------------------------------------------------
 -- New objects: nothing for PUBLIC.
-REVOKE ALL ON memory.owner_turns, memory.fact_keys FROM PUBLIC;
+REVOKE ALL ON memory.owner_turns, memory.fact_keys, memory.owner_usage_daily,
+    memory.owner_budgets, memory.owner_usage FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA memory FROM PUBLIC;
 
 -- Roles that had the API or admin rights get what grant_usage()/grant_admin() include in 0.2.0.

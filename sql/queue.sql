@@ -31,7 +31,8 @@ $$;
 
 -- Lease up to p_max_chats chats that have due work and are neither leased nor backing off, and
 -- mark up to p_max_snippets of each one's pending snippets 'processing' under that lease.
--- Returns each leased chat's current memory and its snippets in enqueue order.
+-- Returns each leased chat's current memory (the one being rebuilt, during a rebuild) and its
+-- snippets in enqueue order.
 --
 -- A chat with a lease, even an expired one, is never claimed: _reclaim (which callers run first,
 -- in the same transaction) ends stale leases and returns their rows. The chat row is locked FOR
@@ -108,8 +109,10 @@ BEGIN
              WHERE q.id = ANY ($1) AND c.chat_id = q.chat_id
             RETURNING q.chat_id, q.id, q.seq, q.new_context_snippet
         )
-        SELECT c.chat_id, c.lease_token, c.version, c.user_confirmed, c.llm_inferred,
-               c.general_summary,
+        SELECT c.chat_id, c.lease_token, c.version,
+               coalesce(c.rebuild -> 'user_confirmed', c.user_confirmed),
+               coalesce(c.rebuild -> 'llm_inferred', c.llm_inferred),
+               coalesce(c.rebuild ->> 'general_summary', c.general_summary),
                jsonb_agg(jsonb_build_object('id', m.id, 'text', m.new_context_snippet)
                          ORDER BY m.seq)
           FROM marked m JOIN memory.chat_metadata c ON c.chat_id = m.chat_id
@@ -138,8 +141,10 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     RETURN QUERY EXECUTE $q$
-        SELECT c.chat_id, NULL::uuid, c.version, c.user_confirmed, c.llm_inferred, c.general_summary,
-               s.snippets
+        SELECT c.chat_id, NULL::uuid, c.version,
+               coalesce(c.rebuild -> 'user_confirmed', c.user_confirmed),
+               coalesce(c.rebuild -> 'llm_inferred', c.llm_inferred),
+               coalesce(c.rebuild ->> 'general_summary', c.general_summary), s.snippets
           FROM memory.chat_metadata c JOIN memory._due_chats($1) cand ON cand.chat_id = c.chat_id
          CROSS JOIN LATERAL (
                SELECT jsonb_agg(jsonb_build_object('id', o.id, 'text', o.new_context_snippet)
@@ -313,7 +318,8 @@ $$;
 -- unchanged, so they are claimed again in their original order, before any newer row.
 -- p_count_attempt: the attempt counts (retry_count + 1, p_error recorded; rows reaching
 -- p_max_attempts, or all rows when p_permanent, become 'failed'). p_retry_at: nothing of the chat
--- is claimed before it (backoff), newer rows included, so order is kept.
+-- is claimed before it (backoff), newer rows included, so order is kept. During a rebuild, the
+-- rebuilt memory is applied once its last snippet is settled (applied or failed).
 CREATE FUNCTION memory._return_claimed(p_chat_id text, p_count_attempt bool, p_permanent bool,
                                        p_error text, p_kind text, p_max_attempts int,
                                        p_retry_at timestamptz)
@@ -325,6 +331,7 @@ DECLARE
     v_n int;
     v_due timestamptz := greatest(p_retry_at, now());
     v_next timestamptz;
+    v_rebuilding bool;
 BEGIN
     UPDATE memory.chat_context_queue q
        SET retry_count = q.retry_count + CASE WHEN p_count_attempt THEN 1 ELSE 0 END,
@@ -367,7 +374,11 @@ BEGIN
            retry_at = CASE WHEN v_due > now() AND v_next IS NOT NULL THEN v_due END,
            -- behind every chat already waiting: chats take turns
            due_at = v_next
-     WHERE c.chat_id = p_chat_id;
+     WHERE c.chat_id = p_chat_id
+    RETURNING c.rebuild IS NOT NULL INTO v_rebuilding;
+    IF v_rebuilding THEN
+        PERFORM memory._settle_rebuild(p_chat_id);
+    END IF;
     RETURN v_n;
 END
 $$;
@@ -436,6 +447,9 @@ BEGIN
                  ELSE memory._backoff_until(r.chat_id, r.lease_token,
                           (r.failure ->> 'retry_after_ms')::int, p_backoff_base_ms,
                           p_backoff_max_ms) END);
+        IF coalesce((r.usage ->> 'llm_requests')::bigint, 0) > 0 THEN
+            PERFORM memory._record_owner_usage(r.chat_id, r.usage);
+        END IF;
         v_applied := v_applied + v_done::int;
         -- A dead-lettered snippet is a failed attempt too (it cost a request).
         v_failed := v_failed + (r.failure IS NOT NULL OR v_dead)::int;
@@ -504,6 +518,18 @@ BEGIN
             p_chat_id, v_n, cardinality(p_ids);
     END IF;
     SELECT * INTO old FROM memory.chat_metadata c WHERE c.chat_id = p_chat_id;
+    IF old.rebuild IS NOT NULL THEN
+        -- Re-deriving: the result goes onto the memory being rebuilt, which _return_claimed
+        -- applies as one version once its last snippet is settled.
+        UPDATE memory.chat_metadata c
+           SET rebuild = old.rebuild || jsonb_build_object(
+                   'user_confirmed', p_confirmed, 'llm_inferred', p_inferred,
+                   'general_summary', p_summary, 'summarizer', p_summarizer,
+                   'ids', (old.rebuild -> 'ids') || to_jsonb(p_ids),
+                   'usage', memory._add_usage(old.rebuild -> 'usage', p_usage))
+         WHERE c.chat_id = p_chat_id;
+        RETURN true;
+    END IF;
     UPDATE memory.chat_metadata c
        SET user_confirmed = p_confirmed, llm_inferred = p_inferred,
            general_summary = p_summary, token_count = p_token_count,
@@ -607,8 +633,11 @@ BEGIN
 END
 $$;
 
--- Delete up to p_batch complete rows older than the retention period, and up to p_batch audit
--- rows older than the audit retention; returns how many rows were deleted.
+-- Delete up to p_batch complete rows older than the retention period (NULL: none, under
+-- memory_ext.keep_applied_snippets), and up to p_batch audit rows older than the audit
+-- retention; returns how many rows were deleted. A chat that loses an applied snippet is marked
+-- pruned (its memory can no longer be re-derived); rows of a chat a client holds locked wait for
+-- the next round (the worker never waits for a client's lock).
 CREATE FUNCTION memory._cleanup(p_retention_seconds int, p_batch int,
                                 p_audit_retention_seconds int DEFAULT NULL)
 RETURNS int
@@ -616,13 +645,21 @@ LANGUAGE sql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
     WITH old AS (
-        SELECT q.id FROM memory.chat_context_queue q
+        SELECT q.id, q.chat_id FROM memory.chat_context_queue q
          WHERE q.status = 'complete'
            AND q.processed_at < now() - make_interval(secs => p_retention_seconds)
          ORDER BY q.processed_at LIMIT p_batch
            FOR UPDATE SKIP LOCKED
+    ), chats AS (
+        SELECT m.chat_id FROM memory.chat_metadata m
+         WHERE m.chat_id IN (SELECT old.chat_id FROM old)
+           FOR NO KEY UPDATE SKIP LOCKED
+    ), pruned AS (
+        UPDATE memory.chat_metadata m SET pruned_at = now()
+          FROM chats WHERE m.chat_id = chats.chat_id AND m.pruned_at IS NULL
     ), gone AS (
-        DELETE FROM memory.chat_context_queue q USING old WHERE q.id = old.id RETURNING 1
+        DELETE FROM memory.chat_context_queue q USING old, chats
+         WHERE q.id = old.id AND old.chat_id = chats.chat_id RETURNING 1
     ), old_audit AS (
         SELECT a.ctid FROM memory.audit_log a
          WHERE p_audit_retention_seconds IS NOT NULL

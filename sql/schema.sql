@@ -30,7 +30,15 @@ CREATE TABLE memory.chat_metadata (
     -- the memory as memory.context() renders it (no budget, no guidance) and its exact token
     -- count, written with the memory by the worker: context() on the hot path is a read
     context_text    text,
-    context_tokens  int
+    context_tokens  int,
+    -- a re-derivation in progress (memory.rebuild(), forget_snippet()): the memory being rebuilt
+    -- from the empty one, claims summarize onto it instead of the memory agents read, and it is
+    -- applied as one new version once every snippet up to seq `upto` is settled.
+    -- {upto, user_confirmed, llm_inferred, general_summary, ids, usage, summarizer}
+    rebuild         jsonb,
+    -- when retention first deleted an applied snippet of this chat: its memory can no longer be
+    -- re-derived (rebuild, forget_snippet)
+    pruned_at       timestamptz
 );
 CREATE INDEX chat_metadata_owner_idx ON memory.chat_metadata (owner);
 -- Claiming: chats with work, in the order it came due.
@@ -125,6 +133,9 @@ CREATE TABLE memory.chat_memory_history (
     -- wrote to it (Anthropic's cache_creation_input_tokens)
     cached_prompt_tokens bigint NOT NULL DEFAULT 0,
     cache_write_tokens  bigint NOT NULL DEFAULT 0,
+    -- a version made by memory.rebuild() or forget_snippet(): re-derived from the empty memory
+    -- and the snippets in queue_ids
+    rebuilt             bool NOT NULL DEFAULT false,
     PRIMARY KEY (chat_id, version)
 );
 
@@ -143,6 +154,26 @@ CREATE TABLE memory.llm_usage_daily (
     cached_prompt_tokens bigint NOT NULL DEFAULT 0,
     cache_write_tokens  bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (day, summarizer)
+);
+
+-- What each owner's chats cost in LLM tokens per UTC day (attempts that failed included): what
+-- memory_ext.owner_daily_tokens and memory.owner_budgets are checked against. Written with the
+-- batch, like llm_usage_daily; only for summarizers that report usage (not the mock).
+CREATE TABLE memory.owner_usage_daily (
+    day                 date NOT NULL,
+    owner               text NOT NULL,
+    llm_requests        bigint NOT NULL DEFAULT 0,
+    prompt_tokens       bigint NOT NULL DEFAULT 0,
+    completion_tokens   bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, owner)
+);
+
+-- An owner's own daily token budget, instead of memory_ext.owner_daily_tokens (0: no limit).
+-- Written through memory.set_owner_budget() (admins, audited).
+CREATE TABLE memory.owner_budgets (
+    owner         text PRIMARY KEY CHECK (btrim(owner) <> ''),
+    daily_tokens  bigint NOT NULL CHECK (daily_tokens >= 0),
+    set_at        timestamptz NOT NULL DEFAULT now()
 );
 
 -- Who did what: append-only for everyone but superusers (a trigger in security.sql), readable
@@ -178,3 +209,5 @@ SELECT pg_catalog.pg_extension_config_dump('memory.llm_usage_daily', '');
 SELECT pg_catalog.pg_extension_config_dump('memory.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('memory.admin_roles', '');
 SELECT pg_catalog.pg_extension_config_dump('memory.fact_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('memory.owner_usage_daily', '');
+SELECT pg_catalog.pg_extension_config_dump('memory.owner_budgets', '');

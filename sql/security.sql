@@ -16,7 +16,7 @@ AS $$
         'memory.enqueue(text, text, text)', 'memory.get(text)', 'memory.status(uuid)',
         'memory.wait(uuid, interval)', 'memory.history(text)', 'memory.forget(text)',
         'memory.retry_failed(text)', 'memory.count_tokens(text)', 'memory.context(text, integer)',
-        'memory.rollback(text, bigint)',
+        'memory.rollback(text, bigint)', 'memory.rebuild(text)', 'memory.forget_snippet(uuid)',
         -- called by current_identity() and the RLS policies, with the caller's rights
         'memory._invoker()', 'memory._jwt_sub()', 'memory._is_admin()', 'memory._owns_chat(text)',
         -- settings read through the library, by get() and _is_admin()
@@ -37,9 +37,10 @@ AS $$
         'memory.grant_usage(regrole)', 'memory.revoke_usage(regrole)',
         'memory.grant_admin(regrole)', 'memory.revoke_admin(regrole)',
         'memory.watch(regclass, name, name, name, name)', 'memory.unwatch(regclass)',
-        'memory.forget_owner(text)',
-        -- read by the memory.watched view, with the reader's rights
-        'memory._trigger_args(bytea)',
+        'memory.forget_owner(text)', 'memory.set_owner_budget(text, bigint)',
+        -- read by the memory.watched and memory.owner_usage views, with the reader's rights
+        'memory._trigger_args(bytea)', 'memory._utc_today()', 'memory._owner_budget(text, bigint)',
+        'memory._owner_daily_tokens()', 'memory._budget_deferred_message()',
         -- the audit_direct_write triggers' WHEN runs with the writer's rights: a role given table
         -- privileges without it cannot write them at all (rather than unaudited)
         'memory._superuser()'
@@ -206,6 +207,12 @@ CREATE POLICY admin_all ON memory.fact_keys FOR ALL
 
 ALTER TABLE memory.owner_turns ENABLE ROW LEVEL SECURITY;
 CREATE POLICY admin_reads ON memory.owner_turns FOR SELECT USING (memory._is_admin());
+
+ALTER TABLE memory.owner_usage_daily ENABLE ROW LEVEL SECURITY;
+CREATE POLICY admin_reads ON memory.owner_usage_daily FOR SELECT USING (memory._is_admin());
+
+ALTER TABLE memory.owner_budgets ENABLE ROW LEVEL SECURITY;
+CREATE POLICY admin_reads ON memory.owner_budgets FOR SELECT USING (memory._is_admin());
 
 -- The audit log is append-only for everyone but superusers (the worker's retention included),
 -- whatever privileges or ownership a role has.

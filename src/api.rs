@@ -166,6 +166,7 @@ fn process_pending_impl(p_max: i32) -> ApiResult<i32> {
     // Takes back leases of dead processes and expired ones (NO KEY UPDATE locks: enqueues into
     // those chats are not blocked while the requests below run).
     queue::reclaim(policy.max_attempts, true)?;
+    queue::defer_over_budget()?;
     let mut applied_snippets = 0;
     for peeked in queue::peek(&policy)? {
         let mut result = batch::process(peeked.clone(), summarizer.as_ref(), &policy.bounds());
@@ -370,6 +371,12 @@ fn count_tokens(text: &str) -> i32 {
 #[pg_extern(stable, parallel_safe, name = "_debounce_ms")]
 fn debounce_ms() -> i32 {
     settings::DEBOUNCE_MS.get()
+}
+
+/// `memory_ext.owner_daily_tokens` (0: no limit), for the budget view.
+#[pg_extern(stable, parallel_safe, name = "_owner_daily_tokens")]
+fn owner_daily_tokens() -> i64 {
+    settings::OWNER_DAILY_TOKENS.get().into()
 }
 
 /// `memory_ext.debounce_max` in milliseconds.

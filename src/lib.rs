@@ -56,6 +56,11 @@ extension_sql_file!(
     requires = ["api", watch::truncate_utf8_sql, watch::trigger_args]
 );
 extension_sql_file!(
+    "../sql/budget.sql",
+    name = "budget",
+    requires = ["api", api::owner_daily_tokens]
+);
+extension_sql_file!(
     "../sql/lifecycle.sql",
     name = "lifecycle",
     requires = ["api"]

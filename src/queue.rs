@@ -121,6 +121,7 @@ const COLUMNS: &str =
 /// transaction: a chat whose old lease expired is claimed only after its rows went back.
 pub fn claim(policy: &QueuePolicy) -> Result<Vec<Claim>, QueueError> {
     reclaim(policy.max_attempts, false)?;
+    defer_over_budget()?;
     Spi::connect_mut(|client| {
         let rows = client.update(
             &format!("SELECT {COLUMNS} FROM memory._claim($1, $2, $3)"),
@@ -222,8 +223,19 @@ pub fn reclaim(max_attempts: i32, dead_owners: bool) -> Result<i32, SpiError> {
     .map(|n| n.unwrap_or(0))
 }
 
+/// Defer the due chats of owners over their daily token budget (before a claim, same
+/// transaction); how many were deferred.
+pub fn defer_over_budget() -> Result<i32, SpiError> {
+    Spi::get_one_with_args::<i32>(
+        "SELECT memory._defer_over_budget($1)",
+        &[i64::from(crate::settings::OWNER_DAILY_TOKENS.get()).into()],
+    )
+    .map(|n| n.unwrap_or(0))
+}
+
+/// Retention; `retention_seconds` None keeps every complete row (keep_applied_snippets).
 pub fn cleanup(
-    retention_seconds: i32,
+    retention_seconds: Option<i32>,
     batch: i32,
     audit_retention_seconds: i32,
 ) -> Result<i32, SpiError> {

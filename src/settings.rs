@@ -34,6 +34,8 @@ pub static DEBOUNCE_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static DEBOUNCE_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 pub static LEASE_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(300);
 pub static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
+pub static KEEP_APPLIED_SNIPPETS: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static OWNER_DAILY_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static BATCH_CHATS: GucSetting<i32> = GucSetting::<i32>::new(200);
 pub static BATCH_SNIPPETS: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static IDLE_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(60);
@@ -171,9 +173,28 @@ pub fn init(preloading: bool) {
         GucContext::Suset,
         GucFlags::UNIT_S,
     );
+    GucRegistry::define_bool_guc(
+        c"memory_ext.keep_applied_snippets",
+        c"Keep applied snippets while their chat exists, so its memory can be re-derived.",
+        c"memory.rebuild() and memory.forget_snippet() need them; off: memory_ext.retention \
+          deletes them.",
+        &KEEP_APPLIED_SNIPPETS,
+        GucContext::Suset,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"memory_ext.owner_daily_tokens",
+        c"LLM tokens an owner's chats may use per UTC day before they are deferred (0: no limit).",
+        c"memory.set_owner_budget() sets one owner's own budget.",
+        &OWNER_DAILY_TOKENS,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::empty(),
+    );
     GucRegistry::define_int_guc(
         c"memory_ext.retention",
-        c"Age after which complete queue rows are deleted.",
+        c"Age after which complete queue rows are deleted (with keep_applied_snippets off).",
         c"",
         &RETENTION_S,
         0,

@@ -439,7 +439,9 @@ impl Worker {
             .is_none_or(|t| t.elapsed() >= RETENTION_EVERY.min(settings::idle_timeout()))
         {
             self.last_retention = Some(Instant::now());
-            let retention = settings::RETENTION_S.get();
+            // Applied snippets kept for re-derivation are not retention's to delete.
+            let retention =
+                (!settings::KEEP_APPLIED_SNIPPETS.get()).then(|| settings::RETENTION_S.get());
             let audit = settings::AUDIT_RETENTION_S.get();
             let _ = in_transaction(|| queue::cleanup(retention, RETENTION_BATCH, audit));
         }

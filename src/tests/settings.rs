@@ -42,7 +42,7 @@ fn tables_are_dumped_and_settings_guarded() {
               FROM pg_extension, unnest(extconfig) c WHERE extname = 'memory_ext'"),
         "memory.admin_roles,memory.audit_log,memory.chat_context_queue,\
          memory.chat_context_queue_seq,memory.chat_memory_history,memory.chat_metadata,\
-         memory.fact_keys,memory.llm_usage_daily"
+         memory.fact_keys,memory.llm_usage_daily,memory.owner_budgets,memory.owner_usage_daily"
     );
     assert_eq!(sqlstate("SET memory_ext.no_such_setting = 1"), "42602");
     run("SET LOCAL memory_ext.llm_api_key = 'sk-test-secret-4242'");

@@ -45,15 +45,15 @@ SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
               AND p.prosqlbody IS NULL
               AND NOT coalesce(p.proconfig @> ARRAY['search_path=pg_catalog, pg_temp'], false)),
           ARRAY['_admin_role', '_audit_reads', '_count_memory', '_debounce_max_ms', '_debounce_ms',
-                '_max_snippet_bytes', '_note_denied',
+                '_max_snippet_bytes', '_note_denied', '_owner_daily_tokens',
                 '_rate_limit', '_render_context', '_superuser', '_token_limit', '_trigger_args',
                 '_truncate_utf8', '_wake_at_commit', 'count_tokens'],
           'every memory function pins search_path = pg_catalog, pg_temp, but the C ones running no SQL');
 SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
             WHERE p.pronamespace = 'memory'::regnamespace AND p.prosqlbody IS NOT NULL),
-          ARRAY['_chat_id_problem', '_invoker', '_jwt_sub', '_public_error',
-                'current_identity'],
-          'the hot-path identity and chat-id functions have SQL-standard bodies instead');
+          ARRAY['_budget_deferred_message', '_chat_id_problem', '_invoker', '_jwt_sub',
+                '_public_error', '_utc_today', '_utc_tomorrow', 'current_identity'],
+          'the hot-path identity and chat-id functions (and constants) have SQL-standard bodies instead');
 -- Exactly the documented API (README) is executable by an API role: no internal function is
 -- reachable as /rpc/... but the helpers that answer only about the caller.
 SELECT is((SELECT array_agg(p.oid::regprocedure::text ORDER BY p.oid::regprocedure::text)
@@ -65,8 +65,10 @@ SELECT is((SELECT array_agg(p.oid::regprocedure::text ORDER BY p.oid::regprocedu
                 'memory._queue_row_xmin(uuid)',
                 'memory._token_limit()', 'memory.context(text,integer)', 'memory.count_tokens(text)',
                 'memory.create_chat(text)', 'memory.current_identity()',
-                'memory.enqueue(text,text,text)', 'memory.forget(text)', 'memory.get(text)',
-                'memory.history(text)', 'memory.retry_failed(text)', 'memory.rollback(text,bigint)',
+                'memory.enqueue(text,text,text)', 'memory.forget(text)',
+                'memory.forget_snippet(uuid)', 'memory.get(text)',
+                'memory.history(text)', 'memory.rebuild(text)', 'memory.retry_failed(text)',
+                'memory.rollback(text,bigint)',
                 'memory.status(uuid)',
                 'memory.wait(uuid,interval)'],
           'an API role can execute the documented API and caller-only helpers, nothing else');

@@ -961,3 +961,50 @@ fn prompt_cache_tokens_are_recorded() {
         );
     }
 }
+
+/// Per-owner daily budgets through the worker: what an owner's requests cost is counted per UTC
+/// day (memory.owner_usage); once it reaches memory_ext.owner_daily_tokens their next snippets
+/// are deferred (pending, with the reason), other owners go on, and an admin raising the owner's
+/// budget resumes them at once.
+#[test]
+fn owners_over_their_daily_token_budget_are_deferred_not_failed() {
+    let fake = FakeLlm::start(Mode::Valid);
+    let (_pg, mut c) = start(
+        "budget",
+        &fake,
+        "openai",
+        &["memory_ext.owner_daily_tokens = 1"],
+    );
+    let as_owner = |c: &mut Client, sub: &str| {
+        c.execute(
+            "SELECT set_config('request.jwt.claims', json_build_object('sub', $1::text)::text, false)",
+            &[&sub],
+        )
+        .unwrap();
+    };
+    as_owner(&mut c, "alice");
+    let first = enqueue(&mut c, "a1", "confirmed: city = Lyon");
+    assert_eq!(wait(&mut c, &first), "complete");
+    let second = enqueue(&mut c, "a1", "confirmed: pet = cat");
+    as_owner(&mut c, "bob");
+    let bobs = enqueue(&mut c, "b1", "confirmed: city = Oslo");
+    assert_eq!(wait(&mut c, &bobs), "complete", "another owner goes on");
+    c.execute("SELECT set_config('request.jwt.claims', '', false)", &[])
+        .unwrap();
+    let (status, _, error) = row(&mut c, &second);
+    assert_eq!(status, "pending_summarization");
+    assert!(error.contains("reached their daily budget (1)"), "{error}");
+    let spent = (PROMPT_TOKENS + COMPLETION_TOKENS).to_string();
+    assert_eq!(
+        text(
+            &mut c,
+            "SELECT string_agg(owner || ' ' || llm_requests || ' ' || tokens || ' ' || throttled \
+                               || ' ' || deferred_chats, ', ' ORDER BY owner) FROM memory.owner_usage"
+        ),
+        format!("alice 1 {spent} true 1, bob 1 {spent} true 0")
+    );
+    c.execute("SELECT memory.set_owner_budget('alice', 0)", &[])
+        .unwrap();
+    assert_eq!(wait(&mut c, &second), "complete", "resumed at once");
+    assert_eq!(memory(&mut c, "a1").0, r#"{"pet": "cat", "city": "Lyon"}"#);
+}

@@ -28,7 +28,7 @@ const KEPT_ROWS: &str = "SELECT json_build_object(
                  q.status, q.retry_count, q.error_message, q.created_at) ORDER BY q.seq)
                 FROM memory.chat_context_queue q),
     'history', (SELECT json_agg(to_jsonb(h) - ARRAY['restored_version', 'cached_prompt_tokens',
-                                                     'cache_write_tokens']
+                                                     'cache_write_tokens', 'rebuilt']
                                 ORDER BY h.chat_id, h.version)
                   FROM memory.chat_memory_history h),
     'audit', (SELECT json_agg(a ORDER BY a.at, a.action) FROM memory.audit_log a),

@@ -5,7 +5,9 @@
 //! snippet the summarizer rejects) into 24 chats, alone or several per transaction, while a chaos
 //! thread switches the summarizer between `mock` and `openai` (a flaky fake LLM: 429s, 500s,
 //! answers slower than the lease), changes batch sizes and the lease timeout, terminates or
-//! `kill -9`s the worker (a crash-restart of every backend) and forgets chats. Then the system
+//! `kill -9`s the worker (a crash-restart of every backend), forgets chats, rebuilds them
+//! (`memory.rebuild()`: the memory must end as if it had not been) and erases single snippets
+//! (`memory.forget_snippet()`: the model folds the chat without them). Then the system
 //! heals (a healthy endpoint, a long lease) and, once nothing is pending, every surviving chat
 //! must hold each accepted snippet exactly once, applied in enqueue order, with the memory the
 //! reference model folds from them; rejected snippets alone are `failed`.
@@ -23,7 +25,7 @@ use memory_ext_cluster_tests::fake_llm::{FakeLlm, Mode};
 use memory_ext_cluster_tests::mock_rules::{
     SUMMARY_MAX_CHARS, directive, fold_summary, key_value, tail,
 };
-use memory_ext_cluster_tests::{Cluster, Rng, applied_ids, enqueued_ids};
+use memory_ext_cluster_tests::{Cluster, Rng, enqueued_ids};
 use postgres::Client;
 use postgres::error::SqlState;
 use serde_json::{Map, Value};
@@ -36,6 +38,8 @@ const CLIENTS: u64 = 4;
 const KEYS: u64 = 5;
 /// At most this many chats are forgotten, so most survive to be checked.
 const MAX_FORGETS: usize = 6;
+/// At most this many snippets are erased (forget_snippet): each re-derives a chat.
+const MAX_ERASURES: usize = 8;
 const DEFAULT_SECS: u64 = 60;
 const HEAL_TIMEOUT: Duration = Duration::from_secs(120);
 /// The fake LLM's chaos: probabilities of 429 and 500, and the longest answer delay.
@@ -158,6 +162,8 @@ struct Entry {
 #[derive(Debug, Default)]
 struct ChatLog {
     forgotten: bool,
+    /// A snippet of it was erased (forget_snippet): versions are no longer 1..n.
+    erased: bool,
     entries: Vec<Entry>,
 }
 
@@ -420,6 +426,7 @@ fn chaos(sh: &Shared, pg: &Cluster) {
     let mut rng = Rng::derived(sh.seed, 1000);
     let mut c = connect(pg, sh.seed);
     let mut forgets = 0;
+    let mut erasures = 0;
     loop {
         std::thread::sleep(Duration::from_millis(rng.range(100, 1200)));
         if Instant::now() >= sh.deadline {
@@ -484,6 +491,19 @@ fn chaos(sh: &Shared, pg: &Cluster) {
                 }
                 Ok(())
             }
+            83..=90 => {
+                let ch = rng.below(CHATS) as usize;
+                sh.event(format!("rebuild({})", chat_name(ch)));
+                rebuild(sh, &mut c, ch)
+            }
+            91..=96 => {
+                let (ch, pick) = (rng.below(CHATS) as usize, rng.next_u64());
+                if erasures < MAX_ERASURES {
+                    erasures += 1;
+                    forget_snippet(sh, pg, &mut c, ch, pick);
+                }
+                Ok(())
+            }
             _ => Ok(()),
         };
         if let Err(e) = result {
@@ -500,6 +520,65 @@ fn chaos(sh: &Shared, pg: &Cluster) {
             c = connect(pg, sh.seed);
         }
     }
+}
+
+/// Re-derive chat `ch` (memory.rebuild()): its memory must end as if it had not been rebuilt.
+fn rebuild(sh: &Shared, c: &mut Client, ch: usize) -> Result<(), postgres::Error> {
+    let _log = lock(&sh.chats[ch]);
+    match c.execute("SELECT memory.rebuild($1)", &[&chat_name(ch)]) {
+        // never enqueued into, or forgotten
+        Err(e) if e.code() == Some(&SqlState::NO_DATA_FOUND) => Ok(()),
+        r => r.map(drop),
+    }
+}
+
+/// Erase one accepted snippet of chat `ch` (memory.forget_snippet()), its lock held throughout:
+/// the model then folds the chat without it. A call whose COMMIT we did not see is decided by
+/// whether the row still exists.
+fn forget_snippet(sh: &Shared, pg: &Cluster, c: &mut Client, ch: usize, pick: u64) {
+    let mut log = lock(&sh.chats[ch]);
+    let known: Vec<usize> = (0..log.entries.len())
+        .filter(|&i| log.entries[i].fate == Fate::Accepted)
+        .collect();
+    if log.forgotten || known.is_empty() {
+        return;
+    }
+    let i = known[pick as usize % known.len()];
+    let id = log.entries[i].id.clone();
+    sh.event(format!("forget_snippet({}, #{i})", chat_name(ch)));
+    let give_up = Instant::now() + Duration::from_secs(60);
+    loop {
+        match c.execute("SELECT memory.forget_snippet($1::text::uuid)", &[&id]) {
+            Ok(_) => break,
+            Err(e) if connection_lost(c, &e) => {
+                *c = connect(pg, sh.seed);
+                let gone: bool = c
+                    .query_one(
+                        "SELECT NOT EXISTS (SELECT 1 FROM memory.chat_context_queue \
+                          WHERE id = $1::text::uuid)",
+                        &[&id],
+                    )
+                    .map(|r| r.get(0))
+                    .unwrap_or(false);
+                if gone {
+                    break;
+                }
+            }
+            Err(e) => {
+                sh.problem(format!(
+                    "forget_snippet({id}) failed on a live connection: {e}"
+                ));
+                return;
+            }
+        }
+        if Instant::now() > give_up {
+            sh.problem(format!("forget_snippet({id}) never succeeded"));
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    log.entries.remove(i);
+    log.erased = true;
 }
 
 // ---- checking ---------------------------------------------------------------------------------
@@ -566,7 +645,8 @@ fn seq_diff(expected: &[String], actual: &[String], label: &HashMap<String, Stri
 }
 
 /// Check one chat that was never forgotten; violations are appended to `v`.
-fn check_chat(c: &mut Client, ch: usize, accepted: &[Entry], v: &mut Vec<String>) {
+fn check_chat(c: &mut Client, ch: usize, log: &ChatLog, v: &mut Vec<String>) {
+    let (accepted, erased) = (&log.entries[..], log.erased);
     let chat = chat_name(ch);
     let mut bad = |msg: String| v.push(format!("{chat}: {msg}"));
     // #n = the n-th accepted snippet of the chat in commit order; (R) = rejected
@@ -635,26 +715,38 @@ fn check_chat(c: &mut Client, ch: usize, accepted: &[Entry], v: &mut Vec<String>
         }
     }
 
-    // 2. versions 1..n, each consuming snippets in order, exactly once
-    let versions: Vec<(i64, Vec<String>)> = c
+    // 2. versions 1..n (an erasure deletes versions: then increasing), each consuming snippets
+    // in order, exactly once; a rebuilt version consumed every snippet applied so far again
+    let versions: Vec<(i64, Vec<String>, bool)> = c
         .query(
-            "SELECT version, queue_ids::text[] FROM memory.chat_memory_history \
+            "SELECT version, queue_ids::text[], rebuilt FROM memory.chat_memory_history \
              WHERE chat_id = $1 ORDER BY version",
             &[&chat],
         )
         .unwrap()
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     let numbers: Vec<i64> = versions.iter().map(|x| x.0).collect();
-    let n = versions.len() as i64;
-    if numbers != (1..=n).collect::<Vec<_>>() {
+    let n = numbers.last().copied().unwrap_or(0);
+    if !erased && numbers != (1..=n).collect::<Vec<_>>() {
         bad(format!("versions are {numbers:?}, not 1..={n}"));
     }
-    if let Some((ver, _)) = versions.iter().find(|(_, ids)| ids.is_empty()) {
+    if numbers.windows(2).any(|w| w[0] >= w[1]) {
+        bad(format!("versions are {numbers:?}, not increasing"));
+    }
+    if let Some((ver, ..)) = versions
+        .iter()
+        .find(|(_, ids, rebuilt)| ids.is_empty() && !rebuilt)
+    {
         bad(format!("version {ver} consumed no snippet"));
     }
-    let applied = applied_ids(c, &chat);
+    // what the memory was folded from: the last rebuilt version's snippets, then later ones
+    let from = versions.iter().rposition(|v| v.2).unwrap_or(0);
+    let applied: Vec<String> = versions[from.min(versions.len())..]
+        .iter()
+        .flat_map(|v| v.1.clone())
+        .collect();
     if applied != good_ids {
         bad(format!(
             "applied ids (history, in version order) != accepted non-rejected snippets in commit order: {}",
@@ -978,7 +1070,7 @@ fn stress_chaos_keeps_order_exactly_once_and_isolates_rejected_snippets() {
         }
         accepted += log.entries.len();
         rejected += log.entries.iter().filter(|e| is_rejected(&e.text)).count();
-        check_chat(&mut c, ch, &log.entries, &mut violations);
+        check_chat(&mut c, ch, log, &mut violations);
     }
 
     // 4. nothing failed but rejected snippets, nothing from elsewhere, the worker runs
@@ -1040,7 +1132,8 @@ fn stress_chaos_keeps_order_exactly_once_and_isolates_rejected_snippets() {
         "{accepted} snippets accepted ({rejected} rejected by the summarizer, {unknown_in} of \
          {} with a lost COMMIT went through; {retried}) in {} surviving chats, {forgotten} chats \
          forgotten; run {run_time:.1?}, healed in {heal_time:.1?}; fake LLM responses by status \
-         {:?}; chaos: {} events, {} switches to openai, {} worker terminations, {} kill -9",
+         {:?}; chaos: {} events, {} switches to openai, {} worker terminations, {} kill -9, \
+         {} rebuilds, {} snippets erased",
         unknown_in + unknown_out,
         logs.len() - forgotten,
         fake.responses_by_status(),
@@ -1048,6 +1141,8 @@ fn stress_chaos_keeps_order_exactly_once_and_isolates_rejected_snippets() {
         count("summarizer = openai"),
         count("pg_terminate_backend"),
         count("(crash-restart)"),
+        count("rebuild("),
+        count("forget_snippet("),
     );
     eprintln!("memory_ext stress: {stats}");
     if !violations.is_empty() {

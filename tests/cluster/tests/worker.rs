@@ -619,11 +619,17 @@ fn a_terminated_worker_is_restarted_by_the_launcher() {
     assert_eq!(wait(&mut c, &id), "complete");
 }
 
+/// With memory_ext.keep_applied_snippets off, retention deletes old complete rows; the memory
+/// and its history stay, and the chat is marked pruned: it can no longer be re-derived.
 #[test]
 fn retention_deletes_old_complete_rows() {
     let pg = Cluster::start(
         "retention",
-        &["memory_ext.retention = 1", "memory_ext.idle_timeout = 1"],
+        &[
+            "memory_ext.retention = 1",
+            "memory_ext.idle_timeout = 1",
+            "memory_ext.keep_applied_snippets = off",
+        ],
     );
     let mut c = pg.client();
     let id = enqueue(&mut c, "c1", "confirmed: a = 1");
@@ -642,6 +648,72 @@ fn retention_deletes_old_complete_rows() {
     assert_eq!(
         text(&mut c, "SELECT count(*)::text FROM memory.history('c1')"),
         "1"
+    );
+    let e = c.execute("SELECT memory.rebuild('c1')", &[]).unwrap_err();
+    assert_eq!(e.code().map(|s| s.code()), Some("55000"), "{e}");
+}
+
+/// By default applied snippets are kept however old (retention passes leave them), and
+/// memory.rebuild() re-derives the memory through the worker: wait() on the snippet it returns,
+/// then the memory is the same, as one new rebuilt version.
+#[test]
+fn applied_snippets_are_kept_and_a_rebuild_goes_through_the_worker() {
+    let pg = Cluster::start(
+        "rebuild",
+        &[
+            "memory_ext.retention = 1",
+            "memory_ext.audit_retention = 1",
+            "memory_ext.idle_timeout = 1",
+        ],
+    );
+    let mut c = pg.client();
+    enqueue(&mut c, "c1", "confirmed: a = 1");
+    let id = enqueue(&mut c, "c1", "moved in May");
+    assert_eq!(wait(&mut c, &id), "complete");
+    let memory = "SELECT user_confirmed::text || llm_inferred::text || general_summary || ' v' \
+                         || version FROM memory.get('c1')";
+    let before = text(&mut c, memory);
+    let versions: i64 = c
+        .query_one("SELECT max(version) FROM memory.chat_memory_history", &[])
+        .unwrap()
+        .get(0);
+    // an audit row written after the snippets were applied: once a retention pass has taken it,
+    // that pass saw the applied rows older than the retention too
+    c.execute("SELECT memory.grant_usage('pg_monitor')", &[])
+        .unwrap();
+    pg.eventually(
+        &mut c,
+        "SELECT count(*) = 0 FROM memory.audit_log WHERE action = 'grant_usage'",
+        "a retention pass",
+        T,
+    );
+    assert_eq!(
+        text(
+            &mut c,
+            "SELECT count(*)::text FROM memory.chat_context_queue WHERE status = 'complete'"
+        ),
+        "2",
+        "kept for re-derivation"
+    );
+    let last = text(&mut c, "SELECT memory.rebuild('c1')::text");
+    assert_eq!(last, id);
+    assert_eq!(wait(&mut c, &last), "complete");
+    assert_eq!(
+        text(&mut c, memory),
+        before.replace(&format!(" v{versions}"), &format!(" v{}", versions + 1)),
+        "the same memory, one version later"
+    );
+    assert_eq!(
+        before,
+        format!(r#"{{"a": "1"}}{{}}moved in May v{versions}"#)
+    );
+    assert_eq!(
+        text(
+            &mut c,
+            "SELECT rebuilt || ' ' || cardinality(queue_ids) FROM memory.chat_memory_history \
+                       ORDER BY version DESC LIMIT 1"
+        ),
+        "true 2"
     );
 }
 
