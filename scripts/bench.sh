@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark memory_ext on a scratch cluster (release build, mock summarizer) and print, in one run:
-#   1. enqueue throughput vs a plain INSERT into an equal table (pgbench; ratio)
+#   1. enqueue throughput vs a plain INSERT into an equal table (pgbench; ratio), and vs a minimal
+#      durable insert (uuid primary key + an index on chat_id, the same snippet) at 1, 4, 8 clients
 #   2. get() vs a plain primary-key SELECT of chat_metadata, and context() vs get() (pgbench; ratios)
 #      and an INSERT into a watched message table vs the same table unwatched (pgbench; ratio)
 #   3. enqueue -> memory-visible latency p50/p99 on an idle server
@@ -29,7 +30,8 @@ trap 'cluster_ctl "$DIR/data" stop || true' EXIT
 
 psql_b() { psql -h "$DIR/data" -p "$PORT" -U postgres -X -q -v ON_ERROR_STOP=1 -At "$@"; }
 pgbench_tps() { # db script-file -> tps
-    as_postgres pgbench -h "$DIR/data" -p "$PORT" -U postgres -n -c "$CLIENTS" -j 2 -T "$DURATION" -f "$2" "$1" 2>/dev/null \
+    as_postgres pgbench -h "$DIR/data" -p "$PORT" -U postgres -n -c "$CLIENTS" -j "$(( CLIENTS < 2 ? 1 : 2 ))" \
+        -T "$DURATION" -f "$2" "$1" 2>/dev/null \
         | awk '/^tps/ {print int($3)}'
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
@@ -42,6 +44,10 @@ CREATE EXTENSION memory_ext;
 CREATE TABLE public.plain_chats (LIKE memory.chat_metadata INCLUDING ALL);
 CREATE TABLE public.plain_queue (LIKE memory.chat_context_queue INCLUDING ALL,
     FOREIGN KEY (chat_id) REFERENCES public.plain_chats (chat_id));
+-- the issue's baseline: the least a durable enqueue could write
+CREATE TABLE public.minimal_queue (id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    chat_id text NOT NULL, snippet text NOT NULL);
+CREATE INDEX ON public.minimal_queue (chat_id);
 INSERT INTO public.plain_chats (chat_id, owner) SELECT 'chat' || g, 'postgres' FROM generate_series(0, 999) g;
 SELECT count(*) FROM (SELECT memory.create_chat('chat' || g) FROM generate_series(0, 999) g) x;
 -- an app's message table, and the same table watched (memory.watch)
@@ -60,6 +66,10 @@ SQL
 cat > "$W/insert.sql" <<'SQL'
 \set id random(0, 999)
 INSERT INTO public.plain_queue (chat_id, new_context_snippet, enqueued_by) VALUES ('chat' || :id, 'confirmed: plan = PPO. The user compares plans for next year and asks about premiums.', current_user) RETURNING id;
+SQL
+cat > "$W/minimal.sql" <<'SQL'
+\set id random(0, 999)
+INSERT INTO public.minimal_queue (chat_id, snippet) VALUES ('chat' || :id, 'confirmed: plan = PPO. The user compares plans for next year and asks about premiums.') RETURNING id;
 SQL
 cat > "$W/get.sql" <<'SQL'
 \set id random(0, 999)
@@ -92,6 +102,10 @@ runs() { # db scriptA scriptB -> "medianA medianB"
     echo "$(median3 "${a[@]}") $(median3 "${b[@]}")"
 }
 read -r insert_tps enqueue_tps < <(runs bench_api "$W/insert.sql" "$W/enqueue.sql")
+declare -A minimal_at enqueue_at
+for n in 1 4 8; do
+    read -r "minimal_at[$n]" "enqueue_at[$n]" < <(CLIENTS=$n runs bench_api "$W/minimal.sql" "$W/enqueue.sql")
+done
 read -r plain_msg_tps watched_msg_tps < <(runs bench_api "$W/messages_plain.sql" "$W/messages_watched.sql")
 # give get() real memory to read: apply what was enqueued
 # (the enqueue runs' chats and the watched table's conversations: until nothing is left)
@@ -233,6 +247,9 @@ memory_ext benchmark — $(date -u +%Y-%m-%d), $(nproc) cores, $(awk '/MemTotal/
 | measure | memory_ext | baseline | ratio | target |
 |---|---|---|---|---|
 | enqueue, tx/s ($CLIENTS clients) | $enqueue_tps | plain INSERT: $insert_tps | $(ratio "$enqueue_tps" "$insert_tps") | >= 0.80 |
+| enqueue, tx/s, 1 client | ${enqueue_at[1]} | minimal insert: ${minimal_at[1]} | $(ratio "${enqueue_at[1]}" "${minimal_at[1]}") | >= 0.50 |
+| enqueue, tx/s, 4 clients | ${enqueue_at[4]} | minimal insert: ${minimal_at[4]} | $(ratio "${enqueue_at[4]}" "${minimal_at[4]}") | >= 0.50 |
+| enqueue, tx/s, 8 clients | ${enqueue_at[8]} | minimal insert: ${minimal_at[8]} | $(ratio "${enqueue_at[8]}" "${minimal_at[8]}") | >= 0.50 |
 | get(), tx/s ($CLIENTS clients) | $get_tps | plain PK SELECT: $select_tps | $(ratio "$get_tps" "$select_tps") | >= 0.80 |
 | context() (prompt text, exact token count), tx/s ($CLIENTS clients) | $context_tps | get(), same runs: $get2_tps | $(ratio "$context_tps" "$get2_tps") | >= 0.90 |
 | INSERT into a watched message table (captured), tx/s ($CLIENTS clients) | $watched_msg_tps | same table unwatched: $plain_msg_tps | $(ratio "$watched_msg_tps" "$plain_msg_tps") | >= 0.70 |

@@ -22,23 +22,47 @@ RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN 'deferred: the daily LLM token budget is spent; summarizing resumes on the next UTC day';
 
--- Add one summarization's LLM usage to its chat owner's day (in _finish, with the batch).
+-- Add one summarization's LLM usage to its chat owner's day (in _finish, with the batch): to a
+-- row of that day it can lock without waiting, else as a new row.
 CREATE FUNCTION memory._record_owner_usage(p_chat_id text, p_usage jsonb)
 RETURNS void
-LANGUAGE sql VOLATILE PARALLEL UNSAFE
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    INSERT INTO memory.owner_usage_daily AS u (day, owner, llm_requests, prompt_tokens,
-                                               completion_tokens)
-    SELECT memory._utc_today(), m.owner,
-           coalesce((p_usage ->> 'llm_requests')::bigint, 0),
-           coalesce((p_usage ->> 'prompt_tokens')::bigint, 0),
-           coalesce((p_usage ->> 'completion_tokens')::bigint, 0)
-      FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id
-    ON CONFLICT (day, owner) DO UPDATE
-       SET llm_requests = u.llm_requests + excluded.llm_requests,
-           prompt_tokens = u.prompt_tokens + excluded.prompt_tokens,
-           completion_tokens = u.completion_tokens + excluded.completion_tokens
+DECLARE
+    v_owner text;
+    v_requests bigint := coalesce((p_usage ->> 'llm_requests')::bigint, 0);
+    v_prompt bigint := coalesce((p_usage ->> 'prompt_tokens')::bigint, 0);
+    v_completion bigint := coalesce((p_usage ->> 'completion_tokens')::bigint, 0);
+BEGIN
+    SELECT m.owner INTO v_owner FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    UPDATE memory.owner_usage_daily u
+       SET llm_requests = u.llm_requests + v_requests, prompt_tokens = u.prompt_tokens + v_prompt,
+           completion_tokens = u.completion_tokens + v_completion
+     WHERE u.ctid = (SELECT x.ctid FROM memory.owner_usage_daily x
+                      WHERE x.day = memory._utc_today() AND x.owner = v_owner
+                      LIMIT 1 FOR UPDATE SKIP LOCKED);
+    IF NOT FOUND THEN
+        INSERT INTO memory.owner_usage_daily (day, owner, llm_requests, prompt_tokens,
+                                              completion_tokens)
+        VALUES (memory._utc_today(), v_owner, v_requests, v_prompt, v_completion);
+    END IF;
+END
+$$;
+
+-- Each owner's usage today, summed.
+CREATE FUNCTION memory._owner_usage_today()
+RETURNS TABLE (owner text, llm_requests bigint, prompt_tokens bigint, completion_tokens bigint)
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT u.owner, sum(u.llm_requests)::bigint, sum(u.prompt_tokens)::bigint,
+           sum(u.completion_tokens)::bigint
+      FROM memory.owner_usage_daily u WHERE u.day = memory._utc_today()
+     GROUP BY u.owner
 $$;
 
 -- An owner's budget: their override, else p_default (memory_ext.owner_daily_tokens); NULL when
@@ -65,11 +89,14 @@ DECLARE
     v_until timestamptz := memory._utc_tomorrow();
     v_n int;
 BEGIN
+    -- budgets off: nothing to read (this runs before every claim)
+    IF p_default = 0 AND NOT EXISTS (SELECT 1 FROM memory.owner_budgets) THEN
+        RETURN 0;
+    END IF;
     WITH over AS (
         SELECT u.owner, u.prompt_tokens + u.completion_tokens AS spent,
                memory._owner_budget(u.owner, p_default) AS budget
-          FROM memory.owner_usage_daily u
-         WHERE u.day = memory._utc_today()
+          FROM memory._owner_usage_today() u
     ), chats AS (
         SELECT m.chat_id, over.spent, over.budget
           FROM memory.chat_metadata m JOIN over ON over.owner = m.owner
@@ -118,11 +145,25 @@ BEGIN
         INSERT INTO memory.owner_budgets AS b (owner, daily_tokens) VALUES (p_owner, p_daily_tokens)
         ON CONFLICT (owner) DO UPDATE SET daily_tokens = excluded.daily_tokens, set_at = now();
     END IF;
+    -- The deferred chats (a pending snippet says so) are due now, with every pending snippet
+    -- (those enqueued while deferred too) and without the reason: the next claim checks the new
+    -- budget.
+    WITH deferred AS (
+        SELECT DISTINCT q.chat_id FROM memory.chat_context_queue q
+          JOIN memory.chat_metadata m ON m.chat_id = q.chat_id
+         WHERE m.owner = p_owner AND q.status = 'pending_summarization'
+           AND q.error_public = memory._budget_deferred_message()
+    ), resumed AS (
+        UPDATE memory.chat_context_queue q
+           SET next_attempt_at = least(q.next_attempt_at, now()),
+               error_message = CASE WHEN q.error_public = memory._budget_deferred_message()
+                                    THEN NULL ELSE q.error_message END,
+               error_public = nullif(q.error_public, memory._budget_deferred_message())
+          FROM deferred
+         WHERE q.chat_id = deferred.chat_id AND q.status = 'pending_summarization'
+    )
     UPDATE memory.chat_metadata m SET due_at = now(), retry_at = NULL
-     WHERE m.owner = p_owner AND m.lease_token IS NULL AND m.due_at > now()
-       AND EXISTS (SELECT 1 FROM memory.chat_context_queue q
-                    WHERE q.chat_id = m.chat_id AND q.status = 'pending_summarization'
-                      AND q.error_public = memory._budget_deferred_message());
+      FROM deferred WHERE m.chat_id = deferred.chat_id AND m.lease_token IS NULL;
     PERFORM memory._wake_at_commit();
     PERFORM memory._audit('set_owner_budget', NULL, NULL,
         format('%s: %s', p_owner, coalesce(p_daily_tokens::text, 'default')));
@@ -146,9 +187,9 @@ SELECT o.owner,
            AND EXISTS (SELECT 1 FROM memory.chat_context_queue q
                         WHERE q.chat_id = m.chat_id AND q.status = 'pending_summarization'
                           AND q.error_public = memory._budget_deferred_message())) AS deferred_chats
-  FROM (SELECT x.owner FROM memory.owner_usage_daily x WHERE x.day = memory._utc_today()
+  FROM (SELECT x.owner FROM memory._owner_usage_today() x
         UNION SELECT b.owner FROM memory.owner_budgets b) o
-  LEFT JOIN memory.owner_usage_daily u ON u.owner = o.owner AND u.day = memory._utc_today();
+  LEFT JOIN memory._owner_usage_today() u ON u.owner = o.owner;
 
 REVOKE ALL ON FUNCTION memory._record_owner_usage(text, jsonb),
     memory._defer_over_budget(bigint) FROM PUBLIC;

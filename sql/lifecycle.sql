@@ -121,9 +121,13 @@ BEGIN
 END
 $$;
 
--- During a rebuild: once no snippet up to its last one is pending or in flight (each was applied
--- onto the rebuilt memory, or failed), the rebuilt memory becomes the chat's, as one version.
--- The caller holds the chat row lock. Returns whether it was applied.
+-- During a rebuild: once no snippet up to its last one is pending or in flight, the rebuilt memory
+-- becomes the chat's, as one version. The caller holds the chat row lock. Returns whether it was
+-- applied. A rebuild() some of whose snippets failed to be summarized again (a bad model or key)
+-- is called off instead: the memory stays as it was, its snippets stay applied (complete), newer
+-- ones that went into the rebuilt memory only are pending again, and the audit log says why.
+-- forget_snippet()'s rebuild is applied regardless: the old memory held the erased snippet, and
+-- the failed ones are failed (retry_failed() applies them again, at the end).
 CREATE FUNCTION memory._settle_rebuild(p_chat_id text)
 RETURNS bool
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
@@ -131,6 +135,8 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     b jsonb;
+    v_reset uuid[];
+    v_failed int;
 BEGIN
     SELECT m.rebuild INTO b FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
     IF b IS NULL OR EXISTS (SELECT 1 FROM memory.chat_context_queue q
@@ -138,6 +144,27 @@ BEGIN
                                AND q.status IN ('pending_summarization', 'processing')
                                AND q.seq <= (b ->> 'upto')::bigint) THEN
         RETURN false;
+    END IF;
+    v_reset := ARRAY(SELECT jsonb_array_elements_text(b -> 'reset'))::uuid[];
+    IF (b ->> 'keep_on_failure')::bool THEN
+        UPDATE memory.chat_context_queue q SET status = 'complete', processed_at = now()
+         WHERE q.id = ANY (v_reset) AND q.status = 'failed';
+        GET DIAGNOSTICS v_failed = ROW_COUNT;
+        IF v_failed > 0 THEN
+            UPDATE memory.chat_context_queue q
+               SET status = 'pending_summarization', processed_at = NULL, next_attempt_at = now()
+             WHERE q.chat_id = p_chat_id AND q.status = 'complete'
+               AND q.id = ANY (ARRAY(SELECT jsonb_array_elements_text(b -> 'ids'))::uuid[])
+               AND NOT (q.id = ANY (v_reset));
+            UPDATE memory.chat_metadata m
+               SET rebuild = NULL,
+                   due_at = CASE WHEN FOUND AND m.lease_token IS NULL THEN now() ELSE m.due_at END
+             WHERE m.chat_id = p_chat_id;
+            PERFORM memory._audit('rebuild_failed', p_chat_id, NULL,
+                format('%s snippet(s) could not be summarized again; the memory is unchanged',
+                       v_failed));
+            RETURN false;
+        END IF;
     END IF;
     PERFORM memory._set_memory(p_chat_id, b -> 'user_confirmed', b -> 'llm_inferred',
         b ->> 'general_summary', b ->> 'summarizer',
@@ -150,10 +177,11 @@ $$;
 -- a summarization in flight is called off, and every applied snippet is pending again, before
 -- any newer one (seq order, as they were applied). The worker summarizes them onto the rebuilt
 -- memory, which replaces the chat's once the last is settled (_settle_rebuild); until then
--- agents read the memory as it was. Returns the snippet to wait() for (NULL: nothing to
--- re-summarize; the empty memory is applied at once). Refused (55000) when retention deleted an
--- applied snippet: the memory could not be re-derived.
-CREATE FUNCTION memory._start_rebuild(p_chat_id text)
+-- agents read the memory as it was. p_keep_on_failure: call it off if a snippet fails (rebuild()).
+-- Returns the snippet to wait() for (NULL: nothing to re-summarize; the empty memory is applied
+-- at once). Refused (55000) when retention deleted an applied snippet: the memory could not be
+-- re-derived.
+CREATE FUNCTION memory._start_rebuild(p_chat_id text, p_keep_on_failure bool)
 RETURNS uuid
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -161,6 +189,7 @@ AS $$
 DECLARE
     c memory.chat_metadata%ROWTYPE;
     v_upto bigint;
+    v_reset jsonb;
 BEGIN
     SELECT * INTO c FROM memory.chat_metadata x WHERE x.chat_id = p_chat_id;
     IF c.pruned_at IS NOT NULL THEN
@@ -178,13 +207,16 @@ BEGIN
            SET status = 'pending_summarization', processed_at = NULL, retry_count = 0,
                error_message = NULL, error_public = NULL, next_attempt_at = now()
          WHERE q.chat_id = p_chat_id AND q.status = 'complete'
-        RETURNING q.seq
+        RETURNING q.id, q.seq
     )
-    SELECT greatest(max(reset.seq), (c.rebuild ->> 'upto')::bigint) INTO v_upto FROM reset;
+    SELECT greatest(max(reset.seq), (c.rebuild ->> 'upto')::bigint),
+           coalesce(c.rebuild -> 'reset', '[]') || coalesce(jsonb_agg(reset.id), '[]')
+      INTO v_upto, v_reset FROM reset;
     UPDATE memory.chat_metadata x
        SET rebuild = jsonb_build_object('upto', coalesce(v_upto, 0), 'user_confirmed', '{}'::jsonb,
                'llm_inferred', '{}'::jsonb, 'general_summary', '', 'ids', '[]'::jsonb,
-               'usage', '{}'::jsonb, 'summarizer', 'rebuild'),
+               'usage', '{}'::jsonb, 'summarizer', 'rebuild', 'reset', v_reset,
+               'keep_on_failure', p_keep_on_failure AND coalesce((c.rebuild ->> 'keep_on_failure')::bool, true)),
            due_at = CASE WHEN v_upto IS NULL THEN x.due_at ELSE now() END, retry_at = NULL
      WHERE x.chat_id = p_chat_id;
     IF memory._settle_rebuild(p_chat_id) THEN
@@ -219,7 +251,7 @@ BEGIN
     -- Locked like the worker's finish and enqueue's KEY SHARE: nothing applies or draws a seq
     -- while the snippets are put back.
     PERFORM 1 FROM memory.chat_metadata x WHERE x.chat_id = p_chat_id FOR UPDATE;
-    v_wait := memory._start_rebuild(p_chat_id);
+    v_wait := memory._start_rebuild(p_chat_id, true);
     PERFORM memory._audit('rebuild', p_chat_id, v_wait);
     RETURN v_wait;
 END
@@ -243,7 +275,6 @@ AS $$
 DECLARE
     v_chat text;
     v_status text;
-    v_seq bigint;
     v_applied bool;
     v_from bigint;
     v_rebuilt bool;
@@ -264,13 +295,11 @@ BEGIN
     PERFORM memory._take_rate_token(memory.current_identity());
     PERFORM 1 FROM memory.chat_metadata x WHERE x.chat_id = v_chat FOR UPDATE;
     -- Read again under the lock: a finish may have applied it meanwhile.
-    SELECT q.status, q.seq INTO v_status, v_seq
-      FROM memory.chat_context_queue q WHERE q.id = p_queue_id;
-    -- Applied: complete, or put back by a rebuild in progress (up to its last snippet), or in a
-    -- version history still holds (a snippet a rebuild could not apply again was applied before).
+    SELECT q.status INTO v_status FROM memory.chat_context_queue q WHERE q.id = p_queue_id;
+    -- Applied: complete, or put back by a rebuild in progress, or in a version history still holds (a snippet a rebuild could not apply again was applied before).
     v_applied := v_status = 'complete'
-        OR v_seq <= (SELECT (x.rebuild ->> 'upto')::bigint FROM memory.chat_metadata x
-                      WHERE x.chat_id = v_chat)
+        OR (SELECT x.rebuild -> 'reset' FROM memory.chat_metadata x WHERE x.chat_id = v_chat)
+           @> to_jsonb(p_queue_id::text)
         OR EXISTS (SELECT 1 FROM memory.chat_memory_history h
                     WHERE h.chat_id = v_chat AND h.queue_ids @> ARRAY[p_queue_id]);
     IF v_status = 'processing' THEN
@@ -285,7 +314,7 @@ BEGIN
          WHERE h.chat_id = v_chat AND (v_from IS NULL OR v_rebuilt OR h.version >= v_from);
         DELETE FROM memory.chat_context_queue q WHERE q.id = p_queue_id;
         -- refuses (so the whole call changes nothing) when the memory cannot be re-derived
-        v_wait := memory._start_rebuild(v_chat);
+        v_wait := memory._start_rebuild(v_chat, false);
         UPDATE memory.chat_metadata x
            SET user_confirmed = '{}', llm_inferred = '{}', general_summary = '', token_count = 0,
                needs_new_chat = false, context_text = NULL, context_tokens = NULL,
@@ -340,4 +369,4 @@ END
 $$;
 
 REVOKE ALL ON FUNCTION memory._set_memory(text, jsonb, jsonb, text, text, uuid[], bigint, jsonb),
-    memory._settle_rebuild(text), memory._start_rebuild(text) FROM PUBLIC;
+    memory._settle_rebuild(text), memory._start_rebuild(text, bool) FROM PUBLIC;

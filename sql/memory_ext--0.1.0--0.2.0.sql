@@ -58,9 +58,9 @@ CREATE TABLE memory.owner_usage_daily (
     owner               text NOT NULL,
     llm_requests        bigint NOT NULL DEFAULT 0,
     prompt_tokens       bigint NOT NULL DEFAULT 0,
-    completion_tokens   bigint NOT NULL DEFAULT 0,
-    PRIMARY KEY (day, owner)
+    completion_tokens   bigint NOT NULL DEFAULT 0
 );
+CREATE INDEX owner_usage_daily_day_owner_idx ON memory.owner_usage_daily (day, owner);
 CREATE TABLE memory.owner_budgets (
     owner         text PRIMARY KEY CHECK (btrim(owner) <> ''),
     daily_tokens  bigint NOT NULL CHECK (daily_tokens >= 0),
@@ -590,7 +590,11 @@ BEGIN
     -- drain rate); by chat it reads only this chat's open rows, however stale the statistics.
     UPDATE memory.chat_context_queue q
        SET status = 'complete', processed_at = now(), claim_token = NULL,
-           lease_expires_at = NULL
+           lease_expires_at = NULL,
+           -- a budget deferral is over once applied (a failure's message stays, for diagnosis)
+           error_message = CASE WHEN q.error_public = memory._budget_deferred_message() THEN NULL
+                                ELSE q.error_message END,
+           error_public = nullif(q.error_public, memory._budget_deferred_message())
      WHERE q.id = ANY (p_ids) AND q.chat_id = p_chat_id AND q.status = 'processing'
        AND q.claim_token = p_lease_token;
     GET DIAGNOSTICS v_n = ROW_COUNT;
@@ -1565,6 +1569,7 @@ AS $$
         -- read by the memory.watched and memory.owner_usage views, with the reader's rights
         'memory._trigger_args(bytea)', 'memory._utc_today()', 'memory._owner_budget(text, bigint)',
         'memory._owner_daily_tokens()', 'memory._budget_deferred_message()',
+        'memory._owner_usage_today()',
         -- the audit_direct_write triggers' WHEN runs with the writer's rights: a role given table
         -- privileges without it cannot write them at all (rather than unaudited)
         'memory._superuser()'
@@ -2046,23 +2051,47 @@ RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN 'deferred: the daily LLM token budget is spent; summarizing resumes on the next UTC day';
 
--- Add one summarization's LLM usage to its chat owner's day (in _finish, with the batch).
+-- Add one summarization's LLM usage to its chat owner's day (in _finish, with the batch): to a
+-- row of that day it can lock without waiting, else as a new row.
 CREATE FUNCTION memory._record_owner_usage(p_chat_id text, p_usage jsonb)
 RETURNS void
-LANGUAGE sql VOLATILE PARALLEL UNSAFE
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    INSERT INTO memory.owner_usage_daily AS u (day, owner, llm_requests, prompt_tokens,
-                                               completion_tokens)
-    SELECT memory._utc_today(), m.owner,
-           coalesce((p_usage ->> 'llm_requests')::bigint, 0),
-           coalesce((p_usage ->> 'prompt_tokens')::bigint, 0),
-           coalesce((p_usage ->> 'completion_tokens')::bigint, 0)
-      FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id
-    ON CONFLICT (day, owner) DO UPDATE
-       SET llm_requests = u.llm_requests + excluded.llm_requests,
-           prompt_tokens = u.prompt_tokens + excluded.prompt_tokens,
-           completion_tokens = u.completion_tokens + excluded.completion_tokens
+DECLARE
+    v_owner text;
+    v_requests bigint := coalesce((p_usage ->> 'llm_requests')::bigint, 0);
+    v_prompt bigint := coalesce((p_usage ->> 'prompt_tokens')::bigint, 0);
+    v_completion bigint := coalesce((p_usage ->> 'completion_tokens')::bigint, 0);
+BEGIN
+    SELECT m.owner INTO v_owner FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    UPDATE memory.owner_usage_daily u
+       SET llm_requests = u.llm_requests + v_requests, prompt_tokens = u.prompt_tokens + v_prompt,
+           completion_tokens = u.completion_tokens + v_completion
+     WHERE u.ctid = (SELECT x.ctid FROM memory.owner_usage_daily x
+                      WHERE x.day = memory._utc_today() AND x.owner = v_owner
+                      LIMIT 1 FOR UPDATE SKIP LOCKED);
+    IF NOT FOUND THEN
+        INSERT INTO memory.owner_usage_daily (day, owner, llm_requests, prompt_tokens,
+                                              completion_tokens)
+        VALUES (memory._utc_today(), v_owner, v_requests, v_prompt, v_completion);
+    END IF;
+END
+$$;
+
+-- Each owner's usage today, summed.
+CREATE FUNCTION memory._owner_usage_today()
+RETURNS TABLE (owner text, llm_requests bigint, prompt_tokens bigint, completion_tokens bigint)
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT u.owner, sum(u.llm_requests)::bigint, sum(u.prompt_tokens)::bigint,
+           sum(u.completion_tokens)::bigint
+      FROM memory.owner_usage_daily u WHERE u.day = memory._utc_today()
+     GROUP BY u.owner
 $$;
 
 -- An owner's budget: their override, else p_default (memory_ext.owner_daily_tokens); NULL when
@@ -2089,11 +2118,14 @@ DECLARE
     v_until timestamptz := memory._utc_tomorrow();
     v_n int;
 BEGIN
+    -- budgets off: nothing to read (this runs before every claim)
+    IF p_default = 0 AND NOT EXISTS (SELECT 1 FROM memory.owner_budgets) THEN
+        RETURN 0;
+    END IF;
     WITH over AS (
         SELECT u.owner, u.prompt_tokens + u.completion_tokens AS spent,
                memory._owner_budget(u.owner, p_default) AS budget
-          FROM memory.owner_usage_daily u
-         WHERE u.day = memory._utc_today()
+          FROM memory._owner_usage_today() u
     ), chats AS (
         SELECT m.chat_id, over.spent, over.budget
           FROM memory.chat_metadata m JOIN over ON over.owner = m.owner
@@ -2142,11 +2174,25 @@ BEGIN
         INSERT INTO memory.owner_budgets AS b (owner, daily_tokens) VALUES (p_owner, p_daily_tokens)
         ON CONFLICT (owner) DO UPDATE SET daily_tokens = excluded.daily_tokens, set_at = now();
     END IF;
+    -- The deferred chats (a pending snippet says so) are due now, with every pending snippet
+    -- (those enqueued while deferred too) and without the reason: the next claim checks the new
+    -- budget.
+    WITH deferred AS (
+        SELECT DISTINCT q.chat_id FROM memory.chat_context_queue q
+          JOIN memory.chat_metadata m ON m.chat_id = q.chat_id
+         WHERE m.owner = p_owner AND q.status = 'pending_summarization'
+           AND q.error_public = memory._budget_deferred_message()
+    ), resumed AS (
+        UPDATE memory.chat_context_queue q
+           SET next_attempt_at = least(q.next_attempt_at, now()),
+               error_message = CASE WHEN q.error_public = memory._budget_deferred_message()
+                                    THEN NULL ELSE q.error_message END,
+               error_public = nullif(q.error_public, memory._budget_deferred_message())
+          FROM deferred
+         WHERE q.chat_id = deferred.chat_id AND q.status = 'pending_summarization'
+    )
     UPDATE memory.chat_metadata m SET due_at = now(), retry_at = NULL
-     WHERE m.owner = p_owner AND m.lease_token IS NULL AND m.due_at > now()
-       AND EXISTS (SELECT 1 FROM memory.chat_context_queue q
-                    WHERE q.chat_id = m.chat_id AND q.status = 'pending_summarization'
-                      AND q.error_public = memory._budget_deferred_message());
+      FROM deferred WHERE m.chat_id = deferred.chat_id AND m.lease_token IS NULL;
     PERFORM memory._wake_at_commit();
     PERFORM memory._audit('set_owner_budget', NULL, NULL,
         format('%s: %s', p_owner, coalesce(p_daily_tokens::text, 'default')));
@@ -2170,9 +2216,9 @@ SELECT o.owner,
            AND EXISTS (SELECT 1 FROM memory.chat_context_queue q
                         WHERE q.chat_id = m.chat_id AND q.status = 'pending_summarization'
                           AND q.error_public = memory._budget_deferred_message())) AS deferred_chats
-  FROM (SELECT x.owner FROM memory.owner_usage_daily x WHERE x.day = memory._utc_today()
+  FROM (SELECT x.owner FROM memory._owner_usage_today() x
         UNION SELECT b.owner FROM memory.owner_budgets b) o
-  LEFT JOIN memory.owner_usage_daily u ON u.owner = o.owner AND u.day = memory._utc_today();
+  LEFT JOIN memory._owner_usage_today() u ON u.owner = o.owner;
 
 
 -- ---- new in 0.2.0: rollback, rebuild and erasure (sql/lifecycle.sql) ------------------------
@@ -2308,9 +2354,13 @@ BEGIN
 END
 $$;
 
--- During a rebuild: once no snippet up to its last one is pending or in flight (each was applied
--- onto the rebuilt memory, or failed), the rebuilt memory becomes the chat's, as one version.
--- The caller holds the chat row lock. Returns whether it was applied.
+-- During a rebuild: once no snippet up to its last one is pending or in flight, the rebuilt memory
+-- becomes the chat's, as one version. The caller holds the chat row lock. Returns whether it was
+-- applied. A rebuild() some of whose snippets failed to be summarized again (a bad model or key)
+-- is called off instead: the memory stays as it was, its snippets stay applied (complete), newer
+-- ones that went into the rebuilt memory only are pending again, and the audit log says why.
+-- forget_snippet()'s rebuild is applied regardless: the old memory held the erased snippet, and
+-- the failed ones are failed (retry_failed() applies them again, at the end).
 CREATE FUNCTION memory._settle_rebuild(p_chat_id text)
 RETURNS bool
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
@@ -2318,6 +2368,8 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     b jsonb;
+    v_reset uuid[];
+    v_failed int;
 BEGIN
     SELECT m.rebuild INTO b FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
     IF b IS NULL OR EXISTS (SELECT 1 FROM memory.chat_context_queue q
@@ -2325,6 +2377,27 @@ BEGIN
                                AND q.status IN ('pending_summarization', 'processing')
                                AND q.seq <= (b ->> 'upto')::bigint) THEN
         RETURN false;
+    END IF;
+    v_reset := ARRAY(SELECT jsonb_array_elements_text(b -> 'reset'))::uuid[];
+    IF (b ->> 'keep_on_failure')::bool THEN
+        UPDATE memory.chat_context_queue q SET status = 'complete', processed_at = now()
+         WHERE q.id = ANY (v_reset) AND q.status = 'failed';
+        GET DIAGNOSTICS v_failed = ROW_COUNT;
+        IF v_failed > 0 THEN
+            UPDATE memory.chat_context_queue q
+               SET status = 'pending_summarization', processed_at = NULL, next_attempt_at = now()
+             WHERE q.chat_id = p_chat_id AND q.status = 'complete'
+               AND q.id = ANY (ARRAY(SELECT jsonb_array_elements_text(b -> 'ids'))::uuid[])
+               AND NOT (q.id = ANY (v_reset));
+            UPDATE memory.chat_metadata m
+               SET rebuild = NULL,
+                   due_at = CASE WHEN FOUND AND m.lease_token IS NULL THEN now() ELSE m.due_at END
+             WHERE m.chat_id = p_chat_id;
+            PERFORM memory._audit('rebuild_failed', p_chat_id, NULL,
+                format('%s snippet(s) could not be summarized again; the memory is unchanged',
+                       v_failed));
+            RETURN false;
+        END IF;
     END IF;
     PERFORM memory._set_memory(p_chat_id, b -> 'user_confirmed', b -> 'llm_inferred',
         b ->> 'general_summary', b ->> 'summarizer',
@@ -2337,10 +2410,11 @@ $$;
 -- a summarization in flight is called off, and every applied snippet is pending again, before
 -- any newer one (seq order, as they were applied). The worker summarizes them onto the rebuilt
 -- memory, which replaces the chat's once the last is settled (_settle_rebuild); until then
--- agents read the memory as it was. Returns the snippet to wait() for (NULL: nothing to
--- re-summarize; the empty memory is applied at once). Refused (55000) when retention deleted an
--- applied snippet: the memory could not be re-derived.
-CREATE FUNCTION memory._start_rebuild(p_chat_id text)
+-- agents read the memory as it was. p_keep_on_failure: call it off if a snippet fails (rebuild()).
+-- Returns the snippet to wait() for (NULL: nothing to re-summarize; the empty memory is applied
+-- at once). Refused (55000) when retention deleted an applied snippet: the memory could not be
+-- re-derived.
+CREATE FUNCTION memory._start_rebuild(p_chat_id text, p_keep_on_failure bool)
 RETURNS uuid
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -2348,6 +2422,7 @@ AS $$
 DECLARE
     c memory.chat_metadata%ROWTYPE;
     v_upto bigint;
+    v_reset jsonb;
 BEGIN
     SELECT * INTO c FROM memory.chat_metadata x WHERE x.chat_id = p_chat_id;
     IF c.pruned_at IS NOT NULL THEN
@@ -2365,13 +2440,16 @@ BEGIN
            SET status = 'pending_summarization', processed_at = NULL, retry_count = 0,
                error_message = NULL, error_public = NULL, next_attempt_at = now()
          WHERE q.chat_id = p_chat_id AND q.status = 'complete'
-        RETURNING q.seq
+        RETURNING q.id, q.seq
     )
-    SELECT greatest(max(reset.seq), (c.rebuild ->> 'upto')::bigint) INTO v_upto FROM reset;
+    SELECT greatest(max(reset.seq), (c.rebuild ->> 'upto')::bigint),
+           coalesce(c.rebuild -> 'reset', '[]') || coalesce(jsonb_agg(reset.id), '[]')
+      INTO v_upto, v_reset FROM reset;
     UPDATE memory.chat_metadata x
        SET rebuild = jsonb_build_object('upto', coalesce(v_upto, 0), 'user_confirmed', '{}'::jsonb,
                'llm_inferred', '{}'::jsonb, 'general_summary', '', 'ids', '[]'::jsonb,
-               'usage', '{}'::jsonb, 'summarizer', 'rebuild'),
+               'usage', '{}'::jsonb, 'summarizer', 'rebuild', 'reset', v_reset,
+               'keep_on_failure', p_keep_on_failure AND coalesce((c.rebuild ->> 'keep_on_failure')::bool, true)),
            due_at = CASE WHEN v_upto IS NULL THEN x.due_at ELSE now() END, retry_at = NULL
      WHERE x.chat_id = p_chat_id;
     IF memory._settle_rebuild(p_chat_id) THEN
@@ -2406,7 +2484,7 @@ BEGIN
     -- Locked like the worker's finish and enqueue's KEY SHARE: nothing applies or draws a seq
     -- while the snippets are put back.
     PERFORM 1 FROM memory.chat_metadata x WHERE x.chat_id = p_chat_id FOR UPDATE;
-    v_wait := memory._start_rebuild(p_chat_id);
+    v_wait := memory._start_rebuild(p_chat_id, true);
     PERFORM memory._audit('rebuild', p_chat_id, v_wait);
     RETURN v_wait;
 END
@@ -2430,7 +2508,6 @@ AS $$
 DECLARE
     v_chat text;
     v_status text;
-    v_seq bigint;
     v_applied bool;
     v_from bigint;
     v_rebuilt bool;
@@ -2451,13 +2528,11 @@ BEGIN
     PERFORM memory._take_rate_token(memory.current_identity());
     PERFORM 1 FROM memory.chat_metadata x WHERE x.chat_id = v_chat FOR UPDATE;
     -- Read again under the lock: a finish may have applied it meanwhile.
-    SELECT q.status, q.seq INTO v_status, v_seq
-      FROM memory.chat_context_queue q WHERE q.id = p_queue_id;
-    -- Applied: complete, or put back by a rebuild in progress (up to its last snippet), or in a
-    -- version history still holds (a snippet a rebuild could not apply again was applied before).
+    SELECT q.status INTO v_status FROM memory.chat_context_queue q WHERE q.id = p_queue_id;
+    -- Applied: complete, or put back by a rebuild in progress, or in a version history still holds (a snippet a rebuild could not apply again was applied before).
     v_applied := v_status = 'complete'
-        OR v_seq <= (SELECT (x.rebuild ->> 'upto')::bigint FROM memory.chat_metadata x
-                      WHERE x.chat_id = v_chat)
+        OR (SELECT x.rebuild -> 'reset' FROM memory.chat_metadata x WHERE x.chat_id = v_chat)
+           @> to_jsonb(p_queue_id::text)
         OR EXISTS (SELECT 1 FROM memory.chat_memory_history h
                     WHERE h.chat_id = v_chat AND h.queue_ids @> ARRAY[p_queue_id]);
     IF v_status = 'processing' THEN
@@ -2472,7 +2547,7 @@ BEGIN
          WHERE h.chat_id = v_chat AND (v_from IS NULL OR v_rebuilt OR h.version >= v_from);
         DELETE FROM memory.chat_context_queue q WHERE q.id = p_queue_id;
         -- refuses (so the whole call changes nothing) when the memory cannot be re-derived
-        v_wait := memory._start_rebuild(v_chat);
+        v_wait := memory._start_rebuild(v_chat, false);
         UPDATE memory.chat_metadata x
            SET user_confirmed = '{}', llm_inferred = '{}', general_summary = '', token_count = 0,
                needs_new_chat = false, context_text = NULL, context_tokens = NULL,
@@ -2565,6 +2640,16 @@ UPDATE memory.chat_metadata m SET due_at = greatest(p.first_due, m.retry_at)
   FROM (SELECT q.chat_id, min(q.next_attempt_at) AS first_due FROM memory.chat_context_queue q
          WHERE q.status = 'pending_summarization' GROUP BY q.chat_id) p
  WHERE m.chat_id = p.chat_id;
+-- 0.1.0's retention deleted applied snippets: a chat whose history does not go back to its first
+-- version, or lists a snippet that is gone, can no longer be re-derived (rebuild, forget_snippet)
+UPDATE memory.chat_metadata m SET pruned_at = now()
+ WHERE m.version > 0
+   AND (NOT EXISTS (SELECT 1 FROM memory.chat_memory_history h
+                     WHERE h.chat_id = m.chat_id AND h.version = 1)
+        OR EXISTS (SELECT 1 FROM memory.chat_memory_history h, unnest(h.queue_ids) AS u(id)
+                    WHERE h.chat_id = m.chat_id
+                      AND NOT EXISTS (SELECT 1 FROM memory.chat_context_queue q
+                                       WHERE q.id = u.id)));
 -- 0.1.0 did not record an error's class: owners are told the generic one
 UPDATE memory.chat_context_queue q SET error_public = memory._public_error(NULL)
  WHERE q.error_message IS NOT NULL;

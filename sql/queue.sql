@@ -509,7 +509,11 @@ BEGIN
     -- drain rate); by chat it reads only this chat's open rows, however stale the statistics.
     UPDATE memory.chat_context_queue q
        SET status = 'complete', processed_at = now(), claim_token = NULL,
-           lease_expires_at = NULL
+           lease_expires_at = NULL,
+           -- a budget deferral is over once applied (a failure's message stays, for diagnosis)
+           error_message = CASE WHEN q.error_public = memory._budget_deferred_message() THEN NULL
+                                ELSE q.error_message END,
+           error_public = nullif(q.error_public, memory._budget_deferred_message())
      WHERE q.id = ANY (p_ids) AND q.chat_id = p_chat_id AND q.status = 'processing'
        AND q.claim_token = p_lease_token;
     GET DIAGNOSTICS v_n = ROW_COUNT;

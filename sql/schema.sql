@@ -158,15 +158,17 @@ CREATE TABLE memory.llm_usage_daily (
 
 -- What each owner's chats cost in LLM tokens per UTC day (attempts that failed included): what
 -- memory_ext.owner_daily_tokens and memory.owner_budgets are checked against. Written with the
--- batch, like llm_usage_daily; only for summarizers that report usage (not the mock).
+-- batch, like llm_usage_daily; only for summarizers that report usage (not the mock). A day's
+-- figure is the sum of its owner's rows: a writer adds to a row it can lock without waiting, or
+-- adds a row (the worker never waits for a client's open process_pending()).
 CREATE TABLE memory.owner_usage_daily (
     day                 date NOT NULL,
     owner               text NOT NULL,
     llm_requests        bigint NOT NULL DEFAULT 0,
     prompt_tokens       bigint NOT NULL DEFAULT 0,
-    completion_tokens   bigint NOT NULL DEFAULT 0,
-    PRIMARY KEY (day, owner)
+    completion_tokens   bigint NOT NULL DEFAULT 0
 );
+CREATE INDEX owner_usage_daily_day_owner_idx ON memory.owner_usage_daily (day, owner);
 
 -- An owner's own daily token budget, instead of memory_ext.owner_daily_tokens (0: no limit).
 -- Written through memory.set_owner_budget() (admins, audited).

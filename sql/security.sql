@@ -41,6 +41,7 @@ AS $$
         -- read by the memory.watched and memory.owner_usage views, with the reader's rights
         'memory._trigger_args(bytea)', 'memory._utc_today()', 'memory._owner_budget(text, bigint)',
         'memory._owner_daily_tokens()', 'memory._budget_deferred_message()',
+        'memory._owner_usage_today()',
         -- the audit_direct_write triggers' WHEN runs with the writer's rights: a role given table
         -- privileges without it cannot write them at all (rather than unaudited)
         'memory._superuser()'

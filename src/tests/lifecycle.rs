@@ -381,7 +381,16 @@ fn owners_over_their_daily_budget_are_deferred() {
     assert_eq!(sqlstate("SELECT memory.set_owner_budget('alice', -1)"), "22023");
     assert_eq!(sqlstate("SELECT memory.set_owner_budget(NULL, 1)"), "22023");
     run("SELECT memory.set_owner_budget('alice', 5000)");
-    assert_eq!(one::<i32>("SELECT memory.process_pending()"), Some(3), "resumed at once");
+    // resumed at once, and for good: one snippet per batch, each batch due at once
+    run("SET LOCAL memory_ext.batch_snippets = 1");
+    for _ in 0..3 {
+        assert_eq!(one::<i32>("SELECT memory.process_pending()"), Some(1), "resumed");
+    }
+    assert_eq!(
+        count("SELECT 1 FROM memory.chat_context_queue WHERE error_public IS NOT NULL"),
+        0,
+        "the deferral's reason is gone"
+    );
     assert_eq!(
         text("SELECT string_agg(owner || ' ' || daily_budget || ' ' || throttled, ', ' \
                                 ORDER BY owner) FROM memory.owner_usage"),
@@ -392,4 +401,39 @@ fn owners_over_their_daily_budget_are_deferred() {
     assert_eq!(count("SELECT 1 FROM memory.audit_log WHERE action = 'set_owner_budget'"), 2);
     become_app_role();
     assert_eq!(sqlstate("SELECT memory.set_owner_budget('alice', 1)"), "42501");
+}
+
+/// A rebuild() some of whose snippets cannot be summarized again (here: one the summarizer now
+/// refuses) is called off: the memory stays as it was and every snippet stays applied; a newer
+/// snippet that went into the rebuilt memory is applied again, onto the memory agents read.
+#[pg_test]
+fn a_rebuild_that_cannot_summarize_a_snippet_again_is_called_off() {
+    run("SELECT memory.enqueue('c1', 'confirmed: a = 1')");
+    run("SELECT memory.process_pending()");
+    run("SELECT memory.enqueue('c1', 'confirmed: b = 2')");
+    run("SELECT memory.process_pending()");
+    run("UPDATE memory.chat_context_queue SET new_context_snippet = 'mock_fatal: now refused' \
+          WHERE new_context_snippet = 'confirmed: a = 1'");
+    run("SELECT memory.enqueue('c1', 'confirmed: c = 3')");
+    run("SELECT memory.rebuild('c1')");
+    run("SELECT memory.process_pending()");
+    assert_eq!(memory_of("c1"), r#"{"a": "1", "b": "2"} {} "#, "unchanged");
+    assert_eq!(one::<i64>("SELECT version FROM memory.chat_metadata"), Some(2));
+    assert_eq!(one::<bool>("SELECT rebuild IS NULL FROM memory.chat_metadata"), Some(true));
+    assert_eq!(
+        text("SELECT detail FROM memory.audit_log WHERE action = 'rebuild_failed'"),
+        "1 snippet(s) could not be summarized again; the memory is unchanged"
+    );
+    run("SELECT memory.process_pending()");
+    assert_eq!(memory_of("c1"), r#"{"a": "1", "b": "2", "c": "3"} {} "#);
+    assert_eq!(
+        text("SELECT string_agg(status, ',' ORDER BY seq) FROM memory.chat_context_queue"),
+        "complete,complete,complete"
+    );
+    assert_eq!(
+        text("SELECT string_agg(version || '=' || cardinality(queue_ids), ' ' ORDER BY version) \
+                FROM memory.chat_memory_history"),
+        "1=1 2=1 3=1",
+        "c applied once, on the memory agents read"
+    );
 }

@@ -170,6 +170,42 @@ fn fill_0_1_0(c: &mut Client) {
     .unwrap();
 }
 
+/// 0.1.0's retention deleted applied snippets: after the update such a chat is marked pruned
+/// (its memory cannot be re-derived: rebuild() refuses), a chat with all its snippets is not.
+#[test]
+fn updating_marks_chats_whose_applied_snippets_retention_deleted() {
+    let pg = Cluster::init("upgrade_pruned", &[], true, &pg_bin(), &[]);
+    pg.ctl("start");
+    let mut c = pg.client();
+    create_roles(&mut c);
+    c.batch_execute("CREATE EXTENSION memory_ext VERSION '0.1.0'")
+        .unwrap();
+    fill_0_1_0(&mut c);
+    c.batch_execute(
+        "DELETE FROM memory.chat_context_queue WHERE chat_id = 'c-role' AND status = 'complete';
+         ALTER EXTENSION memory_ext UPDATE;",
+    )
+    .unwrap();
+    assert_eq!(
+        text(
+            &mut c,
+            "SELECT string_agg(chat_id || '=' || (pruned_at IS NOT NULL), ',' ORDER BY chat_id) \
+               FROM memory.chat_metadata"
+        ),
+        "c-jwt=false,c-role=true"
+    );
+    let e = c
+        .execute("SELECT memory.rebuild('c-role')", &[])
+        .unwrap_err();
+    assert_eq!(
+        e.code().map(|s| s.code()),
+        Some("55000"),
+        "{}",
+        db_error(&e)
+    );
+    pg.ctl("stop");
+}
+
 #[test]
 fn updating_from_0_1_0_keeps_every_row_and_ends_equal_to_a_fresh_install() {
     let pg = Cluster::init("upgrade", &[], true, &pg_bin(), &[]);
@@ -200,8 +236,20 @@ fn updating_from_0_1_0_keeps_every_row_and_ends_equal_to_a_fresh_install() {
         )
         .unwrap()
         .get(0);
+    let pruned: String = tx
+        .query_one(
+            "SELECT string_agg(chat_id || '=' || (pruned_at IS NOT NULL), ',' ORDER BY chat_id) \
+               FROM memory.chat_metadata",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     tx.commit().unwrap();
     assert_eq!(after, before, "ALTER EXTENSION UPDATE changed rows");
+    assert_eq!(
+        pruned, "c-jwt=false,c-role=false",
+        "every applied snippet is still there"
+    );
     assert_eq!(
         owners, "c-jwt=user-1,c-role=role:api",
         "a role's chats move to its role: identity, a JWT user's stay"
