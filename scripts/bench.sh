@@ -5,7 +5,7 @@
 #   2. get() vs a plain primary-key SELECT of chat_metadata, and context() vs get() (pgbench; ratios)
 #      and an INSERT into a watched message table vs the same table unwatched (pgbench; ratio)
 #   3. enqueue -> memory-visible latency p50/p99 on an idle server
-#   4. drain rate for 100k snippets over 10k chats
+#   4. drain rate for 100k snippets over 10k chats, with one backend and with helpers (4 in all)
 #   5. LLM summarizer throughput at llm_concurrency 1, 4, 16 against a fake LLM (200 ms answers)
 #   6. LLM calls and prompt tokens per snippet with memory_ext.debounce 0 vs 10 s (the fake LLM)
 # Usage: scripts/bench.sh [seconds per pgbench run, default 15]
@@ -164,21 +164,31 @@ CALL public.measure(300);
 SQL
 read -r p50 p99 < <(psql_b -d postgres -F ' ' -c "SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 2), round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 2) FROM public.latency")
 
-# Drain: 100k snippets over 10k chats, committed at once; time until none is left pending.
-psql_b -d postgres -c "SELECT count(*) FROM (SELECT memory.create_chat('drain' || g) FROM generate_series(0, 9999) g) x" >/dev/null
-psql_b -d postgres -c "CHECKPOINT" >/dev/null
-start=$(date +%s.%N)
-psql_b -d postgres -c "SELECT count(*) FROM (SELECT memory.enqueue('drain' || (g % 10000), 'confirmed: n = ' || g || E'\nline ' || g) FROM generate_series(0, 99999) g) x" >/dev/null
-enqueued=$(date +%s.%N)
-# Polled through the partial (chat_id, seq) index, stopping at the first open row: no queue scan.
-while [[ $(psql_b -d postgres -c "SELECT EXISTS (SELECT 1 FROM memory.chat_context_queue WHERE status IN ('pending_summarization', 'processing'))") == t ]]; do
-    sleep 0.1
-done
-done_at=$(date +%s.%N)
-failed=$(psql_b -d postgres -c "SELECT count(*) FROM memory.chat_context_queue WHERE status = 'failed'")
-drain_s=$(awk -v a="$enqueued" -v b="$done_at" 'BEGIN { printf "%.2f", b - a }')
-drain_rate=$(awk -v s="$drain_s" 'BEGIN { printf "%d", 100000 / s }')
-enqueue_s=$(awk -v a="$start" -v b="$enqueued" 'BEGIN { printf "%.2f", b - a }')
+# Drain: 100k snippets over 10k chats, committed at once into fresh tables; time until none is
+# left pending. With one backend (the worker), then with memory_ext.workers_per_database = 4
+# (the worker and up to three helpers).
+drain_run() { # workers -> "rate seconds enqueue_seconds failed"
+    psql_b -d postgres -c "ALTER SYSTEM SET memory_ext.workers_per_database = $1" -c "SELECT pg_reload_conf()" >/dev/null
+    psql_b -d postgres -c "TRUNCATE memory.chat_metadata, memory.chat_context_queue, memory.chat_memory_history, memory.owner_turns" 2>/dev/null
+    psql_b -d postgres -c "SELECT count(*) FROM (SELECT memory.create_chat('drain' || g) FROM generate_series(0, 9999) g) x" >/dev/null
+    psql_b -d postgres -c "CHECKPOINT" >/dev/null
+    local start enqueued done_at
+    start=$(date +%s.%N)
+    psql_b -d postgres -c "SELECT count(*) FROM (SELECT memory.enqueue('drain' || (g % 10000), 'confirmed: n = ' || g || E'\nline ' || g) FROM generate_series(0, 99999) g) x" >/dev/null
+    enqueued=$(date +%s.%N)
+    # Polled through the partial (chat_id, seq) index, stopping at the first open row: no scan.
+    while [[ $(psql_b -d postgres -c "SELECT EXISTS (SELECT 1 FROM memory.chat_context_queue WHERE status IN ('pending_summarization', 'processing'))") == t ]]; do
+        sleep 0.1
+    done
+    done_at=$(date +%s.%N)
+    awk -v s="$start" -v a="$enqueued" -v b="$done_at" \
+        -v f="$(psql_b -d postgres -c "SELECT count(*) FROM memory.chat_context_queue WHERE status = 'failed'")" \
+        'BEGIN { printf "%d %.2f %.2f %d\n", 100000 / (b - a), b - a, a - s, f }'
+}
+read -r drain_rate drain_s enqueue_s failed < <(drain_run 1)
+read -r drain4_rate drain4_s _ failed4 < <(drain_run 4)
+failed=$((failed + failed4))
+psql_b -d postgres -c "ALTER SYSTEM RESET memory_ext.workers_per_database" -c "SELECT pg_reload_conf()" >/dev/null
 
 # LLM concurrency: the openai summarizer against the fake LLM server answering after a fixed
 # 200 ms. 1,000 chats with one pending snippet each; chats applied per second over a window
@@ -256,6 +266,7 @@ memory_ext benchmark — $(date -u +%Y-%m-%d), $(nproc) cores, $(awk '/MemTotal/
 | enqueue -> memory visible, p50 / p99 ms (idle, 300 runs) | $p50 / $p99 | | | <= 20 / <= 100 |
 | one claim (200 chats × 1 snippet), ms: 1M pending rows vs 10k | $claim_large | 10k pending: $claim_small | $(ratio "$claim_large" "$claim_small") | ~1 (O(log n)) |
 | drain 100k snippets / 10k chats | $drain_rate snippets/s (${drain_s}s; $failed failed) | enqueue of the batch: ${enqueue_s}s | $(ratio "$drain_rate" 5000) of target | >= 5000/s |
+| drain 100k snippets / 10k chats, workers_per_database 4 | $drain4_rate snippets/s (${drain4_s}s) | 1 worker: $drain_rate | $(ratio "$drain4_rate" "$drain_rate") | >= 3 with 8 on a many-core machine |
 | LLM summarizer (fake, 200 ms/answer), chats/s: concurrency 4 | ${llm_rate[4]} | concurrency 1: ${llm_rate[1]} | $(ratio "${llm_rate[4]}" "${llm_rate[1]}") | ~4 |
 | LLM summarizer (fake, 200 ms/answer), chats/s: concurrency 16 | ${llm_rate[16]} | concurrency 1: ${llm_rate[1]} | $(ratio "${llm_rate[16]}" "${llm_rate[1]}") | >= 12 |
 | debounce 10 s: LLM calls per snippet (20 chats × 5 turns 2 s apart) | $calls10 | debounce 0: $calls0 | $(ratio "$calls10" "$calls0") | |

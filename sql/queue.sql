@@ -72,7 +72,9 @@ BEGIN
             RETURNING c.chat_id, c.owner
         ), turns AS (
             INSERT INTO memory.owner_turns AS t (owner, served_at)
-            SELECT DISTINCT leased.owner, now() FROM leased
+            -- in owner order: concurrent claims (a worker and its helpers) lock the rows of
+            -- owners they share in the same order, so they never deadlock
+            SELECT DISTINCT leased.owner, now() FROM leased ORDER BY 1
             ON CONFLICT (owner) DO UPDATE SET served_at = excluded.served_at
         )
         SELECT array_agg(leased.chat_id) FROM leased

@@ -39,7 +39,7 @@ pub fn reload_config_if_asked() {
 
 /// Publish what the process is doing: in worker_status() and in pg_stat_activity.query.
 pub fn set_state(s: &str) {
-    if let Some(slot) = shmem::mine() {
+    if let Some(slot) = shmem::mine().filter(|_| !shmem::i_am_helper()) {
         slot.set_text(Field::State, s);
     }
     let idle = s == "idle" || s.starts_with("waiting");

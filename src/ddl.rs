@@ -124,6 +124,8 @@ fn stop_worker_of(name: &str) {
     // The slot may have been given to another database meanwhile: then leave its worker be.
     if slot.database_oid.load(Ordering::Acquire) == oid.to_u32() {
         slot.terminate_worker(pid, STOP_WAIT);
+        // and its helpers, which registered before they connected (the same protocol)
+        slot.terminate_helpers(STOP_WAIT);
     }
 }
 

@@ -13,7 +13,8 @@
 //! - `watch`: capture of rows inserted into an app's table (`sql/watch.sql`);
 //! - `context`: the memory as prompt text; `ddl`: the utility hook (databases, extension);
 //! - `launcher`: starts and restarts the worker; `worker`: the queue-draining background
-//!   worker; `drain`: writing its results; `bgw`: what both processes share.
+//!   worker; `helper`: more backends draining a database's backlog beside its worker; `drain`:
+//!   writing their results; `bgw`: what these processes share.
 
 use pgrx::prelude::*;
 
@@ -27,6 +28,7 @@ mod ddl;
 mod denials;
 mod drain;
 mod error;
+mod helper;
 mod launcher;
 mod merge;
 mod model;

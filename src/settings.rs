@@ -20,6 +20,7 @@ use std::time::Duration;
 
 pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(8);
+pub static WORKERS_PER_DATABASE: GucSetting<i32> = GucSetting::<i32>::new(1);
 pub static INSTRUCTIONS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// The longest `memory_ext.instructions` (bytes): it is sent with every request.
 pub const MAX_INSTRUCTIONS_BYTES: usize = 4000;
@@ -79,6 +80,18 @@ pub fn init(preloading: bool) {
             &MAX_WORKERS,
             1,
             crate::shmem::MAX_SLOTS as i32,
+            GucContext::Sighup,
+            GucFlags::default(),
+        );
+        GucRegistry::define_int_guc(
+            c"memory_ext.workers_per_database",
+            c"Backends that claim and apply for one database while it has a backlog.",
+            c"The worker starts helpers up to this many backends in all when a claim finds more \
+              work than one batch, for summarizers that run in the backend (the mock); each \
+              helper leaves once nothing is left to claim.",
+            &WORKERS_PER_DATABASE,
+            1,
+            crate::shmem::MAX_HELPERS as i32 + 1,
             GucContext::Sighup,
             GucFlags::default(),
         );

@@ -17,6 +17,8 @@ const NAME: &CStr = c"memory_ext";
 const TEXT: usize = 256;
 /// Databases served at once, at most (`memory_ext.max_workers` is capped to it).
 pub const MAX_SLOTS: usize = 64;
+/// Helpers a database's worker may start (memory_ext.workers_per_database - 1 at most).
+pub const MAX_HELPERS: usize = 15;
 
 /// Why a worker last exited, as it tells the launcher.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +53,9 @@ pub struct Slot {
     pub stopped_for_ddl_at: AtomicI64,
     /// Refused attempts not noted because the ring was full (see `crate::denials`).
     pub denials_dropped: AtomicU64,
+    /// The helpers draining the same database (0: a free entry). Each registers itself before it
+    /// connects and clears its entry as it exits, so DROP DATABASE can stop them all.
+    pub helper_pids: [AtomicI32; MAX_HELPERS],
     // Written through `&self` under `lock`: interior mutability, made explicit.
     state: UnsafeCell<[u8; TEXT]>,
     database: UnsafeCell<[u8; TEXT]>,
@@ -252,6 +257,44 @@ impl Slot {
         }
     }
 
+    /// Take a free helper entry for `pid`; None when every entry is taken.
+    pub fn register_helper(&self, pid: i32) -> Option<usize> {
+        self.helper_pids.iter().position(|p| {
+            p.compare_exchange(0, pid, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        })
+    }
+
+    /// Give entry `i` back, if `pid` still holds it.
+    pub fn unregister_helper(&self, i: usize, pid: i32) {
+        if let Some(p) = self.helper_pids.get(i) {
+            let _ = p.compare_exchange(pid, 0, Ordering::SeqCst, Ordering::SeqCst);
+        }
+    }
+
+    /// The helpers still running.
+    pub fn live_helpers(&self) -> Vec<i32> {
+        self.helper_pids
+            .iter()
+            .map(|p| p.load(Ordering::SeqCst))
+            .filter(|&pid| pid > 0 && unsafe { !pg_sys::BackendPidGetProc(pid).is_null() })
+            .collect()
+    }
+
+    /// SIGTERM every helper and wait, at most `within`, until they are gone. Interruptible.
+    pub fn terminate_helpers(&self, within: std::time::Duration) {
+        for pid in self.live_helpers() {
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let deadline = std::time::Instant::now() + within;
+        while !self.live_helpers().is_empty() && std::time::Instant::now() < deadline {
+            unsafe {
+                pg_sys::pg_usleep(10_000);
+                pgrx::check_for_interrupts!();
+            }
+        }
+    }
+
     /// Set the worker's latch. Safe in a commit callback: it cannot raise an ERROR.
     pub fn wake_worker(&self) {
         set_latch_of(self.worker_pid.load(Ordering::Acquire));
@@ -409,9 +452,22 @@ pub fn rescan_at_commit() {
 
 static MY_SLOT: AtomicUsize = AtomicUsize::new(usize::MAX);
 
+static I_AM_HELPER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Called by a worker at start with the slot the launcher gave it.
 pub fn set_my_slot(index: usize) {
     MY_SLOT.store(index, Ordering::Release);
+}
+
+/// Called by a helper at start: it counts into its worker's slot (processed, failed, latency)
+/// but leaves the worker's state and heartbeat to the worker.
+pub fn set_helper_of(index: usize) {
+    I_AM_HELPER.store(true, Ordering::Release);
+    MY_SLOT.store(index, Ordering::Release);
+}
+
+pub fn i_am_helper() -> bool {
+    I_AM_HELPER.load(Ordering::Acquire)
 }
 
 /// The slot of this process, if it is a worker.

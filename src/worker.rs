@@ -38,7 +38,7 @@ const WORKER: &str = "memory_ext worker";
 
 /// Why a pass could not claim or finish work (recorded in worker_status().last_error).
 #[derive(Debug, Error)]
-enum WorkerError {
+pub(crate) enum WorkerError {
     #[error(transparent)]
     Transaction(#[from] crate::bgw::TxError),
     #[error(transparent)]
@@ -48,14 +48,14 @@ enum WorkerError {
 /// Why no summarizer can be built from the current settings: every claimed snippet fails
 /// (transiently) with it until the settings are fixed and reloaded. Shared, so the cache clones it.
 #[derive(Debug, Error)]
-enum ConfigError {
+pub(crate) enum ConfigError {
     #[error(transparent)]
     Settings(#[from] crate::settings::SettingsError),
     #[error(transparent)]
     Summarizer(#[from] summarizer::SummarizerError),
 }
 
-type Configured = Result<Arc<dyn Summarizer>, Arc<ConfigError>>;
+pub(crate) type Configured = Result<Arc<dyn Summarizer>, Arc<ConfigError>>;
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 const RETENTION_BATCH: i32 = 1000;
 const RECLAIM_EVERY: Duration = Duration::from_secs(1);
@@ -81,8 +81,26 @@ fn heartbeat() {
     }
 }
 
+const LIBRARY: &str = env!("CARGO_PKG_VERSION");
+
+/// The extension's version installed in this database.
+fn installed_version() -> Result<Option<String>, String> {
+    in_transaction(|| {
+        Spi::get_one::<String>(
+            "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'memory_ext'",
+        )
+    })
+    .map_err(|e| e.to_string())
+    .and_then(|r| r.map_err(|e| e.to_string()))
+}
+
+/// Is the installed schema this library's (not one waiting for ALTER EXTENSION UPDATE)?
+pub(crate) fn schema_is_current() -> bool {
+    matches!(installed_version(), Ok(Some(v)) if v == LIBRARY)
+}
+
 /// Is the extension installed in this database (it may be dropped and re-created any time)?
-fn extension_ready() -> bool {
+pub(crate) fn extension_ready() -> bool {
     in_transaction(|| unsafe {
         pg_sys::get_extension_oid(c"memory_ext".as_ptr(), true) != pg_sys::InvalidOid
     })
@@ -94,7 +112,7 @@ fn extension_ready() -> bool {
 /// changed (so an HTTP client keeps its connections). A configuration error is kept as its
 /// message: claimed snippets fail (transiently) with it until the settings are fixed and reloaded.
 #[derive(Default)]
-struct SummarizerCache {
+pub(crate) struct SummarizerCache {
     generation: Option<u64>,
     config: Option<LlmConfig>,
     summarizer: Option<Configured>,
@@ -103,7 +121,7 @@ struct SummarizerCache {
 impl SummarizerCache {
     /// The summarizer for the settings and the declared `keys` (read each batch: a change to
     /// memory.fact_keys rebuilds it too).
-    fn current(&mut self, keys: &FactKeys) -> Configured {
+    pub(crate) fn current(&mut self, keys: &FactKeys) -> Configured {
         let generation = CONFIG_GENERATION.load(Ordering::Relaxed);
         let keys_changed = self.config.as_ref().is_some_and(|c| c.fact_keys != *keys);
         if self.generation != Some(generation) || keys_changed {
@@ -135,7 +153,7 @@ fn claim_in_transaction(policy: &QueuePolicy) -> Result<Vec<crate::model::Claim>
 
 /// Results whose chat a client held locked, with their summarizer's label: finished on a later
 /// pass (until their lease expires, when finishing them changes nothing).
-type Deferred = Vec<(String, Finished)>;
+pub(crate) type Deferred = Vec<(String, Finished)>;
 
 /// Finish `results`, keeping those whose chat was busy in `deferred`. Returns the chats applied.
 fn finish_keeping_busy(
@@ -150,7 +168,7 @@ fn finish_keeping_busy(
 }
 
 /// Claim, summarize inline and finish one batch. Returns the number of chats claimed.
-fn drain_once(
+pub(crate) fn drain_once(
     policy: &QueuePolicy,
     summarizer: &Configured,
     deferred: &mut Deferred,
@@ -191,7 +209,7 @@ fn drain_once(
 
 /// Finish results grouped by summarizer: a reload may have changed it while requests were in
 /// flight, and deferred results may come from before it.
-fn finish_grouped(
+pub(crate) fn finish_grouped(
     results: impl IntoIterator<Item = (String, Finished)>,
     policy: &QueuePolicy,
     deferred: &mut Deferred,
@@ -245,6 +263,9 @@ struct Worker {
     /// Created on first use of a remote summarizer.
     pipeline: Option<Pipeline>,
     deferred: Deferred,
+    /// This worker's shared-memory slot (helpers count into it).
+    slot: usize,
+    helpers: crate::helper::Helpers,
 }
 
 impl Worker {
@@ -252,15 +273,7 @@ impl Worker {
     /// version's functions until `ALTER EXTENSION memory_ext UPDATE`: until then the worker
     /// waits (and says so) rather than call functions that changed or do not exist yet.
     fn schema_matches_library(&self) -> bool {
-        const LIBRARY: &str = env!("CARGO_PKG_VERSION");
-        let installed = in_transaction(|| {
-            Spi::get_one::<String>(
-                "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'memory_ext'",
-            )
-        })
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
-        match installed {
+        match installed_version() {
             Ok(Some(v)) if v == LIBRARY => true,
             Ok(v) => {
                 set_state(&format!(
@@ -326,22 +339,24 @@ impl Worker {
         let summarizer = self.cache.current(&policy.fact_keys);
         let pass = match &summarizer {
             Ok(s) if s.is_remote() => self.drain_remote(&policy, s),
-            _ => Self::drain_inline(&policy, &summarizer, &mut self.deferred),
+            _ => self.drain_inline(&policy, &summarizer),
         };
         self.housekeeping(&policy);
         self.sleep_time(&pass)
     }
 
-    fn drain_inline(
-        policy: &QueuePolicy,
-        summarizer: &Configured,
-        deferred: &mut Deferred,
-    ) -> Pass {
+    fn drain_inline(&mut self, policy: &QueuePolicy, summarizer: &Configured) -> Pass {
         let mut pass = Pass::default();
         while !shutdown_requested() {
-            match drain_once(policy, summarizer, deferred) {
+            match drain_once(policy, summarizer, &mut self.deferred) {
                 Ok(0) => break,
-                Ok(n) => pass.claimed += n,
+                Ok(n) => {
+                    pass.claimed += n;
+                    // A full batch: a backlog, which helpers drain beside this worker.
+                    if n >= policy.batch_chats.max(1) as usize {
+                        self.helpers.scale_up(&self.db, self.slot);
+                    }
+                }
                 Err(e) => {
                     record_error(&e.to_string());
                     break;
@@ -513,6 +528,7 @@ impl Worker {
             }
             release_all(p.abandon());
         }
+        self.helpers.stop();
         // Results still waiting for a client's lock: their leases expire and are reclaimed.
         let deferred = std::mem::take(&mut self.deferred);
         finish_grouped(deferred, &policy, &mut busy);
@@ -571,6 +587,7 @@ pub extern "C-unwind" fn memory_ext_worker_main(arg: pg_sys::Datum) {
     crate::tokens::count("warm up");
     let mut worker = Worker {
         db,
+        slot: arg.value(),
         ..Default::default()
     };
     let mut why = Exit::Restart;

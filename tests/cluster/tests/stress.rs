@@ -176,6 +176,10 @@ struct Shared {
     problems: Mutex<Vec<String>>,
     /// The chaos schedule as it happened, for failure messages.
     events: Mutex<Vec<String>>,
+    /// The most helpers (memory_ext.workers_per_database) the chaos thread saw draining at once.
+    max_helpers: std::sync::atomic::AtomicI64,
+    /// The largest batch_chats the chaos thread sets.
+    max_batch: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -432,6 +436,14 @@ fn chaos(sh: &Shared, pg: &Cluster) {
         if Instant::now() >= sh.deadline {
             return;
         }
+        // not a random choice: the schedule stays the seed's
+        if let Ok(r) = c.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'memory_ext helper'",
+            &[],
+        ) {
+            sh.max_helpers
+                .fetch_max(r.get::<_, i64>(0), std::sync::atomic::Ordering::Relaxed);
+        }
         let roll = rng.below(100);
         let result = match roll {
             0..=19 => {
@@ -440,7 +452,7 @@ fn chaos(sh: &Shared, pg: &Cluster) {
                 alter(&mut c, "summarizer", s)
             }
             20..=34 => {
-                let n = rng.range(3, 50).to_string();
+                let n = rng.range(3, sh.max_batch).to_string();
                 sh.event(format!("batch_chats = {n}"));
                 alter(&mut c, "batch_chats", &n)
             }
@@ -890,6 +902,11 @@ fn stress_chaos_keeps_order_exactly_once_and_isolates_rejected_snippets() {
     });
     fake.set_recording(false);
     let first_summarizer = if rng.chance(0.5) { "mock" } else { "openai" };
+    // Half the seeds drain with helpers beside the worker (memory_ext.workers_per_database),
+    // with batches small enough that claims find full batches and start them.
+    let mut knobs = Rng::derived(seed, 4000);
+    let helpers = knobs.chance(0.5).then(|| knobs.range(2, 4));
+    let max_batch = if helpers.is_some() { 6 } else { 50 };
     let mut conf = vec![
         format!("memory_ext.summarizer = '{first_summarizer}'"),
         format!("memory_ext.llm_endpoint = '{}'", fake.openai_endpoint()),
@@ -904,7 +921,7 @@ fn stress_chaos_keeps_order_exactly_once_and_isolates_rejected_snippets() {
         "memory_ext.retention = '30d'".into(),
         // the invariants read every version's queue_ids
         "memory_ext.history_versions = 0".into(),
-        format!("memory_ext.batch_chats = {}", rng.range(3, 50)),
+        format!("memory_ext.batch_chats = {}", rng.range(3, max_batch)),
         format!("memory_ext.batch_snippets = {}", rng.range(1, 10)),
     ];
     // Half the seeds hold chats back with a debounce (its own draws: the schedule stays the
@@ -915,6 +932,11 @@ fn stress_chaos_keeps_order_exactly_once_and_isolates_rejected_snippets() {
         eprintln!("memory_ext stress: debounce {ms} ms, debounce_max 400 ms");
         conf.push(format!("memory_ext.debounce = {ms}"));
         conf.push("memory_ext.debounce_max = 400".into());
+    }
+    if let Some(n) = helpers {
+        eprintln!("memory_ext stress: workers_per_database {n}, batch_chats at most {max_batch}");
+        conf.push(format!("memory_ext.workers_per_database = {n}"));
+        conf.push("max_worker_processes = 16".into());
     }
     let refs: Vec<&str> = conf.iter().map(String::as_str).collect();
     let pg = Cluster::start("stress", &refs);
@@ -927,6 +949,8 @@ fn stress_chaos_keeps_order_exactly_once_and_isolates_rejected_snippets() {
         chats: (0..CHATS).map(|_| Mutex::new(ChatLog::default())).collect(),
         problems: Mutex::new(Vec::new()),
         events: Mutex::new(vec![format!("start: {conf:?}")]),
+        max_helpers: std::sync::atomic::AtomicI64::new(0),
+        max_batch,
     };
     std::thread::scope(|s| {
         let mut handles: Vec<(String, _)> = (0..CLIENTS)
@@ -1133,7 +1157,7 @@ fn stress_chaos_keeps_order_exactly_once_and_isolates_rejected_snippets() {
          {} with a lost COMMIT went through; {retried}) in {} surviving chats, {forgotten} chats \
          forgotten; run {run_time:.1?}, healed in {heal_time:.1?}; fake LLM responses by status \
          {:?}; chaos: {} events, {} switches to openai, {} worker terminations, {} kill -9, \
-         {} rebuilds, {} snippets erased",
+         {} rebuilds, {} snippets erased; at most {} helpers at once",
         unknown_in + unknown_out,
         logs.len() - forgotten,
         fake.responses_by_status(),
@@ -1143,6 +1167,7 @@ fn stress_chaos_keeps_order_exactly_once_and_isolates_rejected_snippets() {
         count("(crash-restart)"),
         count("rebuild("),
         count("forget_snippet("),
+        sh.max_helpers.load(std::sync::atomic::Ordering::Relaxed),
     );
     eprintln!("memory_ext stress: {stats}");
     if !violations.is_empty() {

@@ -1126,3 +1126,86 @@ fn debounce_turns_a_burst_into_one_summarization() {
         "debounce_max, not the 60 s debounce, decided"
     );
 }
+
+/// With memory_ext.workers_per_database, a backlog is drained by the worker and the helpers it
+/// starts, each summarizing other chats: every snippet applied once, in order, with the memory
+/// it must give; the helpers leave once nothing is left; DROP DATABASE stops them with the
+/// worker.
+#[test]
+fn helpers_drain_a_backlog_beside_the_worker_and_leave_when_idle() {
+    let pg = Cluster::start(
+        "helpers",
+        &[
+            "memory_ext.workers_per_database = 4",
+            "memory_ext.batch_chats = 10",
+            "memory_ext.database = 'postgres, busy'",
+            "max_worker_processes = 16",
+        ],
+    );
+    let mut c = pg.client();
+    let helpers = |db: &str| {
+        format!(
+            "(SELECT count(*) FROM pg_stat_activity \
+              WHERE backend_type = 'memory_ext helper' AND datname = '{db}')"
+        )
+    };
+    // 300 chats × 3 snippets, each summarization sleeping 5 ms: seconds of work for one backend
+    let backlog = "SELECT count(*) FROM generate_series(0, 899) g, \
+                     LATERAL memory.enqueue('c' || g % 300, \
+                       format(E'confirmed: k%s = v%s\\nmock_sleep_ms: 5', g / 300, g)) e";
+    c.batch_execute(backlog).unwrap();
+    pg.eventually(
+        &mut c,
+        &format!("SELECT {} > 0", helpers("postgres")),
+        "helpers started",
+        T,
+    );
+    pg.eventually(
+        &mut c,
+        "SELECT count(*) = 0 FROM memory.chat_context_queue WHERE status <> 'complete'",
+        "the backlog drained",
+        T,
+    );
+    // I4 for every chat: its versions' snippets, in version order, are its complete rows in
+    // seq order; and the memory holds each chat's three facts
+    assert_eq!(
+        text(
+            &mut c,
+            "SELECT count(*)::text FROM memory.chat_metadata m \
+              WHERE (SELECT array_agg(u.id ORDER BY h.version, u.o) \
+                       FROM memory.chat_memory_history h, unnest(h.queue_ids) WITH ORDINALITY u(id, o) \
+                      WHERE h.chat_id = m.chat_id) \
+                    = (SELECT array_agg(q.id ORDER BY q.seq) FROM memory.chat_context_queue q \
+                        WHERE q.chat_id = m.chat_id) \
+                AND m.user_confirmed = jsonb_build_object( \
+                      'k0', 'v' || substr(m.chat_id, 2), \
+                      'k1', 'v' || (substr(m.chat_id, 2)::int + 300), \
+                      'k2', 'v' || (substr(m.chat_id, 2)::int + 600))"
+        ),
+        "300"
+    );
+    pg.eventually(
+        &mut c,
+        &format!("SELECT {} = 0", helpers("postgres")),
+        "helpers left, idle",
+        T,
+    );
+
+    // DROP DATABASE while helpers drain it
+    c.batch_execute("CREATE DATABASE busy").unwrap();
+    let mut b = pg.client_db("busy");
+    b.batch_execute("CREATE EXTENSION memory_ext").unwrap();
+    b.batch_execute(backlog).unwrap();
+    pg.eventually(
+        &mut c,
+        &format!("SELECT {} > 0", helpers("busy")),
+        "helpers in busy",
+        T,
+    );
+    drop(b);
+    c.batch_execute("DROP DATABASE busy").unwrap();
+    assert_eq!(
+        text(&mut c, &format!("SELECT {}::text", helpers("busy"))),
+        "0"
+    );
+}
