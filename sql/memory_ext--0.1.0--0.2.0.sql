@@ -701,6 +701,11 @@ DECLARE
     v_chat text;
     v_n int := 0;
 BEGIN
+    -- pg_stat_activity is read once per transaction: a process started since (a helper, in a
+    -- caller's transaction of process_pending) would look dead
+    IF p_dead_owners THEN
+        PERFORM pg_catalog.pg_stat_clear_snapshot();
+    END IF;
     FOR v_chat IN
         SELECT c.chat_id FROM memory.chat_metadata c
          WHERE c.lease_token IS NOT NULL
@@ -752,8 +757,13 @@ AS $$
     ), gone_audit AS (
         DELETE FROM memory.audit_log a USING old_audit WHERE a.ctid = old_audit.ctid RETURNING 1
     ), gone_turns AS (
-        -- owners not served for a day: they simply rank as never served
-        DELETE FROM memory.owner_turns t WHERE t.served_at < now() - interval '1 day' RETURNING 1
+        -- owners not served for a day: they simply rank as never served. Locked in owner order,
+        -- skipping rows a claim holds (claims upsert them in that order: no deadlock, no wait)
+        DELETE FROM memory.owner_turns t
+         WHERE t.owner IN (SELECT o.owner FROM memory.owner_turns o
+                            WHERE o.served_at < now() - interval '1 day'
+                            ORDER BY o.owner FOR UPDATE SKIP LOCKED)
+        RETURNING 1
     )
     SELECT ((SELECT count(*) FROM gone) + (SELECT count(*) FROM gone_audit)
             + (SELECT count(*) FROM gone_turns))::int

@@ -2,8 +2,8 @@
 //! (`memory_ext.workers_per_database`). The worker starts them (`Helpers::scale_up`) when a claim
 //! finds a full batch, for summarizers that run in the backend (the mock: CPU-bound); an LLM
 //! summarizer already keeps `llm_concurrency` requests in flight from the worker. A helper runs
-//! the worker's claim → summarize → finish step until a claim finds nothing, then leaves: the
-//! helpers scale down by themselves. Claims lock chats `FOR UPDATE SKIP LOCKED`, so the worker
+//! the worker's claim → summarize → finish step until it has found nothing to claim for a second,
+//! then leaves: the helpers scale down by themselves. Claims lock chats `FOR UPDATE SKIP LOCKED`, so the worker
 //! and its helpers summarize disjoint chats under the same lease protocol.
 //!
 //! A helper registers its pid in its worker's slot before it connects, and checks the DROP
@@ -21,13 +21,21 @@ use pgrx::bgworkers::{
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 const HELPER: &str = "memory_ext helper";
+/// A helper leaves after finding nothing to claim for this long (not at the first empty claim:
+/// a worker that finds a full batch about once a pass would start helpers over and over).
+const IDLE_BEFORE_LEAVING: Duration = Duration::from_secs(1);
+const IDLE_POLL: Duration = Duration::from_millis(200);
+/// The worker starts helpers at most this often.
+const SCALE_UP_EVERY: Duration = Duration::from_secs(1);
 
 /// The helpers a worker started, while they run.
 #[derive(Default)]
 pub struct Helpers {
     running: Vec<DynamicBackgroundWorker>,
+    last_scale_up: Option<Instant>,
 }
 
 impl Helpers {
@@ -42,9 +50,20 @@ impl Helpers {
     /// in all (this worker included). Best effort: without a free background worker slot the
     /// worker drains alone, as it would anyway.
     pub fn scale_up(&mut self, db: &str, slot: usize) {
+        if self
+            .last_scale_up
+            .is_some_and(|t| t.elapsed() < SCALE_UP_EVERY)
+        {
+            return;
+        }
+        self.last_scale_up = Some(Instant::now());
         let wanted =
             (settings::WORKERS_PER_DATABASE.get().max(1) as usize - 1).min(shmem::MAX_HELPERS);
-        for _ in self.count()..wanted {
+        // Registered helpers count too: those a crashed predecessor of this worker started.
+        let running = self
+            .count()
+            .max(shmem::mine().map_or(0, |s| s.helper_count()));
+        for _ in running..wanted {
             match builder(db, slot).load_dynamic() {
                 Ok(h) => self.running.push(h),
                 Err(_) => break,
@@ -52,10 +71,11 @@ impl Helpers {
         }
     }
 
-    /// The worker is stopping: its helpers stop too (they would leave once idle anyway).
+    /// The worker is stopping: its helpers stop too, before its slot can serve another database.
     pub fn stop(&mut self) {
-        for h in self.running.drain(..) {
-            let _ = h.terminate();
+        let stopping: Vec<_> = self.running.drain(..).map(|h| h.terminate()).collect();
+        for h in stopping {
+            let _ = h.wait_for_shutdown();
         }
     }
 }
@@ -99,30 +119,56 @@ fn attach(slot_index: usize, db: &str) -> bool {
     slot.database_oid.load(Ordering::Acquire) == unsafe { pg_sys::MyDatabaseId }.to_u32()
 }
 
-/// One step: claim, summarize, finish. False when the helper should leave: nothing to claim, the
-/// summarizer is remote (the worker's pipeline serves it), or the extension is not usable.
-fn step(cache: &mut SummarizerCache, deferred: &mut Deferred) -> bool {
-    if !worker::extension_ready() || !worker::schema_is_current() {
-        return false;
+/// What one step found.
+enum Step {
+    Claimed,
+    Nothing,
+    /// The summarizer is remote (the worker's pipeline serves it), the extension is not usable,
+    /// or the slot serves another database now.
+    Leave,
+}
+
+/// One step: claim, summarize, finish.
+fn step(cache: &mut SummarizerCache, deferred: &mut Deferred) -> Step {
+    let same_database = shmem::mine().is_some_and(|s| {
+        s.database_oid.load(Ordering::Acquire) == unsafe { pg_sys::MyDatabaseId }.to_u32()
+    });
+    if !same_database || !worker::extension_ready() || !worker::schema_is_current() {
+        return Step::Leave;
     }
     let mut policy = QueuePolicy::current();
     match in_transaction(queue::fact_keys) {
         Ok(Ok(keys)) => policy.fact_keys = keys,
-        _ => return false,
+        _ => return Step::Leave,
     }
     let summarizer = cache.current(&policy.fact_keys);
     if summarizer.as_ref().is_ok_and(|s| s.is_remote()) {
-        return false;
+        return Step::Leave;
     }
     if !deferred.is_empty() {
         let waiting = std::mem::take(deferred);
         worker::finish_grouped(waiting, &policy, deferred);
     }
     match worker::drain_once(&policy, &summarizer, deferred) {
-        Ok(claimed) => claimed > 0,
+        Ok(0) => Step::Nothing,
+        Ok(_) => Step::Claimed,
         Err(e) => {
             record_error(&e.to_string());
-            false
+            Step::Leave
+        }
+    }
+}
+
+/// Results whose chat a client holds: tried again until they are finished, or until their
+/// leases have expired (then finishing them changes nothing, and the worker's reclaim returns
+/// their snippets).
+fn finish_deferred(mut deferred: Deferred) {
+    let until = Instant::now() + Duration::from_secs(settings::LEASE_TIMEOUT_S.get().max(1) as u64);
+    while !deferred.is_empty() && Instant::now() < until && !shutdown_requested() {
+        let waiting = std::mem::take(&mut deferred);
+        worker::finish_grouped(waiting, &QueuePolicy::current(), &mut deferred);
+        if !deferred.is_empty() && !BackgroundWorker::wait_latch(Some(IDLE_POLL)) {
+            break;
         }
     }
 }
@@ -137,16 +183,21 @@ pub extern "C-unwind" fn memory_ext_helper_main(arg: pg_sys::Datum) {
     }
     let mut cache = SummarizerCache::default();
     let mut deferred = Deferred::new();
+    let mut idle_since: Option<Instant> = None;
     while !shutdown_requested() {
         reload_config_if_asked();
-        if !step(&mut cache, &mut deferred) {
-            break;
+        match step(&mut cache, &mut deferred) {
+            Step::Claimed => idle_since = None,
+            Step::Leave => break,
+            Step::Nothing => {
+                let since = *idle_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= IDLE_BEFORE_LEAVING
+                    || !BackgroundWorker::wait_latch(Some(IDLE_POLL))
+                {
+                    break;
+                }
+            }
         }
     }
-    // Results whose chat a client still holds: once more, then their leases expire and are
-    // reclaimed (no snippet is lost, the attempt is retried).
-    if !deferred.is_empty() {
-        let mut busy = Deferred::new();
-        worker::finish_grouped(deferred, &QueuePolicy::current(), &mut busy);
-    }
+    finish_deferred(deferred);
 }

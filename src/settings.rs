@@ -88,7 +88,7 @@ pub fn init(preloading: bool) {
             c"Backends that claim and apply for one database while it has a backlog.",
             c"The worker starts helpers up to this many backends in all when a claim finds more \
               work than one batch, for summarizers that run in the backend (the mock); each \
-              helper leaves once nothing is left to claim.",
+              helper leaves after a second with nothing to claim.",
             &WORKERS_PER_DATABASE,
             1,
             crate::shmem::MAX_HELPERS as i32 + 1,

@@ -272,22 +272,26 @@ impl Slot {
         }
     }
 
-    /// The helpers still running.
-    pub fn live_helpers(&self) -> Vec<i32> {
+    /// How many helper entries are taken (a helper clears its own as it exits, whatever the
+    /// reason, before its pid can be reused; a crash-restart rebuilds the segment).
+    pub fn helper_count(&self) -> usize {
         self.helper_pids
             .iter()
-            .map(|p| p.load(Ordering::SeqCst))
-            .filter(|&pid| pid > 0 && unsafe { !pg_sys::BackendPidGetProc(pid).is_null() })
-            .collect()
+            .filter(|p| p.load(Ordering::SeqCst) != 0)
+            .count()
     }
 
-    /// SIGTERM every helper and wait, at most `within`, until they are gone. Interruptible.
+    /// SIGTERM every registered helper, also one still connecting (not yet in the proc array),
+    /// and wait, at most `within`, until every entry is clear. Interruptible.
     pub fn terminate_helpers(&self, within: std::time::Duration) {
-        for pid in self.live_helpers() {
-            unsafe { libc::kill(pid, libc::SIGTERM) };
+        for p in &self.helper_pids {
+            let pid = p.load(Ordering::SeqCst);
+            if pid > 0 {
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
         }
         let deadline = std::time::Instant::now() + within;
-        while !self.live_helpers().is_empty() && std::time::Instant::now() < deadline {
+        while self.helper_count() > 0 && std::time::Instant::now() < deadline {
             unsafe {
                 pg_sys::pg_usleep(10_000);
                 pgrx::check_for_interrupts!();
