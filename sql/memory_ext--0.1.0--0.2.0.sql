@@ -511,6 +511,14 @@ BEGIN
             IF EXISTS (SELECT 1 FROM memory.chat_metadata c
                         WHERE c.chat_id = r.chat_id AND c.lease_token = r.lease_token) THEN
                 v_busy := v_busy || r.chat_id;
+            ELSIF coalesce((r.usage ->> 'llm_requests')::bigint, 0) > 0 THEN
+                -- The lease was lost (expired, or called off by rebuild, forget_snippet or
+                -- rollback): the result is dropped, but its requests were paid for. They count,
+                -- for the owner's budget and in the usage rollup, once: a dropped result is never
+                -- finished again.
+                PERFORM memory._record_owner_usage(r.chat_id, r.usage);
+                v_failed := v_failed + 1;
+                v_usage := memory._usage_sum(v_usage, r.usage);
             END IF;
             CONTINUE;
         END IF;
@@ -536,12 +544,7 @@ BEGIN
         v_applied := v_applied + v_done::int;
         -- A dead-lettered snippet is a failed attempt too (it cost a request).
         v_failed := v_failed + (r.failure IS NOT NULL OR v_dead)::int;
-        v_usage := ARRAY[v_usage[1] + coalesce((r.usage ->> 'llm_requests')::bigint, 0),
-                         v_usage[2] + coalesce((r.usage ->> 'prompt_tokens')::bigint, 0),
-                         v_usage[3] + coalesce((r.usage ->> 'completion_tokens')::bigint, 0),
-                         v_usage[4] + coalesce((r.usage ->> 'rejected_ops')::bigint, 0),
-                         v_usage[5] + coalesce((r.usage ->> 'cached_prompt_tokens')::bigint, 0),
-                         v_usage[6] + coalesce((r.usage ->> 'cache_write_tokens')::bigint, 0)];
+        v_usage := memory._usage_sum(v_usage, r.usage);
     END LOOP;
     -- What the batch cost, once per batch (one row per day and summarizer).
     IF v_applied + v_failed > 0 THEN
@@ -551,6 +554,18 @@ BEGIN
     RETURN jsonb_build_object('applied', v_applied, 'busy', to_jsonb(v_busy));
 END
 $$;
+
+-- A batch's usage so far plus one result's: {requests, prompt, completion, rejected, cached,
+-- cache writes}. A SQL-standard body (bound at CREATE time, no SET): inlined into _finish.
+CREATE FUNCTION memory._usage_sum(p_sum bigint[], p_usage jsonb)
+RETURNS bigint[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN ARRAY[p_sum[1] OPERATOR(pg_catalog.+) coalesce((p_usage OPERATOR(pg_catalog.->>) 'llm_requests')::bigint, 0),
+             p_sum[2] OPERATOR(pg_catalog.+) coalesce((p_usage OPERATOR(pg_catalog.->>) 'prompt_tokens')::bigint, 0),
+             p_sum[3] OPERATOR(pg_catalog.+) coalesce((p_usage OPERATOR(pg_catalog.->>) 'completion_tokens')::bigint, 0),
+             p_sum[4] OPERATOR(pg_catalog.+) coalesce((p_usage OPERATOR(pg_catalog.->>) 'rejected_ops')::bigint, 0),
+             p_sum[5] OPERATOR(pg_catalog.+) coalesce((p_usage OPERATOR(pg_catalog.->>) 'cached_prompt_tokens')::bigint, 0),
+             p_sum[6] OPERATOR(pg_catalog.+) coalesce((p_usage OPERATOR(pg_catalog.->>) 'cache_write_tokens')::bigint, 0)];
 
 -- When a failed attempt may be retried: the endpoint's Retry-After when it gave one, else
 -- base × 2^(attempt−1), capped, with 50–100 % jitter (attempt: the highest of the claimed rows).
@@ -789,6 +804,7 @@ REVOKE ALL ON FUNCTION memory._due_chats(int), memory._claim(int, int, int),
     memory._finish_applied(text, uuid, uuid[], jsonb, jsonb, text, int, bool, text, jsonb, int,
                            text, int),
     memory._finish_dead(text, uuid, jsonb), memory._backoff_until(text, uuid, int, int, int),
+    memory._usage_sum(bigint[], jsonb),
     memory._return_claimed(text, bool, bool, text, text, int, timestamptz),
     memory._public_error(text),
     memory._release(text, uuid), memory._reclaim(int, bool),

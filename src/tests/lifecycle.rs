@@ -437,3 +437,34 @@ fn a_rebuild_that_cannot_summarize_a_snippet_again_is_called_off() {
         "c applied once, on the memory agents read"
     );
 }
+
+/// A result whose lease was called off (here by rebuild()) is dropped, but the requests it made
+/// were paid for: they count toward its owner's budget and in the usage rollup, once.
+#[pg_test]
+fn a_dropped_result_still_counts_its_tokens() {
+    as_user("alice");
+    run("SELECT memory.enqueue('c1', 'confirmed: a = 1')");
+    run("SELECT memory.process_pending()");
+    run("SELECT memory.enqueue('c1', 'confirmed: b = 2')");
+    let lease = text("SELECT lease_token::text FROM memory._claim(10, 10, 60)");
+    run("SELECT memory.rebuild('c1')");
+    let finish = format!(
+        "SELECT memory._finish(jsonb_build_array(jsonb_build_object('chat_id', 'c1', \
+           'lease_token', '{lease}', 'applied_ids', '[]'::jsonb, 'user_confirmed', '{{}}'::jsonb, \
+           'llm_inferred', '{{}}'::jsonb, 'general_summary', '', 'token_count', 0, \
+           'needs_new_chat', false, 'dead', '[]'::jsonb, 'failure', null, 'usage', \
+           '{{\"llm_requests\": 1, \"prompt_tokens\": 50, \"completion_tokens\": 5}}'::jsonb)), \
+           'openai:m', 5, 0, 0) ->> 'applied'"
+    );
+    assert_eq!(text(&finish), "0", "dropped");
+    run("SELECT set_config('request.jwt.claims', '', true)");
+    assert_eq!(
+        text("SELECT owner || ' ' || tokens || ' ' || llm_requests FROM memory.owner_usage"),
+        "alice 55 1"
+    );
+    assert_eq!(
+        text("SELECT attempts_failed || ' ' || prompt_tokens || ' ' || completion_tokens \
+                FROM memory.llm_usage WHERE summarizer = 'openai:m'"),
+        "1 50 5"
+    );
+}

@@ -52,7 +52,7 @@ SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
 SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
             WHERE p.pronamespace = 'memory'::regnamespace AND p.prosqlbody IS NOT NULL),
           ARRAY['_budget_deferred_message', '_chat_id_problem', '_invoker', '_jwt_sub',
-                '_public_error', '_utc_today', '_utc_tomorrow', 'current_identity'],
+                '_public_error', '_usage_sum', '_utc_today', '_utc_tomorrow', 'current_identity'],
           'the hot-path identity and chat-id functions (and constants) have SQL-standard bodies instead');
 -- Exactly the documented API (README) is executable by an API role: no internal function is
 -- reachable as /rpc/... but the helpers that answer only about the caller.
