@@ -2557,19 +2557,20 @@ BEGIN
     PERFORM 1 FROM memory.chat_metadata x WHERE x.chat_id = v_chat FOR UPDATE;
     -- Read again under the lock: a finish may have applied it meanwhile.
     SELECT q.status INTO v_status FROM memory.chat_context_queue q WHERE q.id = p_queue_id;
-    -- Applied: complete, or put back by a rebuild in progress, or in a version history still holds (a snippet a rebuild could not apply again was applied before).
+    -- The first kept version that applied it, if any.
+    SELECT h.version, h.rebuilt INTO v_from, v_rebuilt FROM memory.chat_memory_history h
+     WHERE h.chat_id = v_chat AND h.queue_ids @> ARRAY[p_queue_id]
+     ORDER BY h.version LIMIT 1;
+    -- Applied: complete, or put back by a rebuild in progress, or in a version history still
+    -- holds (a snippet a rebuild could not apply again was applied before).
     v_applied := v_status = 'complete'
         OR (SELECT x.rebuild -> 'reset' FROM memory.chat_metadata x WHERE x.chat_id = v_chat)
            @> to_jsonb(p_queue_id::text)
-        OR EXISTS (SELECT 1 FROM memory.chat_memory_history h
-                    WHERE h.chat_id = v_chat AND h.queue_ids @> ARRAY[p_queue_id]);
+        OR v_from IS NOT NULL;
     IF v_status = 'processing' THEN
         PERFORM memory._return_claimed(v_chat, false, false, NULL, NULL, 1, now());
     END IF;
     IF v_applied THEN
-        SELECT h.version, h.rebuilt INTO v_from, v_rebuilt FROM memory.chat_memory_history h
-         WHERE h.chat_id = v_chat AND h.queue_ids @> ARRAY[p_queue_id]
-         ORDER BY h.version LIMIT 1;
         -- A rebuilt version is not the first to hold its effects: earlier kept ones may too.
         DELETE FROM memory.chat_memory_history h
          WHERE h.chat_id = v_chat AND (v_from IS NULL OR v_rebuilt OR h.version >= v_from);

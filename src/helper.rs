@@ -133,7 +133,8 @@ fn step(cache: &mut SummarizerCache, deferred: &mut Deferred) -> Step {
     let same_database = shmem::mine().is_some_and(|s| {
         s.database_oid.load(Ordering::Acquire) == unsafe { pg_sys::MyDatabaseId }.to_u32()
     });
-    if !same_database || !worker::extension_ready() || !worker::schema_is_current() {
+    // No extension reads as no current schema: one query for both.
+    if !same_database || !worker::schema_is_current() {
         return Step::Leave;
     }
     let mut policy = QueuePolicy::current();

@@ -94,13 +94,14 @@ fn installed_version() -> Result<Option<String>, String> {
     .and_then(|r| r.map_err(|e| e.to_string()))
 }
 
-/// Is the installed schema this library's (not one waiting for ALTER EXTENSION UPDATE)?
+/// Is the installed schema this library's (installed, and not waiting for ALTER EXTENSION
+/// UPDATE)?
 pub(crate) fn schema_is_current() -> bool {
     matches!(installed_version(), Ok(Some(v)) if v == LIBRARY)
 }
 
 /// Is the extension installed in this database (it may be dropped and re-created any time)?
-pub(crate) fn extension_ready() -> bool {
+fn extension_ready() -> bool {
     in_transaction(|| unsafe {
         pg_sys::get_extension_oid(c"memory_ext".as_ptr(), true) != pg_sys::InvalidOid
     })

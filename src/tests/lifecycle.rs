@@ -10,13 +10,18 @@ fn memory_of(chat: &str) -> String {
 /// A finish of chat c1 under `lease` applying `snippet` (as `{"b": "late"}`), as a worker whose
 /// lease was called off would send it: how many chats it applied.
 fn late_finish(lease: &str, snippet: &str) -> String {
+    finish_with_usage(lease, snippet, "{}", "test")
+}
+
+/// The same, with the `usage` the summarizer (`label`) reported.
+fn finish_with_usage(lease: &str, snippet: &str, usage: &str, label: &str) -> String {
     text(&format!(
         "SELECT memory._finish(jsonb_build_array(jsonb_build_object('chat_id', 'c1', \
-           'lease_token', '{lease}', 'applied_ids', (SELECT jsonb_agg(id) FROM \
-           memory.chat_context_queue WHERE new_context_snippet = '{snippet}'), \
+           'lease_token', '{lease}', 'applied_ids', coalesce((SELECT jsonb_agg(id) FROM \
+           memory.chat_context_queue WHERE new_context_snippet = '{snippet}'), '[]'), \
            'user_confirmed', '{{\"b\": \"late\"}}'::jsonb, 'llm_inferred', '{{}}'::jsonb, \
            'general_summary', '', 'token_count', 1, 'needs_new_chat', false, 'dead', '[]'::jsonb, \
-           'failure', null, 'usage', '{{}}'::jsonb)), 'test', 5, 0, 0) ->> 'applied'"
+           'failure', null, 'usage', '{usage}'::jsonb)), '{label}', 5, 0, 0) ->> 'applied'"
     ))
 }
 
@@ -448,15 +453,12 @@ fn a_dropped_result_still_counts_its_tokens() {
     run("SELECT memory.enqueue('c1', 'confirmed: b = 2')");
     let lease = text("SELECT lease_token::text FROM memory._claim(10, 10, 60)");
     run("SELECT memory.rebuild('c1')");
-    let finish = format!(
-        "SELECT memory._finish(jsonb_build_array(jsonb_build_object('chat_id', 'c1', \
-           'lease_token', '{lease}', 'applied_ids', '[]'::jsonb, 'user_confirmed', '{{}}'::jsonb, \
-           'llm_inferred', '{{}}'::jsonb, 'general_summary', '', 'token_count', 0, \
-           'needs_new_chat', false, 'dead', '[]'::jsonb, 'failure', null, 'usage', \
-           '{{\"llm_requests\": 1, \"prompt_tokens\": 50, \"completion_tokens\": 5}}'::jsonb)), \
-           'openai:m', 5, 0, 0) ->> 'applied'"
+    let usage = r#"{"llm_requests": 1, "prompt_tokens": 50, "completion_tokens": 5}"#;
+    assert_eq!(
+        finish_with_usage(&lease, "confirmed: b = 2", usage, "openai:m"),
+        "0",
+        "dropped"
     );
-    assert_eq!(text(&finish), "0", "dropped");
     run("SELECT set_config('request.jwt.claims', '', true)");
     assert_eq!(
         text("SELECT owner || ' ' || tokens || ' ' || llm_requests FROM memory.owner_usage"),

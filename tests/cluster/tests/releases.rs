@@ -170,17 +170,23 @@ fn fill_0_1_0(c: &mut Client) {
     .unwrap();
 }
 
-/// 0.1.0's retention deleted applied snippets: after the update such a chat is marked pruned
-/// (its memory cannot be re-derived: rebuild() refuses), a chat with all its snippets is not.
-#[test]
-fn updating_marks_chats_whose_applied_snippets_retention_deleted() {
-    let pg = Cluster::init("upgrade_pruned", &[], true, &pg_bin(), &[]);
+/// A started cluster with memory_ext 0.1.0 holding `fill_0_1_0`'s rows.
+fn cluster_at_0_1_0(name: &str) -> (Cluster, Client) {
+    let pg = Cluster::init(name, &[], true, &pg_bin(), &[]);
     pg.ctl("start");
     let mut c = pg.client();
     create_roles(&mut c);
     c.batch_execute("CREATE EXTENSION memory_ext VERSION '0.1.0'")
         .unwrap();
     fill_0_1_0(&mut c);
+    (pg, c)
+}
+
+/// 0.1.0's retention deleted applied snippets: after the update such a chat is marked pruned
+/// (its memory cannot be re-derived: rebuild() refuses), a chat with all its snippets is not.
+#[test]
+fn updating_marks_chats_whose_applied_snippets_retention_deleted() {
+    let (_pg, mut c) = cluster_at_0_1_0("upgrade_pruned");
     c.batch_execute(
         "DELETE FROM memory.chat_context_queue WHERE chat_id = 'c-role' AND status = 'complete';
          ALTER EXTENSION memory_ext UPDATE;",
@@ -203,18 +209,11 @@ fn updating_marks_chats_whose_applied_snippets_retention_deleted() {
         "{}",
         db_error(&e)
     );
-    pg.ctl("stop");
 }
 
 #[test]
 fn updating_from_0_1_0_keeps_every_row_and_ends_equal_to_a_fresh_install() {
-    let pg = Cluster::init("upgrade", &[], true, &pg_bin(), &[]);
-    pg.ctl("start");
-    let mut c = pg.client();
-    create_roles(&mut c);
-    c.batch_execute("CREATE EXTENSION memory_ext VERSION '0.1.0'")
-        .unwrap();
-    fill_0_1_0(&mut c);
+    let (pg, mut c) = cluster_at_0_1_0("upgrade");
     // The 0.2.0 worker does not touch a 0.1.0 schema: it waits, and says why.
     pg.eventually(
         &mut c,
