@@ -8,7 +8,9 @@
 #   4. drain rate for 100k snippets over 10k chats, with one backend and with helpers (4 in all)
 #   5. LLM summarizer throughput at llm_concurrency 1, 4, 16 against a fake LLM (200 ms answers)
 #   6. LLM calls and prompt tokens per snippet with memory_ext.debounce 0 vs 10 s (the fake LLM)
-# Usage: scripts/bench.sh [seconds per pgbench run, default 15]
+#   7. with MEMORY_EXT_BENCH_SCALE=1 (long: about 15 minutes more): the drain rate fresh vs
+#      analyzed at 100k/300k/1M snippets and after churn (scripts/bench_drain.sh)
+# Usage: [MEMORY_EXT_BENCH_SCALE=1] scripts/bench.sh [seconds per pgbench run, default 15]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/cluster.sh
@@ -272,3 +274,13 @@ memory_ext benchmark — $(date -u +%Y-%m-%d), $(nproc) cores, $(awk '/MemTotal/
 | debounce 10 s: LLM calls per snippet (20 chats × 5 turns 2 s apart) | $calls10 | debounce 0: $calls0 | $(ratio "$calls10" "$calls0") | |
 | debounce 10 s: prompt tokens per snippet (cl100k, request bodies) | $tokens10 | debounce 0: $tokens0 | $(ratio "$tokens10" "$tokens0") | |
 REPORT
+
+if [[ ${MEMORY_EXT_BENCH_SCALE:-0} == 1 ]]; then
+    # its own cluster: this one and the fake LLM go first, so the two cores are the drain's
+    kill $FAKE_PID 2>/dev/null || true
+    cluster_ctl "$DIR/data" stop
+    trap - EXIT
+    echo
+    echo "drain across sizes and table histories (scripts/bench_drain.sh):"
+    scripts/bench_drain.sh | grep -E '^\||^per-snippet |^after '
+fi

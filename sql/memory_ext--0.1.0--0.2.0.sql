@@ -1023,8 +1023,11 @@ RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE
 RETURN CASE
     -- the common case in one test: printable ASCII, not starting or ending with a space (and so
-    -- NFC, free of control and invisible characters)
-    WHEN p_chat_id OPERATOR(pg_catalog.~) '^[!-~]([ -~]{0,254}[!-~])?$' THEN NULL
+    -- NFC, free of control and invisible characters), at most 256 bytes. The length is not a
+    -- bounded repeat in the pattern: '{0,254}' compiles into a regex 40x slower to run, which
+    -- cost get() a fifth of its throughput.
+    WHEN p_chat_id OPERATOR(pg_catalog.~) '^[!-~]([ -~]*[!-~])?$'
+         AND pg_catalog.octet_length(p_chat_id) <= 256 THEN NULL
     WHEN p_chat_id IS NULL OR pg_catalog.btrim(p_chat_id) = '' THEN 'must not be null or blank'
     WHEN pg_catalog.length(p_chat_id) > 256 THEN 'is longer than 256 characters'
     WHEN p_chat_id OPERATOR(pg_catalog.~)
@@ -1244,6 +1247,7 @@ AS $$
 DECLARE
     v_owner text;
     v_problem text;
+    v_busy bool;
     v_identity text := memory.current_identity();
 BEGIN
     -- Checks inlined (not _check_chat_id): this is the hot read path.
@@ -1251,16 +1255,12 @@ BEGIN
     IF v_problem IS NOT NULL THEN
         RAISE EXCEPTION 'chat_id %', v_problem USING ERRCODE = '22023';
     END IF;
-    -- One statement on the common path (the owner reads their chat); the pending count is taken
-    -- only for the owner here, and for an admin below.
+    -- One statement on the common path (the owner reads their chat).
     SELECT m.chat_id, m.user_confirmed, m.llm_inferred, m.general_summary, m.token_count,
            m.needs_new_chat, m.version, m.last_updated, m.owner,
-           CASE WHEN m.owner = v_identity THEN
-               (SELECT count(*)::int FROM memory.chat_context_queue q
-                 WHERE q.chat_id = m.chat_id
-                   AND q.status IN ('pending_summarization', 'processing')) END
+           m.due_at IS NOT NULL OR m.lease_token IS NOT NULL
       INTO chat_id, user_confirmed, llm_inferred, general_summary, token_count, needs_new_chat,
-           version, last_updated, v_owner, pending
+           version, last_updated, v_owner, v_busy
       FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
     -- Someone else's chat reads as missing: no existence oracle. Checked before anything else
     -- is read, so not even the time taken tells about another chat's backlog.
@@ -1270,7 +1270,11 @@ BEGIN
     IF v_owner IS DISTINCT FROM v_identity AND NOT memory._is_admin() THEN
         PERFORM memory._refuse('get', p_chat_id, 'P0002', format('chat "%s" not found', p_chat_id));
     END IF;
-    IF pending IS NULL THEN
+    -- An idle chat (not due, not leased) has no open snippet: whatever makes a snippet pending
+    -- sets due_at in the same transaction (the worker finds work that way), so its queue is not
+    -- read. The stress suite checks that invariant under every schedule.
+    pending := 0;
+    IF v_busy THEN
         SELECT count(*)::int INTO pending FROM memory.chat_context_queue q
          WHERE q.chat_id = p_chat_id AND q.status IN ('pending_summarization', 'processing');
     END IF;
@@ -1313,8 +1317,11 @@ BEGIN
             p_max_tokens USING ERRCODE = '22023';
     END IF;
     c := memory._owned_chat(p_chat_id, 'context');
-    SELECT count(*)::int INTO pending FROM memory.chat_context_queue q
-     WHERE q.chat_id = p_chat_id AND q.status IN ('pending_summarization', 'processing');
+    pending := 0;
+    IF c.due_at IS NOT NULL OR c.lease_token IS NOT NULL THEN   -- as in get()
+        SELECT count(*)::int INTO pending FROM memory.chat_context_queue q
+         WHERE q.chat_id = p_chat_id AND q.status IN ('pending_summarization', 'processing');
+    END IF;
     IF memory._audit_reads() THEN
         PERFORM memory._audit('context', p_chat_id);
     END IF;

@@ -6,6 +6,11 @@ fn create_chat_rejects_bad_ids() {
         assert_eq!(sqlstate(&format!("SELECT memory.create_chat({bad})")), "22023", "{bad}");
     }
     assert_eq!(count("SELECT 1 FROM memory.chat_metadata"), 0);
+    // the boundary: 256 characters, ASCII or not, is a valid id
+    for good in ["x".repeat(256), format!("{} y", "é".repeat(254))] {
+        assert_eq!(sqlstate(&format!("SELECT memory.create_chat('{good}')")), "ok", "{good}");
+    }
+    assert_eq!(count("SELECT 1 FROM memory.chat_metadata"), 2);
 }
 
 #[pg_test]

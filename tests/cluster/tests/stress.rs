@@ -10,7 +10,9 @@
 //! (`memory.forget_snippet()`: the model folds the chat without them). Then the system
 //! heals (a healthy endpoint, a long lease) and, once nothing is pending, every surviving chat
 //! must hold each accepted snippet exactly once, applied in enqueue order, with the memory the
-//! reference model folds from them; rejected snippets alone are `failed`.
+//! reference model folds from them; rejected snippets alone are `failed`. Throughout, every
+//! chat holding an open snippet must be due or leased (else the worker would never see it, and
+//! `get()` reports its pending count from that).
 //!
 //! Every random choice comes from one seed (printed at the start and in every failure):
 //!
@@ -443,6 +445,20 @@ fn chaos(sh: &Shared, pg: &Cluster) {
         ) {
             sh.max_helpers
                 .fetch_max(r.get::<_, i64>(0), std::sync::atomic::Ordering::Relaxed);
+        }
+        // No lost wake-up, at any moment: a chat with an open snippet is due or leased (one
+        // snapshot). get() and context() count a chat's pending snippets only then.
+        if let Ok(r) = c.query_one(
+            "SELECT string_agg(m.chat_id, ', ') FROM memory.chat_metadata m \
+             WHERE m.due_at IS NULL AND m.lease_token IS NULL AND EXISTS ( \
+                   SELECT 1 FROM memory.chat_context_queue q WHERE q.chat_id = m.chat_id \
+                      AND q.status IN ('pending_summarization', 'processing'))",
+            &[],
+        ) && let Some(idle) = r.get::<_, Option<String>>(0)
+        {
+            sh.problem(format!(
+                "open snippets in chats neither due nor leased: {idle}"
+            ));
         }
         let roll = rng.below(100);
         let result = match roll {
