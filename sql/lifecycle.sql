@@ -166,6 +166,9 @@ BEGIN
             RETURN false;
         END IF;
     END IF;
+    -- forget_snippet()'s: a once-applied snippet that failed now stays out, and says so
+    UPDATE memory.chat_context_queue q SET applied_before = true
+     WHERE q.id = ANY (v_reset) AND q.status = 'failed';
     PERFORM memory._set_memory(p_chat_id, b -> 'user_confirmed', b -> 'llm_inferred',
         b ->> 'general_summary', b ->> 'summarizer',
         ARRAY(SELECT jsonb_array_elements_text(b -> 'ids'))::uuid[], NULL, b -> 'usage');
@@ -295,14 +298,15 @@ BEGIN
     PERFORM memory._take_rate_token(memory.current_identity());
     PERFORM 1 FROM memory.chat_metadata x WHERE x.chat_id = v_chat FOR UPDATE;
     -- Read again under the lock: a finish may have applied it meanwhile.
-    SELECT q.status INTO v_status FROM memory.chat_context_queue q WHERE q.id = p_queue_id;
+    SELECT q.status, q.applied_before INTO v_status, v_applied
+      FROM memory.chat_context_queue q WHERE q.id = p_queue_id;
     -- The first kept version that applied it, if any.
     SELECT h.version, h.rebuilt INTO v_from, v_rebuilt FROM memory.chat_memory_history h
      WHERE h.chat_id = v_chat AND h.queue_ids @> ARRAY[p_queue_id]
      ORDER BY h.version LIMIT 1;
     -- Applied: complete, or put back by a rebuild in progress, or in a version history still
-    -- holds (a snippet a rebuild could not apply again was applied before).
-    v_applied := v_status = 'complete'
+    -- holds, or failed after it was applied (a snippet a rebuild could not apply again).
+    v_applied := v_applied OR v_status = 'complete'
         OR (SELECT x.rebuild -> 'reset' FROM memory.chat_metadata x WHERE x.chat_id = v_chat)
            @> to_jsonb(p_queue_id::text)
         OR v_from IS NOT NULL;

@@ -5,7 +5,8 @@
 -- - chat_metadata.due_at (fair claiming; the queue's due and lease indexes go), rebuild and
 --   pruned_at (memory.rebuild(), forget_snippet()), history.rebuilt, tables owner_usage_daily and
 --   owner_budgets (per-owner daily token budgets),
---   chat_context_queue.error_public (what owners see of an error), table owner_turns (owners take turns), table fact_keys (declared fact keys), and
+--   chat_context_queue.error_public (what owners see of an error) and applied_before
+--   (forget_snippet()), table owner_turns (owners take turns), table fact_keys (declared fact keys), and
 --   memory.watch() (capture from an app's own table).
 -- - Identities of direct callers move to their own namespace: an owner or enqueued_by naming an
 --   existing role becomes 'role:<name>' (0.1.0 stored a role's name as it was, in the namespace
@@ -27,7 +28,8 @@ SELECT pg_catalog.set_config('memory_ext_upgrade.initial_grantees',
 ALTER TABLE memory.chat_metadata ADD COLUMN due_at timestamptz,
     ADD COLUMN context_text text, ADD COLUMN context_tokens int;
 CREATE INDEX chat_metadata_due_idx ON memory.chat_metadata (due_at) WHERE due_at IS NOT NULL;
-ALTER TABLE memory.chat_context_queue ADD COLUMN error_public text;
+ALTER TABLE memory.chat_context_queue ADD COLUMN error_public text,
+    ADD COLUMN applied_before bool NOT NULL DEFAULT false;
 ALTER TABLE memory.chat_memory_history ADD COLUMN restored_version bigint;
 -- what providers served from their prompt cache (read), and wrote to it (Anthropic)
 ALTER TABLE memory.chat_memory_history ADD COLUMN cached_prompt_tokens bigint NOT NULL DEFAULT 0,
@@ -2434,6 +2436,9 @@ BEGIN
             RETURN false;
         END IF;
     END IF;
+    -- forget_snippet()'s: a once-applied snippet that failed now stays out, and says so
+    UPDATE memory.chat_context_queue q SET applied_before = true
+     WHERE q.id = ANY (v_reset) AND q.status = 'failed';
     PERFORM memory._set_memory(p_chat_id, b -> 'user_confirmed', b -> 'llm_inferred',
         b ->> 'general_summary', b ->> 'summarizer',
         ARRAY(SELECT jsonb_array_elements_text(b -> 'ids'))::uuid[], NULL, b -> 'usage');
@@ -2563,14 +2568,15 @@ BEGIN
     PERFORM memory._take_rate_token(memory.current_identity());
     PERFORM 1 FROM memory.chat_metadata x WHERE x.chat_id = v_chat FOR UPDATE;
     -- Read again under the lock: a finish may have applied it meanwhile.
-    SELECT q.status INTO v_status FROM memory.chat_context_queue q WHERE q.id = p_queue_id;
+    SELECT q.status, q.applied_before INTO v_status, v_applied
+      FROM memory.chat_context_queue q WHERE q.id = p_queue_id;
     -- The first kept version that applied it, if any.
     SELECT h.version, h.rebuilt INTO v_from, v_rebuilt FROM memory.chat_memory_history h
      WHERE h.chat_id = v_chat AND h.queue_ids @> ARRAY[p_queue_id]
      ORDER BY h.version LIMIT 1;
     -- Applied: complete, or put back by a rebuild in progress, or in a version history still
-    -- holds (a snippet a rebuild could not apply again was applied before).
-    v_applied := v_status = 'complete'
+    -- holds, or failed after it was applied (a snippet a rebuild could not apply again).
+    v_applied := v_applied OR v_status = 'complete'
         OR (SELECT x.rebuild -> 'reset' FROM memory.chat_metadata x WHERE x.chat_id = v_chat)
            @> to_jsonb(p_queue_id::text)
         OR v_from IS NOT NULL;

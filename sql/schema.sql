@@ -70,7 +70,10 @@ CREATE TABLE memory.chat_context_queue (
     -- organisation id, an upstream host)
     error_message       text,
     -- what the snippet's owner is told: the error's class only (memory._public_error)
-    error_public        text
+    error_public        text,
+    -- applied once, then failed when forget_snippet() re-derived its chat: erasing it later must
+    -- treat it as applied (kept versions may hold its effects though none lists it any more)
+    applied_before      bool NOT NULL DEFAULT false
 );
 ALTER SEQUENCE memory.chat_context_queue_seq OWNED BY memory.chat_context_queue.seq;
 

@@ -308,6 +308,48 @@ fn forget_snippet_erases_what_was_derived_from_it() {
     );
 }
 
+/// A snippet applied long ago (its own version no longer kept) that could not be summarized again
+/// when another snippet was erased is failed, but kept versions still hold its effects: erasing it
+/// in turn treats it as applied, so no version keeps what it said.
+#[pg_test]
+fn erasing_a_snippet_that_failed_after_it_was_applied_leaves_no_version_holding_it() {
+    run("SET LOCAL memory_ext.history_versions = 2");
+    for s in ["confirmed: a = 1", "confirmed: b = 2", "confirmed: c = 3", "confirmed: d = 4"] {
+        run(&format!("SELECT memory.enqueue('c1', '{s}')"));
+        run("SELECT memory.process_pending()");
+    }
+    let a = queue_id("confirmed: a = 1");
+    // the summarizer now refuses the first snippet
+    run("UPDATE memory.chat_context_queue SET new_context_snippet = 'mock_fatal: now refused' \
+          WHERE new_context_snippet = 'confirmed: a = 1'");
+    run(&format!(
+        "SELECT memory.forget_snippet('{}')",
+        queue_id("confirmed: d = 4")
+    ));
+    run("SELECT memory.process_pending()");
+    assert_eq!(memory_of("c1"), r#"{"b": "2", "c": "3"} {} "#);
+    assert_eq!(
+        text(&format!(
+            "SELECT status || ' ' || applied_before FROM memory.chat_context_queue WHERE id = '{a}'"
+        )),
+        "failed true"
+    );
+    let holding_a = "SELECT 1 FROM memory.chat_memory_history h WHERE h.user_confirmed ? 'a'";
+    assert_eq!(count(holding_a), 1, "version 3 (a, b, c) is kept");
+    assert!(
+        one::<bool>(&format!("SELECT memory.forget_snippet('{a}') IS NOT NULL")).unwrap(),
+        "re-derived"
+    );
+    run("SELECT memory.process_pending()");
+    assert_eq!(count(holding_a), 0);
+    assert_eq!(memory_of("c1"), r#"{"b": "2", "c": "3"} {} "#);
+    assert_eq!(
+        text("SELECT string_agg(detail, ',' ORDER BY at, detail) FROM memory.audit_log \
+               WHERE action = 'forget_snippet'"),
+        "applied,applied"
+    );
+}
+
 /// Nobody rebuilds or erases another owner's chat or snippet: it reads as missing, and nothing
 /// changes. Bad input gets 22023 / P0002.
 #[pg_test]
