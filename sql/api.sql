@@ -12,10 +12,9 @@
 -- The role the caller acts as: SET ROLE's role (PostgREST's SET LOCAL ROLE from the JWT), else
 -- the session user. Not current_user, which is the definer inside SECURITY DEFINER functions.
 --
--- current_identity() and _invoker() sit on every hot path, so they are SQL-standard bodies
--- (BEGIN ATOMIC / RETURN): parsed and bound to their objects at CREATE time, so the caller's
--- search_path cannot redirect them, and they need no SET clause (which would cost a
--- search_path switch on every call).
+-- _invoker() and _jwt_sub() are SQL-standard bodies (BEGIN ATOMIC / RETURN): parsed and bound to
+-- their objects at CREATE time, so the caller's search_path cannot redirect them, and they need
+-- no SET clause (which would cost a search_path switch on every call).
 CREATE FUNCTION memory._invoker()
 RETURNS name
 LANGUAGE sql STABLE PARALLEL SAFE
@@ -31,14 +30,8 @@ RETURN nullif(pg_catalog.btrim(
 -- The caller, in one of two namespaces that never collide: the JWT `sub` claim as it is, or
 -- `role:<name>` for the invoking role (a direct connection, or a JWT without a usable sub). A
 -- `sub` that itself starts with `role:` is no identity (NULL): it could pose as a role.
--- A plain expression, no subquery: the planner inlines it into every caller (a subquery would
--- make it a function call on every hot path).
-CREATE FUNCTION memory.current_identity()
-RETURNS text
-LANGUAGE sql STABLE PARALLEL SAFE
-RETURN CASE WHEN memory._jwt_sub() OPERATOR(pg_catalog.~~) 'role:%' THEN NULL
-            ELSE coalesce(memory._jwt_sub(), 'role:' OPERATOR(pg_catalog.||) memory._invoker())
-       END;
+-- memory.current_identity() computes it in Rust (src/identity.rs) from the two functions above:
+-- as an inlined expression, plpgsql compiled it anew in every transaction of every hot path.
 
 -- Admins see and act on every chat: superusers, the extension owner, members of
 -- memory_ext.admin_role (default service_role) when it exists, and members of roles given
@@ -147,19 +140,16 @@ $$;
 
 -- What is wrong with a chat id, or NULL. One rule for every function: not blank, at most 256
 -- characters, no control or invisible (zero-width, bidi) characters, no surrounding whitespace,
--- and in Unicode NFC, so ids that look the same are the same id. A SQL expression, so the
--- planner inlines it into the hot paths (a SQL-standard body, bound at CREATE time, so it needs
--- no SET search_path, which would prevent inlining). STABLE, not IMMUTABLE: it reads the database
--- encoding, and an IMMUTABLE function calling a STABLE one is never inlined (a function call per
--- enqueue and get() measured 40 % of get()'s throughput).
-CREATE FUNCTION memory._chat_id_problem(p_chat_id text)
+-- and in Unicode NFC, so ids that look the same are the same id. memory._chat_id_problem() (in
+-- Rust, src/chat_id.rs) answers plain printable ASCII ids itself and asks this for the rest.
+-- A SQL-standard body, bound at CREATE time, so it needs no SET search_path.
+CREATE FUNCTION memory._chat_id_rules(p_chat_id text)
 RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE
 RETURN CASE
-    -- the common case in one test: printable ASCII, not starting or ending with a space (and so
-    -- NFC, free of control and invisible characters), at most 256 bytes. The length is not a
-    -- bounded repeat in the pattern: '{0,254}' compiles into a regex 40x slower to run, which
-    -- cost get() a fifth of its throughput.
+    -- printable ASCII, not starting or ending with a space (and so NFC, free of control and
+    -- invisible characters), at most 256 bytes. The length is not a bounded repeat in the
+    -- pattern: '{0,254}' compiles into a regex 40x slower to run.
     WHEN p_chat_id OPERATOR(pg_catalog.~) '^[!-~]([ -~]*[!-~])?$'
          AND pg_catalog.octet_length(p_chat_id) <= 256 THEN NULL
     WHEN p_chat_id IS NULL OR pg_catalog.btrim(p_chat_id) = '' THEN 'must not be null or blank'
@@ -297,7 +287,7 @@ DECLARE
     v_wait int;
     v_problem text;
 BEGIN
-    -- The hot write path: the checks as an inlined expression (the same as _check_chat_id).
+    -- The hot write path: the check of _check_chat_id, without a second plpgsql call.
     v_problem := memory._chat_id_problem(p_chat_id);
     IF v_problem IS NOT NULL THEN
         RAISE EXCEPTION 'chat_id %', v_problem USING ERRCODE = '22023';
@@ -384,7 +374,7 @@ DECLARE
     v_busy bool;
     v_identity text := memory.current_identity();
 BEGIN
-    -- Checks inlined (not _check_chat_id): this is the hot read path.
+    -- The check of _check_chat_id, without a second plpgsql call: this is the hot read path.
     v_problem := memory._chat_id_problem(p_chat_id);
     IF v_problem IS NOT NULL THEN
         RAISE EXCEPTION 'chat_id %', v_problem USING ERRCODE = '22023';

@@ -10,6 +10,7 @@
 //!   `llm`, `http` and `contract`); `pipeline`: concurrent LLM requests for the worker;
 //! - `merge`: the merge rules; `tokens`: BPE token counting;
 //! - `rate_limit`: the per-identity enqueue limit (shared memory);
+//! - `identity`: who is calling (`current_identity()`); `chat_id`: the chat id check;
 //! - `watch`: capture of rows inserted into an app's table (`sql/watch.sql`);
 //! - `context`: the memory as prompt text; `ddl`: the utility hook (databases, extension);
 //! - `launcher`: starts and restarts the worker; `worker`: the queue-draining background
@@ -23,12 +24,14 @@ pgrx::pg_module_magic!();
 mod api;
 mod batch;
 mod bgw;
+mod chat_id;
 mod context;
 mod ddl;
 mod denials;
 mod drain;
 mod error;
 mod helper;
+mod identity;
 mod launcher;
 mod merge;
 mod model;
@@ -50,7 +53,13 @@ extension_sql_file!("../sql/queue.sql", name = "queue");
 extension_sql_file!(
     "../sql/api.sql",
     name = "api",
-    requires = [api::admin_role, api::audit_reads, api::token_limit]
+    requires = [
+        api::admin_role,
+        api::audit_reads,
+        api::token_limit,
+        identity::current_identity,
+        chat_id::chat_id_problem
+    ]
 );
 extension_sql_file!(
     "../sql/watch.sql",

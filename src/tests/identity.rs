@@ -22,6 +22,70 @@ fn current_identity_prefers_jwt_sub() {
     }
 }
 
+/// current_identity() (Rust) answers as the SQL it replaced, from `_jwt_sub()` and
+/// `_invoker()`: for odd claims (numbers, objects, duplicates, escapes, not an object), under
+/// SET ROLE and without; malformed claims raise the same error.
+#[pg_test]
+fn current_identity_answers_as_its_sql_definition() {
+    let sql = "SELECT CASE WHEN memory._jwt_sub() ~~ 'role:%' THEN NULL \
+                    ELSE coalesce(memory._jwt_sub(), 'role:' || memory._invoker()) END";
+    let claims = [
+        "", "{}", r#"{"sub": "alice"}"#, r#"{"sub": "  bob  "}"#, r#"{"sub": "role:x"}"#,
+        r#"{"sub": 42}"#, r#"{"sub": 1.50}"#, r#"{"sub": true}"#, r#"{"sub": {"a": [1]}}"#,
+        r#"{"sub": null}"#, r#"{"sub": "a", "sub": "b"}"#, r#"{"s\u0075b": "esc"}"#,
+        r#"{"sub": "\u00e9t\u00e9 \ud83d\ude00"}"#, "[1, 2]", r#""sub""#, r#"{"sub": " "}"#,
+    ];
+    run("CREATE ROLE memory_test_other");
+    run("SELECT memory.grant_usage('memory_test_other')");
+    for role in ["", "SET LOCAL ROLE memory_test_other"] {
+        if !role.is_empty() {
+            run(role);
+        }
+        for c in claims {
+            run(&format!(
+                "SELECT set_config('request.jwt.claims', {}, true)",
+                pgrx::spi::quote_literal(c)
+            ));
+            assert_eq!(
+                one::<String>("SELECT memory.current_identity()"),
+                one::<String>(sql),
+                "{role} {c}"
+            );
+        }
+        run("SELECT set_config('request.jwt.claims', '{\"sub\": ', true)");
+        assert_eq!(error_of("SELECT memory.current_identity()"), error_of(sql));
+        assert_eq!(sqlstate("SELECT memory.current_identity()"), "22P02");
+    }
+    assert_eq!(text("SELECT memory._invoker()::text"), "memory_test_other");
+}
+
+/// _chat_id_problem() (Rust, plain ASCII ids itself) answers as the rules in SQL for every id,
+/// at the ASCII boundaries and beyond them.
+#[pg_test]
+fn the_chat_id_check_answers_as_its_rules() {
+    let ids = [
+        "NULL".to_string(), "''".into(), "' '".into(), "'a'".into(), "'~'".into(), "'!x!'".into(),
+        "' a'".into(), "'a '".into(), "'a b'".into(), "E'a\\tb'".into(), "E'a\\nb'".into(),
+        "'a' || chr(127)".into(), "chr(31) || 'a'".into(), "'é'".into(), "'e' || chr(769)".into(),
+        "'a' || chr(8203) || 'b'".into(), "chr(160) || 'a'".into(), "'日本語'".into(),
+        format!("'{}'", "x".repeat(256)), format!("'{}'", "x".repeat(257)),
+        format!("'{}'", "é".repeat(256)), format!("'{}'", "é".repeat(257)),
+        format!("' {}'", "x".repeat(255)),
+    ];
+    for id in ids {
+        assert_eq!(
+            one::<String>(&format!("SELECT memory._chat_id_problem({id})")),
+            one::<String>(&format!("SELECT memory._chat_id_rules({id})")),
+            "{id}"
+        );
+    }
+    assert_eq!(one::<String>("SELECT memory._chat_id_problem('ok-id')"), None);
+    assert_eq!(
+        one::<String>("SELECT memory._chat_id_problem(' x')").as_deref(),
+        Some("must not contain control or invisible characters, nor start or end with whitespace")
+    );
+}
+
 /// A JWT without a usable sub must not act as its role (every such user would share one
 /// identity), and a sub may not pose as a role: both get 42501 and create nothing. Admins
 /// (a backend with the service role and no sub) act as their role.

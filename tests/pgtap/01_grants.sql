@@ -39,21 +39,22 @@ SELECT is(pg_temp.req('authenticated', 'alice', 'SELECT memory._is_admin()'), 'f
 -- Every function touching the tables runs with definer rights; every function has a fixed
 -- search_path.
 -- Exempt: SQL-standard bodies (bound to their objects at CREATE time) and C functions that run
--- no SQL at all.
+-- no SQL at all, or only a schema-qualified call with a typed argument (_chat_id_problem).
 SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
             WHERE p.pronamespace = 'memory'::regnamespace
               AND p.prosqlbody IS NULL
               AND NOT coalesce(p.proconfig @> ARRAY['search_path=pg_catalog, pg_temp'], false)),
-          ARRAY['_admin_role', '_audit_reads', '_count_memory', '_debounce_max_ms', '_debounce_ms',
-                '_max_snippet_bytes', '_note_denied', '_owner_daily_tokens',
-                '_rate_limit', '_render_context', '_superuser', '_token_limit', '_trigger_args',
-                '_truncate_utf8', '_wake_at_commit', 'count_tokens'],
+          ARRAY['_admin_role', '_audit_reads', '_chat_id_problem', '_count_memory',
+                '_debounce_max_ms', '_debounce_ms', '_max_snippet_bytes', '_note_denied',
+                '_owner_daily_tokens', '_rate_limit', '_render_context', '_superuser',
+                '_token_limit', '_trigger_args', '_truncate_utf8', '_wake_at_commit',
+                'count_tokens', 'current_identity'],
           'every memory function pins search_path = pg_catalog, pg_temp, but the C ones running no SQL');
 SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
             WHERE p.pronamespace = 'memory'::regnamespace AND p.prosqlbody IS NOT NULL),
-          ARRAY['_budget_deferred_message', '_chat_id_problem', '_invoker', '_jwt_sub',
-                '_public_error', '_usage_sum', '_utc_today', '_utc_tomorrow', 'current_identity'],
-          'the hot-path identity and chat-id functions (and constants) have SQL-standard bodies instead');
+          ARRAY['_budget_deferred_message', '_chat_id_rules', '_invoker', '_jwt_sub',
+                '_public_error', '_usage_sum', '_utc_today', '_utc_tomorrow'],
+          'the identity and chat-id rules (and constants) have SQL-standard bodies instead');
 -- Exactly the documented API (README) is executable by an API role: no internal function is
 -- reachable as /rpc/... but the helpers that answer only about the caller.
 SELECT is((SELECT array_agg(p.oid::regprocedure::text ORDER BY p.oid::regprocedure::text)
