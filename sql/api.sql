@@ -35,10 +35,12 @@ RETURN nullif(pg_catalog.btrim(
 
 -- Admins see and act on every chat: superusers, the extension owner, members of
 -- memory_ext.admin_role (default service_role) when it exists, and members of roles given
--- memory.grant_admin(). Definer rights so RLS policies can call it without table grants. The
--- setting is read through the library (_admin_role), never with current_setting(): without
--- shared_preload_libraries an unloaded library's setting is a placeholder any role may SET.
-CREATE FUNCTION memory._is_admin()
+-- memory.grant_admin(). memory._is_admin() (Rust, src/identity.rs) answers superusers and the
+-- admin role's members itself and asks this for the rest. Definer rights so RLS policies can call
+-- it without table grants. The setting is read through the library (_admin_role), never with
+-- current_setting(): without shared_preload_libraries an unloaded library's setting is a
+-- placeholder any role may SET.
+CREATE FUNCTION memory._is_admin_catalog()
 RETURNS bool
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SECURITY DEFINER

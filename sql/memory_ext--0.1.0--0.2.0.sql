@@ -906,12 +906,15 @@ STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'current_identity_wrapper';
 
+-- new in 0.2.0: the catalog part of _is_admin(), which 0.1.0's _is_admin() was
 -- Admins see and act on every chat: superusers, the extension owner, members of
 -- memory_ext.admin_role (default service_role) when it exists, and members of roles given
--- memory.grant_admin(). Definer rights so RLS policies can call it without table grants. The
--- setting is read through the library (_admin_role), never with current_setting(): without
--- shared_preload_libraries an unloaded library's setting is a placeholder any role may SET.
-CREATE OR REPLACE FUNCTION memory._is_admin()
+-- memory.grant_admin(). memory._is_admin() (Rust, src/identity.rs) answers superusers and the
+-- admin role's members itself and asks this for the rest. Definer rights so RLS policies can call
+-- it without table grants. The setting is read through the library (_admin_role), never with
+-- current_setting(): without shared_preload_libraries an unloaded library's setting is a
+-- placeholder any role may SET.
+CREATE FUNCTION memory._is_admin_catalog()
 RETURNS bool
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SECURITY DEFINER
@@ -932,6 +935,12 @@ BEGIN
          WHERE r.rolname = memory._invoker() AND e.extname = 'memory_ext'), false);
 END
 $$;
+
+-- 0.2.0: in Rust (src/identity.rs), for the rest
+CREATE OR REPLACE FUNCTION memory."_is_admin"() RETURNS bool /* bool */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'is_admin_wrapper';
 
 -- Why the caller may not create chats, or NULL. A request that carries JWT claims but no usable
 -- `sub` would otherwise act as its role (every such user sharing `role:authenticated`): refused
@@ -1586,8 +1595,9 @@ AS $$
         'memory.wait(uuid, interval)', 'memory.history(text)', 'memory.forget(text)',
         'memory.retry_failed(text)', 'memory.count_tokens(text)', 'memory.context(text, integer)',
         'memory.rollback(text, bigint)', 'memory.rebuild(text)', 'memory.forget_snippet(uuid)',
-        -- called by current_identity() and the RLS policies, with the caller's rights
-        'memory._invoker()', 'memory._jwt_sub()', 'memory._is_admin()', 'memory._owns_chat(text)',
+        -- called by the RLS policies and _is_admin(), with the caller's rights
+        'memory._invoker()', 'memory._jwt_sub()', 'memory._is_admin()',
+        'memory._is_admin_catalog()', 'memory._owns_chat(text)',
         -- settings read through the library, by get() and _is_admin()
         'memory._admin_role()', 'memory._audit_reads()', 'memory._token_limit()',
         -- called by wait(), which runs with the caller's rights

@@ -17,8 +17,9 @@ AS $$
         'memory.wait(uuid, interval)', 'memory.history(text)', 'memory.forget(text)',
         'memory.retry_failed(text)', 'memory.count_tokens(text)', 'memory.context(text, integer)',
         'memory.rollback(text, bigint)', 'memory.rebuild(text)', 'memory.forget_snippet(uuid)',
-        -- called by current_identity() and the RLS policies, with the caller's rights
-        'memory._invoker()', 'memory._jwt_sub()', 'memory._is_admin()', 'memory._owns_chat(text)',
+        -- called by the RLS policies and _is_admin(), with the caller's rights
+        'memory._invoker()', 'memory._jwt_sub()', 'memory._is_admin()',
+        'memory._is_admin_catalog()', 'memory._owns_chat(text)',
         -- settings read through the library, by get() and _is_admin()
         'memory._admin_role()', 'memory._audit_reads()', 'memory._token_limit()',
         -- called by wait(), which runs with the caller's rights

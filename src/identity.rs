@@ -1,11 +1,16 @@
-//! Who is calling: `memory.current_identity()`, on every hot path (enqueue, get(), context(),
-//! captured rows). It was an inlined SQL expression, which plpgsql compiles anew in every
-//! transaction: that set-up alone cost get() about as much as reading the chat. The SQL
-//! `memory._jwt_sub()` and `memory._invoker()` stay, and a pg_test holds this to them.
+//! Who is calling: `memory.current_identity()` and `memory._is_admin()`, on every hot path
+//! (enqueue, get(), context(), captured rows, the RLS policies). current_identity() was an
+//! inlined SQL expression, which plpgsql compiles anew in every transaction: that set-up alone
+//! cost get() about as much as reading the chat; _is_admin() was a plpgsql query of the catalog,
+//! a seventh of a captured insert. The SQL stays the reference (`_jwt_sub()`, `_invoker()`,
+//! `_is_admin_catalog()`), and pg_tests hold these to it.
 
+use crate::api;
+use crate::error::ApiError;
+use crate::spi;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 
 /// The JWT `sub` claim as it is (trimmed of spaces), NULL when it poses as a role (`role:...`:
 /// it could pose as one), else `role:<invoker>`. Two namespaces that never collide.
@@ -15,6 +20,37 @@ fn current_identity() -> Option<String> {
         Some(sub) if sub.starts_with("role:") => None,
         Some(sub) => Some(sub),
         None => Some(format!("role:{}", invoker())),
+    }
+}
+
+/// Admins see and act on every chat: superusers and members of memory_ext.admin_role (default
+/// service_role) are answered here, without a query; the extension owner's members and members
+/// of roles given grant_admin() by `memory._is_admin_catalog()`, which reads the catalog and
+/// memory.admin_roles with definer rights. Membership as pg_has_role(..., 'MEMBER') has it.
+#[pg_extern(stable, parallel_safe, name = "_is_admin")]
+fn is_admin() -> bool {
+    let role = role_oid(&invoker());
+    if role != pg_sys::InvalidOid {
+        // SAFETY: plain catalog lookups of existing roles.
+        if unsafe { pg_sys::superuser_arg(role) } {
+            return true;
+        }
+        let admin = role_oid(&api::admin_role());
+        if admin != pg_sys::InvalidOid && unsafe { pg_sys::is_member_of_role(role, admin) } {
+            return true;
+        }
+    }
+    spi::read_one::<bool>("SELECT memory._is_admin_catalog()", &[])
+        .unwrap_or_else(|e| ApiError::from(e).raise())
+        .unwrap_or(false)
+}
+
+/// A role's oid, or InvalidOid when there is no such role.
+fn role_oid(name: &str) -> pg_sys::Oid {
+    match CString::new(name) {
+        // SAFETY: missing_ok returns InvalidOid rather than raising.
+        Ok(name) if !name.is_empty() => unsafe { pg_sys::get_role_oid(name.as_ptr(), true) },
+        _ => pg_sys::InvalidOid,
     }
 }
 

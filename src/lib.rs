@@ -10,7 +10,8 @@
 //!   `llm`, `http` and `contract`); `pipeline`: concurrent LLM requests for the worker;
 //! - `merge`: the merge rules; `tokens`: BPE token counting;
 //! - `rate_limit`: the per-identity enqueue limit (shared memory);
-//! - `identity`: who is calling (`current_identity()`); `chat_id`: the chat id check;
+//! - `identity`: who is calling (`current_identity()`, `_is_admin()`); `chat_id`: the chat id
+//!   check;
 //! - `watch`: capture of rows inserted into an app's table (`sql/watch.sql`);
 //! - `context`: the memory as prompt text; `ddl`: the utility hook (databases, extension);
 //! - `launcher`: starts and restarts the worker; `worker`: the queue-draining background
@@ -58,6 +59,7 @@ extension_sql_file!(
         api::audit_reads,
         api::token_limit,
         identity::current_identity,
+        identity::is_admin,
         chat_id::chat_id_problem
     ]
 );

@@ -59,6 +59,42 @@ fn current_identity_answers_as_its_sql_definition() {
     assert_eq!(text("SELECT memory._invoker()::text"), "memory_test_other");
 }
 
+/// _is_admin() (Rust: superusers and the admin role's members without a query) answers as the
+/// catalog query it asks for the rest: for a superuser, the admin role's members (directly and
+/// through another role), members of the extension owner and of a grant_admin() role, and
+/// everyone else.
+#[pg_test]
+fn is_admin_answers_as_the_catalog() {
+    let owner = text("SELECT extowner::regrole::text FROM pg_extension WHERE extname = 'memory_ext'");
+    run("DO $$ BEGIN IF to_regrole('service_role') IS NULL THEN CREATE ROLE service_role; END IF; END $$");
+    for r in ["plain", "svc", "svc_nested", "ops", "via_owner"] {
+        run(&format!("CREATE ROLE memory_test_{r}"));
+        run(&format!("SELECT memory.grant_usage('memory_test_{r}')"));
+    }
+    run("GRANT service_role TO memory_test_svc");
+    run("GRANT memory_test_svc TO memory_test_svc_nested");
+    run("CREATE ROLE memory_test_ops_group");
+    run("SELECT memory.grant_admin('memory_test_ops_group')");
+    run("GRANT memory_test_ops_group TO memory_test_ops");
+    run(&format!("GRANT {owner} TO memory_test_via_owner"));
+    let cases = [
+        ("", true),
+        ("memory_test_plain", false),
+        ("memory_test_svc", true),
+        ("memory_test_svc_nested", true),
+        ("memory_test_ops", true),
+        ("memory_test_via_owner", true),
+    ];
+    for (role, expected) in cases {
+        if !role.is_empty() {
+            run(&format!("SET LOCAL ROLE {role}"));
+        }
+        assert_eq!(one::<bool>("SELECT memory._is_admin()"), Some(expected), "{role}");
+        assert_eq!(one::<bool>("SELECT memory._is_admin_catalog()"), Some(expected), "{role}");
+        run("RESET ROLE");
+    }
+}
+
 /// _chat_id_problem() (Rust, plain ASCII ids itself) answers as the rules in SQL for every id,
 /// at the ASCII boundaries and beyond them.
 #[pg_test]

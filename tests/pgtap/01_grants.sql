@@ -39,13 +39,13 @@ SELECT is(pg_temp.req('authenticated', 'alice', 'SELECT memory._is_admin()'), 'f
 -- Every function touching the tables runs with definer rights; every function has a fixed
 -- search_path.
 -- Exempt: SQL-standard bodies (bound to their objects at CREATE time) and C functions that run
--- no SQL at all, or only a schema-qualified call with a typed argument (_chat_id_problem).
+-- no SQL at all, or only a schema-qualified call (_chat_id_problem, _is_admin).
 SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
             WHERE p.pronamespace = 'memory'::regnamespace
               AND p.prosqlbody IS NULL
               AND NOT coalesce(p.proconfig @> ARRAY['search_path=pg_catalog, pg_temp'], false)),
           ARRAY['_admin_role', '_audit_reads', '_chat_id_problem', '_count_memory',
-                '_debounce_max_ms', '_debounce_ms', '_max_snippet_bytes', '_note_denied',
+                '_debounce_max_ms', '_debounce_ms', '_is_admin', '_max_snippet_bytes', '_note_denied',
                 '_owner_daily_tokens', '_rate_limit', '_render_context', '_superuser',
                 '_token_limit', '_trigger_args', '_truncate_utf8', '_wake_at_commit',
                 'count_tokens', 'current_identity'],
@@ -62,7 +62,8 @@ SELECT is((SELECT array_agg(p.oid::regprocedure::text ORDER BY p.oid::regprocedu
             WHERE p.pronamespace = 'memory'::regnamespace
               AND has_function_privilege('authenticated', p.oid, 'EXECUTE')),
           ARRAY['memory._admin_role()', 'memory._audit_reads()', 'memory._invoker()',
-                'memory._is_admin()', 'memory._jwt_sub()', 'memory._owns_chat(text)',
+                'memory._is_admin()', 'memory._is_admin_catalog()', 'memory._jwt_sub()',
+                'memory._owns_chat(text)',
                 'memory._queue_row_xmin(uuid)',
                 'memory._token_limit()', 'memory.context(text,integer)', 'memory.count_tokens(text)',
                 'memory.create_chat(text)', 'memory.current_identity()',
