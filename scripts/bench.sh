@@ -41,57 +41,9 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 # Enqueue is measured in a database the worker does not serve, so the worker's draining does
 # not compete for the two cores; the plain table has the same columns, defaults, indexes and FK.
 psql_b -d postgres -c "CREATE DATABASE bench_api"
-psql_b -d bench_api <<'SQL'
-CREATE EXTENSION memory_ext;
-CREATE TABLE public.plain_chats (LIKE memory.chat_metadata INCLUDING ALL);
-CREATE TABLE public.plain_queue (LIKE memory.chat_context_queue INCLUDING ALL,
-    FOREIGN KEY (chat_id) REFERENCES public.plain_chats (chat_id));
--- the issue's baseline: the least a durable enqueue could write
-CREATE TABLE public.minimal_queue (id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    chat_id text NOT NULL, snippet text NOT NULL);
-CREATE INDEX ON public.minimal_queue (chat_id);
-INSERT INTO public.plain_chats (chat_id, owner) SELECT 'chat' || g, 'postgres' FROM generate_series(0, 999) g;
-SELECT count(*) FROM (SELECT memory.create_chat('chat' || g) FROM generate_series(0, 999) g) x;
--- an app's message table, and the same table watched (memory.watch)
-CREATE TABLE public.messages_plain (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    conversation_id text NOT NULL, user_id text NOT NULL, role text NOT NULL, content text NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now());
-CREATE INDEX ON public.messages_plain (conversation_id);
-CREATE TABLE public.messages_watched (LIKE public.messages_plain INCLUDING ALL);
-SELECT memory.watch('public.messages_watched', 'conversation_id', 'content', 'user_id', 'role');
-SQL
+psql_b -d bench_api -f - < scripts/bench/setup.sql
 W=$(mktemp -d); chmod 755 "$W"
-cat > "$W/enqueue.sql" <<'SQL'
-\set id random(0, 999)
-SELECT queue_id FROM memory.enqueue('chat' || :id, 'confirmed: plan = PPO. The user compares plans for next year and asks about premiums.');
-SQL
-cat > "$W/insert.sql" <<'SQL'
-\set id random(0, 999)
-INSERT INTO public.plain_queue (chat_id, new_context_snippet, enqueued_by) VALUES ('chat' || :id, 'confirmed: plan = PPO. The user compares plans for next year and asks about premiums.', current_user) RETURNING id;
-SQL
-cat > "$W/minimal.sql" <<'SQL'
-\set id random(0, 999)
-INSERT INTO public.minimal_queue (chat_id, snippet) VALUES ('chat' || :id, 'confirmed: plan = PPO. The user compares plans for next year and asks about premiums.') RETURNING id;
-SQL
-cat > "$W/get.sql" <<'SQL'
-\set id random(0, 999)
-SELECT * FROM memory.get('chat' || :id);
-SQL
-cat > "$W/context.sql" <<'SQL'
-\set id random(0, 999)
-SELECT * FROM memory.context('chat' || :id);
-SQL
-cat > "$W/select.sql" <<'SQL'
-\set id random(0, 999)
-SELECT * FROM memory.chat_metadata WHERE chat_id = 'chat' || :id;
-SQL
-for t in plain watched; do
-    cat > "$W/messages_$t.sql" <<SQL
-\\set id random(0, 999)
-INSERT INTO public.messages_$t (conversation_id, user_id, role, content) VALUES ('conv' || :id, 'user' || :id, 'user', 'confirmed: plan = PPO. The user compares plans for next year and asks about premiums.');
-SQL
-done
-chmod 644 "$W"/*.sql
+cp scripts/bench/*.sql "$W"/; chmod 644 "$W"/*.sql   # pgbench reads them as postgres
 
 echo "bench: pgbench, $CLIENTS clients, ${DURATION}s per run, median of three interleaved runs"
 # Interleaved runs, median of three: a checkpoint or autovacuum landing in one run must not

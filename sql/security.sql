@@ -17,7 +17,8 @@ AS $$
         'memory.wait(uuid, interval)', 'memory.history(text)', 'memory.forget(text)',
         'memory.retry_failed(text)', 'memory.count_tokens(text)', 'memory.context(text, integer)',
         'memory.rollback(text, bigint)', 'memory.rebuild(text)', 'memory.forget_snippet(uuid)',
-        -- called by the RLS policies and _is_admin(), with the caller's rights
+        -- about the caller only: the parts of current_identity(), and _is_admin() (the RLS
+        -- policies) with the catalog query it asks, which run with the caller's rights
         'memory._invoker()', 'memory._jwt_sub()', 'memory._is_admin()',
         'memory._is_admin_catalog()', 'memory._owns_chat(text)',
         -- settings read through the library, by get() and _is_admin()

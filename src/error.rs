@@ -27,6 +27,9 @@ pub enum ApiError {
     /// 22023: a setting that cannot be used (an unreadable key file).
     #[error(transparent)]
     Settings(#[from] crate::settings::SettingsError),
+    /// 22021: text that must be UTF-8 is not (an identity read from a role name or the JWT).
+    #[error("{0} is not valid UTF-8: memory_ext identities must be")]
+    NotUtf8(&'static str),
     /// XX000: an internal query failed.
     #[error("internal query failed: {0}")]
     Spi(#[from] SpiError),
@@ -46,6 +49,7 @@ impl ApiError {
             ApiError::InsufficientPrivilege(_) => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             ApiError::FeatureNotSupported(_) => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
             ApiError::WrongState(_) => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            ApiError::NotUtf8(_) => PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
             ApiError::Spi(_) | ApiError::Queue(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         }
     }

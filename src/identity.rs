@@ -62,14 +62,19 @@ fn jwt_sub() -> Option<String> {
     if claims.is_empty() {
         return None;
     }
-    // SAFETY: both are plain fmgr functions of their arguments (no flinfo); a NULL result (no
-    // `sub`, JSON null, not an object) comes back as None.
+    // SAFETY: both are plain fmgr functions of their arguments (no flinfo, no collation); a NULL
+    // result (no `sub`, JSON null, not an object) comes back as None. The text they return is
+    // checked to be UTF-8 before it is read as a str.
     let sub = unsafe {
         let jsonb = pgrx::direct_function_call_as_datum(pg_sys::jsonb_in, &[claims.into_datum()])?;
-        pgrx::direct_function_call::<String>(
+        let sub = pgrx::direct_function_call_as_datum(
             pg_sys::jsonb_object_field_text,
             &[Some(jsonb), "sub".into_datum()],
-        )?
+        )?;
+        utf8(
+            pgrx::varlena::text_to_rust_str(sub.cast_mut_ptr()).ok(),
+            "the JWT sub claim",
+        )
     };
     let sub = sub.trim_matches(' ');
     (!sub.is_empty()).then(|| sub.to_owned())
@@ -78,20 +83,26 @@ fn jwt_sub() -> Option<String> {
 /// SET ROLE's role (PostgREST's SET LOCAL ROLE from the JWT), else the session user: not
 /// current_user, which is the definer inside SECURITY DEFINER functions.
 fn invoker() -> String {
-    if let Some(role) = setting(c"role")
-        && role.to_bytes() != b"none"
-    {
-        return role.to_string_lossy().into_owned();
-    }
-    // SAFETY: the session user exists for the session's life (noerr = false raises otherwise).
-    unsafe { CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetSessionUserId(), false)) }
-        .to_string_lossy()
-        .into_owned()
+    let role = match setting(c"role") {
+        Some(role) if role.to_bytes() != b"none" => role,
+        // SAFETY: the session user exists for the session's life (noerr = false raises otherwise).
+        _ => unsafe {
+            CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetSessionUserId(), false))
+        },
+    };
+    utf8(role.to_str().ok(), "the role name").to_owned()
+}
+
+/// Identities are compared as text: bytes that are not UTF-8 (a role name made in a database of
+/// another encoding) are refused rather than mapped, so two names can never read as one.
+fn utf8<'a>(s: Option<&'a str>, what: &'static str) -> &'a str {
+    s.unwrap_or_else(|| ApiError::NotUtf8(what).raise())
 }
 
 /// A setting as SHOW gives it (show hooks applied, as current_setting() does), or None when it
-/// does not exist. The string is palloc'd in the current memory context: valid for this call.
-fn setting<'a>(name: &CStr) -> Option<&'a CStr> {
+/// does not exist. The string is palloc'd in the current memory context: valid for this call,
+/// which is all the callers above keep it.
+fn setting(name: &CStr) -> Option<&CStr> {
     // SAFETY: name is NUL-terminated; missing_ok returns NULL rather than raising.
     unsafe {
         let value = pg_sys::GetConfigOptionByName(name.as_ptr(), std::ptr::null_mut(), true);

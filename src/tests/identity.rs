@@ -31,32 +31,50 @@ fn current_identity_answers_as_its_sql_definition() {
                     ELSE coalesce(memory._jwt_sub(), 'role:' || memory._invoker()) END";
     let claims = [
         "", "{}", r#"{"sub": "alice"}"#, r#"{"sub": "  bob  "}"#, r#"{"sub": "role:x"}"#,
-        r#"{"sub": 42}"#, r#"{"sub": 1.50}"#, r#"{"sub": true}"#, r#"{"sub": {"a": [1]}}"#,
-        r#"{"sub": null}"#, r#"{"sub": "a", "sub": "b"}"#, r#"{"s\u0075b": "esc"}"#,
+        r#"{"sub": " role:x"}"#, r#"{"sub": "role:"}"#, r#"{"sub": "ROLE:x"}"#,
+        r#"{"sub": "\tx"}"#, r#"{"sub": "\u00a0x"}"#, r#"{"sub": 42}"#, r#"{"sub": 1.50}"#,
+        r#"{"sub": true}"#, r#"{"sub": {"a": [1]}}"#, r#"{"sub": null}"#,
+        r#"{"sub": "a", "sub": "b"}"#, r#"{"s\u0075b": "esc"}"#,
         r#"{"sub": "\u00e9t\u00e9 \ud83d\ude00"}"#, "[1, 2]", r#""sub""#, r#"{"sub": " "}"#,
     ];
-    run("CREATE ROLE memory_test_other");
-    run("SELECT memory.grant_usage('memory_test_other')");
-    for role in ["", "SET LOCAL ROLE memory_test_other"] {
-        if !role.is_empty() {
-            run(role);
-        }
+    run("CREATE ROLE \"Memory Test Other\"");
+    run("SELECT memory.grant_usage('\"Memory Test Other\"')");
+    // a definer function owned by another role: current_user changes, the invoker does not
+    run("CREATE FUNCTION pg_temp.as_definer() RETURNS text LANGUAGE sql SECURITY DEFINER \
+         AS 'SELECT memory.current_identity()'");
+    run("CREATE ROLE memory_test_definer");
+    run("SELECT memory.grant_usage('memory_test_definer')");
+    run("ALTER FUNCTION pg_temp.as_definer() OWNER TO memory_test_definer");
+    let contexts = [
+        "RESET ROLE",
+        "SET LOCAL ROLE \"Memory Test Other\"",
+        "SET SESSION AUTHORIZATION \"Memory Test Other\"",
+    ];
+    for context in contexts {
+        run(context);
         for c in claims {
             run(&format!(
                 "SELECT set_config('request.jwt.claims', {}, true)",
                 pgrx::spi::quote_literal(c)
             ));
-            assert_eq!(
-                one::<String>("SELECT memory.current_identity()"),
-                one::<String>(sql),
-                "{role} {c}"
-            );
+            let expected = one::<String>(sql);
+            assert_eq!(one::<String>("SELECT memory.current_identity()"), expected, "{context} {c}");
+            assert_eq!(one::<String>("SELECT pg_temp.as_definer()"), expected, "{context} {c}");
         }
-        run("SELECT set_config('request.jwt.claims', '{\"sub\": ', true)");
-        assert_eq!(error_of("SELECT memory.current_identity()"), error_of(sql));
-        assert_eq!(sqlstate("SELECT memory.current_identity()"), "22P02");
+        for malformed in ["{\"sub\": ", " ", "{'sub': 1}"] {
+            run(&format!(
+                "SELECT set_config('request.jwt.claims', {}, true)",
+                pgrx::spi::quote_literal(malformed)
+            ));
+            assert_eq!(error_of("SELECT memory.current_identity()"), error_of(sql), "{malformed}");
+            assert_eq!(sqlstate("SELECT memory.current_identity()"), "22P02", "{malformed}");
+        }
+        assert_eq!(
+            text("SELECT memory._invoker()::text"),
+            if context.starts_with("RESET") { text("SELECT session_user::text") } else { "Memory Test Other".into() },
+        );
     }
-    assert_eq!(text("SELECT memory._invoker()::text"), "memory_test_other");
+    run("RESET SESSION AUTHORIZATION");
 }
 
 /// _is_admin() (Rust: superusers and the admin role's members without a query) answers as the
@@ -115,6 +133,15 @@ fn the_chat_id_check_answers_as_its_rules() {
             "{id}"
         );
     }
+    // every ASCII character at the start, inside and at the end, at the length limits
+    let differing = text(
+        "SELECT coalesce(string_agg(format('%s:%s:%s', c, n, p), ' '), '') \
+           FROM generate_series(1, 127) c, (VALUES (1), (2), (255), (256), (257)) v(n), \
+                LATERAL (VALUES (1, chr(c) || repeat('x', n - 1)), (2, repeat('x', n - 1) || chr(c)), \
+                                (3, 'x' || chr(c) || repeat('y', greatest(n - 2, 0)))) s(p, id) \
+          WHERE memory._chat_id_problem(id) IS DISTINCT FROM memory._chat_id_rules(id)",
+    );
+    assert_eq!(differing, "", "(character:length:position) answered differently");
     assert_eq!(one::<String>("SELECT memory._chat_id_problem('ok-id')"), None);
     assert_eq!(
         one::<String>("SELECT memory._chat_id_problem(' x')").as_deref(),

@@ -1,0 +1,2 @@
+\set id random(0, 999)
+SELECT * FROM memory.context('chat' || :id);
