@@ -10,7 +10,11 @@
 #   6. LLM calls and prompt tokens per snippet with memory_ext.debounce 0 vs 10 s (the fake LLM)
 #   7. with MEMORY_EXT_BENCH_SCALE=1 (long: about 15 minutes more): the drain rate fresh vs
 #      analyzed at 100k/300k/1M snippets and after churn (scripts/bench_drain.sh)
-# Usage: [MEMORY_EXT_BENCH_SCALE=1] scripts/bench.sh [seconds per pgbench run, default 15]
+#   8. with MEMORY_EXT_BENCH_INSTRUCTIONS=1 (a few minutes more): instructions per transaction of
+#      the rows of 1 and 2, counted by callgrind, the same on every run
+#      (scripts/bench_instructions.sh)
+# Usage: [MEMORY_EXT_BENCH_SCALE=1] [MEMORY_EXT_BENCH_INSTRUCTIONS=1] scripts/bench.sh [seconds per
+#        pgbench run, default 15]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/cluster.sh
@@ -227,11 +231,17 @@ memory_ext benchmark — $(date -u +%Y-%m-%d), $(nproc) cores, $(awk '/MemTotal/
 | debounce 10 s: prompt tokens per snippet (cl100k, request bodies) | $tokens10 | debounce 0: $tokens0 | $(ratio "$tokens10" "$tokens0") | |
 REPORT
 
-if [[ ${MEMORY_EXT_BENCH_SCALE:-0} == 1 ]]; then
-    # its own cluster: this one and the fake LLM go first, so the two cores are the drain's
+if [[ ${MEMORY_EXT_BENCH_SCALE:-0} == 1 || ${MEMORY_EXT_BENCH_INSTRUCTIONS:-0} == 1 ]]; then
+    # their own clusters: this one and the fake LLM go first, so the two cores are theirs
     kill $FAKE_PID 2>/dev/null || true
     cluster_ctl "$DIR/data" stop
     trap - EXIT
+fi
+if [[ ${MEMORY_EXT_BENCH_INSTRUCTIONS:-0} == 1 ]]; then
+    echo
+    scripts/bench_instructions.sh | sed -n '/^memory_ext instructions/,$p'
+fi
+if [[ ${MEMORY_EXT_BENCH_SCALE:-0} == 1 ]]; then
     echo
     echo "drain across sizes and table histories (scripts/bench_drain.sh):"
     scripts/bench_drain.sh | grep -E '^\||^per-snippet |^after '
