@@ -15,7 +15,7 @@ N=${1:-1000}
 scripts/setup.sh
 command -v valgrind >/dev/null || {
     echo "bench_instructions: installing valgrind"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends valgrind >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends valgrind >/dev/null
 }
 scripts/install.sh --release >/dev/null
 
@@ -27,6 +27,8 @@ rm -rf "$DIR"; mkdir -p "$DIR/cg"; chown -R postgres:postgres "$DIR"
 cluster_init "$DIR/data" "$PORT" "shared_buffers = '256MB'" "autovacuum = off" \
     "memory_ext.database = 'postgres'"
 cluster_ctl "$DIR/data" start
+W=$(mktemp -d); chown postgres "$W"   # psql reads its input and writes its output as postgres
+trap 'cluster_ctl "$DIR/data" stop 2>/dev/null || true; rm -rf "$W"' EXIT
 psql_i() { psql -h "$DIR/data" -p "$PORT" -U postgres -X -q -v ON_ERROR_STOP=1 -At "$@"; }
 psql_i -d postgres -c "CREATE DATABASE bench_api"
 psql_i -d bench_api -f - < scripts/bench/setup.sql >/dev/null
@@ -39,13 +41,19 @@ SET memory_ext.batch_chats = 1000; SET memory_ext.batch_snippets = 10000;
 SELECT memory.process_pending(5000);
 VACUUM ANALYZE;
 SQL
+pending=$(psql_i -d bench_api -c "SELECT count(*) FROM memory.chat_context_queue WHERE status <> 'complete'")
+[[ $pending == 0 ]] || { echo "bench_instructions: $pending snippets left unapplied" >&2; exit 1; }
 cluster_ctl "$DIR/data" stop
-W=$(mktemp -d); chown postgres "$W"   # psql reads its input and writes its output as postgres
 
 as_postgres valgrind --tool=callgrind --trace-children=yes \
     --callgrind-out-file="$DIR/cg/%p.out" "$PG_BIN/postgres" -D "$DIR/data" > "$DIR/valgrind.log" 2>&1 &
-trap 'as_postgres "$PG_BIN/pg_ctl" -D "$DIR/data" stop -m fast >/dev/null 2>&1 || true' EXIT
-until pg_isready -q -h "$DIR/data" -p "$PORT" -U postgres -d postgres; do sleep 1; done
+SERVER=$!
+trap 'as_postgres "$PG_BIN/pg_ctl" -D "$DIR/data" stop -m fast >/dev/null 2>&1 || true; rm -rf "$W"' EXIT
+for _ in $(seq 120); do
+    pg_isready -q -h "$DIR/data" -p "$PORT" -U postgres -d postgres && break
+    kill -0 "$SERVER" 2>/dev/null || { echo "bench_instructions: the server under valgrind exited (see $DIR/valgrind.log)" >&2; exit 1; }
+    sleep 1
+done
 
 # The statements of a pgbench script, n times, with ids 0, 7, 14, ... (mod 1000) for its :id:
 # one psql session, one backend, the same statements on every run.
@@ -60,9 +68,14 @@ instructions() { # script n -> instructions of the backend that ran n transactio
     as_postgres psql -h "$DIR/data" -p "$PORT" -U postgres -X -q -At -v ON_ERROR_STOP=1 \
         -d bench_api -f "$W/run.sql" -o "$W/out"
     pid=$(head -1 "$W/out")
-    until [[ -f $DIR/cg/$pid.out ]] && grep -q '^totals:' "$DIR/cg/$pid.out"; do sleep 0.5; done
+    for _ in $(seq 600); do
+        [[ -f $DIR/cg/$pid.out ]] && grep -q '^totals:' "$DIR/cg/$pid.out" && break
+        sleep 0.5
+    done
     awk '/^totals:/ {print $2}' "$DIR/cg/$pid.out"
 }
+# the first session after a start rebuilds the relation cache's init files: not one to count
+instructions select 1 > /dev/null
 declare -A per_tx
 for s in select get context minimal insert enqueue messages_plain messages_watched; do
     one=$(instructions "$s" 1)

@@ -398,7 +398,8 @@ BEGIN
     END IF;
     -- An idle chat (not due, not leased) has no open snippet: whatever makes a snippet pending
     -- sets due_at in the same transaction (the worker finds work that way), so its queue is not
-    -- read. The stress suite checks that invariant under every schedule.
+    -- read. The stress suite checks that invariant at every chaos step; the isolation specs
+    -- check the paths that race for it (enqueue, retry_failed, claim and finish).
     pending := 0;
     IF v_busy THEN
         SELECT count(*)::int INTO pending FROM memory.chat_context_queue q
@@ -581,6 +582,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_n int;
+    v_chats text[];
     v_identity text := memory.current_identity();
     v_admin bool := memory._is_admin();
 BEGIN
@@ -590,20 +592,22 @@ BEGIN
     PERFORM memory._take_rate_token(v_identity);
     -- Re-queued snippets go to the end of their chat's queue (a new seq, their relative order
     -- kept): the chat's later snippets may already be applied. The chat rows are locked first,
-    -- as enqueue does, so no claim sees a new seq before it commits.
-    PERFORM 1 FROM memory.chat_metadata m
-     WHERE (m.chat_id = p_chat_id OR p_chat_id IS NULL) AND (v_admin OR m.owner = v_identity)
-       AND EXISTS (SELECT 1 FROM memory.chat_context_queue q
-                    WHERE q.chat_id = m.chat_id AND q.status = 'failed')
-     ORDER BY m.chat_id
-       FOR KEY SHARE OF m;
+    -- as enqueue does, so no claim sees a new seq before it commits, and a finish cannot mark
+    -- the chat idle meanwhile (it looks for a lock-free moment). Only the chats locked are
+    -- re-queued: a snippet that failed while this waited for a lock, in a chat it did not lock,
+    -- stays failed (re-queued under no lock, it could be left pending in an idle chat).
+    SELECT coalesce(array_agg(x.chat_id), '{}') INTO v_chats
+      FROM (SELECT m.chat_id FROM memory.chat_metadata m
+             WHERE (m.chat_id = p_chat_id OR p_chat_id IS NULL)
+               AND (v_admin OR m.owner = v_identity)
+               AND EXISTS (SELECT 1 FROM memory.chat_context_queue q
+                            WHERE q.chat_id = m.chat_id AND q.status = 'failed')
+             ORDER BY m.chat_id
+               FOR KEY SHARE OF m) x;
     WITH requeued AS (
         SELECT x.id, nextval('memory.chat_context_queue_seq') AS seq
           FROM (SELECT q.id FROM memory.chat_context_queue q
-                 WHERE q.status = 'failed'
-                   AND (q.chat_id = p_chat_id OR p_chat_id IS NULL)
-                   AND (v_admin OR q.chat_id IN (SELECT m.chat_id FROM memory.chat_metadata m
-                                                  WHERE m.owner = v_identity))
+                 WHERE q.status = 'failed' AND q.chat_id = ANY (v_chats)
                  ORDER BY q.seq) x
     )
     UPDATE memory.chat_context_queue q
@@ -612,9 +616,7 @@ BEGIN
       FROM requeued WHERE q.id = requeued.id;
     GET DIAGNOSTICS v_n = ROW_COUNT;
     UPDATE memory.chat_metadata m SET due_at = now()
-     WHERE m.due_at IS NULL AND m.chat_id IN (SELECT q.chat_id FROM memory.chat_context_queue q
-                                                WHERE q.status = 'pending_summarization'
-                                                  AND (q.chat_id = p_chat_id OR p_chat_id IS NULL));
+     WHERE m.due_at IS NULL AND m.chat_id = ANY (v_chats);
     IF v_n > 0 THEN
         PERFORM memory._wake_at_commit();
     END IF;

@@ -265,7 +265,9 @@ $$;
 -- derived from it is deleted (from the first version that applied it on; all of them when that
 -- version is no longer kept). The memory agents read is emptied at once (a new version with no
 -- history row), so nothing derived from the snippet is readable while the rebuild runs. A
--- pending or failed snippet is simply deleted; one being summarized is called off first.
+-- pending or failed snippet is simply deleted (unless it was applied once and failed when the
+-- chat was re-derived: then it is erased as an applied one); one being summarized is called off
+-- first.
 -- Refused (55000, changing nothing) when the memory cannot be re-derived (retention deleted
 -- snippets it depends on): memory.forget() erases the whole chat. Returns the snippet to
 -- memory.wait() for until the re-derived memory is applied (NULL: none).
