@@ -402,8 +402,12 @@ BEGIN
     -- check the paths that race for it (enqueue, retry_failed, claim and finish).
     pending := 0;
     IF v_busy THEN
-        SELECT count(*)::int INTO pending FROM memory.chat_context_queue q
-         WHERE q.chat_id = p_chat_id AND q.status IN ('pending_summarization', 'processing');
+        -- captured rows not yet moved into the queue are pending too
+        SELECT ((SELECT count(*) FROM memory.chat_context_queue q
+                  WHERE q.chat_id = p_chat_id
+                    AND q.status IN ('pending_summarization', 'processing'))
+                + (SELECT count(*) FROM memory.capture_inbox i WHERE i.chat_id = p_chat_id))::int
+          INTO pending;
     END IF;
     IF memory._audit_reads() THEN
         PERFORM memory._audit('get', p_chat_id);
@@ -459,8 +463,12 @@ BEGIN
     END IF;
     pending := 0;
     IF c.due_at IS NOT NULL OR c.lease_token IS NOT NULL THEN   -- as in get()
-        SELECT count(*)::int INTO pending FROM memory.chat_context_queue q
-         WHERE q.chat_id = p_chat_id AND q.status IN ('pending_summarization', 'processing');
+        -- captured rows not yet moved into the queue are pending too
+        SELECT ((SELECT count(*) FROM memory.chat_context_queue q
+                  WHERE q.chat_id = p_chat_id
+                    AND q.status IN ('pending_summarization', 'processing'))
+                + (SELECT count(*) FROM memory.capture_inbox i WHERE i.chat_id = p_chat_id))::int
+          INTO pending;
     END IF;
     IF memory._audit_reads() THEN
         PERFORM memory._audit('context', p_chat_id);
@@ -498,11 +506,16 @@ BEGIN
         RAISE EXCEPTION 'queue_id must not be null' USING ERRCODE = '22023';
     END IF;
     SELECT x.* INTO q FROM memory.chat_context_queue x WHERE x.id = p_queue_id;
-    IF FOUND THEN
-        SELECT m.owner INTO v_owner FROM memory.chat_metadata m WHERE m.chat_id = q.chat_id;
-    END IF;
-    -- Someone else's snippet reads as missing: no existence oracle.
     IF NOT FOUND THEN
+        -- captured, not yet moved into the queue: pending
+        SELECT i.id, i.chat_id, i.captured_at INTO q.id, q.chat_id, q.created_at
+          FROM memory.capture_inbox i WHERE i.id = p_queue_id;
+        q.status := 'pending_summarization';
+        q.retry_count := 0;
+    END IF;
+    SELECT m.owner INTO v_owner FROM memory.chat_metadata m WHERE m.chat_id = q.chat_id;
+    -- Someone else's snippet reads as missing: no existence oracle.
+    IF v_owner IS NULL THEN
         RAISE EXCEPTION 'queue row % not found', p_queue_id USING ERRCODE = 'P0002';
     END IF;
     IF v_owner IS DISTINCT FROM memory.current_identity() AND NOT memory._is_admin() THEN
@@ -527,9 +540,15 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    RETURN (SELECT q.xmin::text::bigint
-              FROM memory.chat_context_queue q JOIN memory.chat_metadata m ON m.chat_id = q.chat_id
-             WHERE q.id = p_queue_id AND (m.owner = memory.current_identity() OR memory._is_admin()));
+    -- queued, or captured and not yet moved into the queue
+    RETURN (SELECT q.x::text::bigint
+              FROM (SELECT x.xmin AS x, x.chat_id FROM memory.chat_context_queue x
+                     WHERE x.id = p_queue_id
+                    UNION ALL
+                    SELECT i.xmin, i.chat_id FROM memory.capture_inbox i WHERE i.id = p_queue_id) q
+              JOIN memory.chat_metadata m ON m.chat_id = q.chat_id
+             WHERE m.owner = memory.current_identity() OR memory._is_admin()
+             LIMIT 1);
 END
 $$;
 
@@ -566,6 +585,9 @@ BEGIN
     PERFORM memory._audit('forget', p_chat_id);
     -- Lock the chat like the worker does, so a summarization in flight cannot apply after this.
     PERFORM 1 FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id FOR UPDATE;
+    -- its captured rows into the queue (audited as enqueued), erased with the rest: no capture
+    -- into the chat is in flight while we hold it
+    PERFORM memory._take_captured(ARRAY[p_chat_id]);
     DELETE FROM memory.chat_context_queue q WHERE q.chat_id = p_chat_id;
     DELETE FROM memory.chat_memory_history h WHERE h.chat_id = p_chat_id;
     DELETE FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
@@ -631,7 +653,11 @@ SELECT s.status,
        CASE WHEN s.status = 'pending_summarization' THEN now() - min(q.created_at) END
            AS oldest_pending_age
   FROM unnest(ARRAY['pending_summarization', 'processing', 'complete', 'failed']) AS s(status)
-  LEFT JOIN memory.chat_context_queue q ON q.status = s.status
+  -- captured rows the worker has not moved into the queue yet are pending
+  LEFT JOIN (SELECT q.id, q.status, q.created_at FROM memory.chat_context_queue q
+             UNION ALL
+             SELECT i.id, 'pending_summarization', i.captured_at FROM memory.capture_inbox i) q
+    ON q.status = s.status
  GROUP BY s.status;
 
 -- What memory costs: LLM requests and tokens per summarizer, all days summed (the daily figures

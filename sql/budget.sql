@@ -87,12 +87,26 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_until timestamptz := memory._utc_tomorrow();
+    v_chats text[];
     v_n int;
 BEGIN
     -- budgets off: nothing to read (this runs before every claim)
     IF p_default = 0 AND NOT EXISTS (SELECT 1 FROM memory.owner_budgets) THEN
         RETURN 0;
     END IF;
+    -- The chats, locked; their captured rows into the queue first, so that those are held and
+    -- marked too.
+    SELECT array_agg(x.chat_id) INTO v_chats
+      FROM (SELECT m.chat_id FROM memory.chat_metadata m
+              JOIN memory._owner_usage_today() u ON u.owner = m.owner
+             WHERE u.prompt_tokens + u.completion_tokens
+                   >= memory._owner_budget(u.owner, p_default)
+               AND m.due_at <= now() AND m.lease_token IS NULL
+               FOR NO KEY UPDATE OF m SKIP LOCKED) x;
+    IF v_chats IS NULL THEN
+        RETURN 0;
+    END IF;
+    PERFORM memory._take_captured(v_chats);
     WITH over AS (
         SELECT u.owner, u.prompt_tokens + u.completion_tokens AS spent,
                memory._owner_budget(u.owner, p_default) AS budget
@@ -100,8 +114,7 @@ BEGIN
     ), chats AS (
         SELECT m.chat_id, over.spent, over.budget
           FROM memory.chat_metadata m JOIN over ON over.owner = m.owner
-         WHERE over.spent >= over.budget AND m.due_at <= now() AND m.lease_token IS NULL
-           FOR NO KEY UPDATE OF m SKIP LOCKED
+         WHERE m.chat_id = ANY (v_chats)
     ), deferred AS (
         UPDATE memory.chat_metadata m SET due_at = v_until, retry_at = v_until
           FROM chats WHERE m.chat_id = chats.chat_id

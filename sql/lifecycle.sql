@@ -290,6 +290,14 @@ BEGIN
     END IF;
     SELECT q.chat_id INTO v_chat FROM memory.chat_context_queue q WHERE q.id = p_queue_id;
     IF NOT FOUND THEN
+        -- captured, not yet moved into the queue (moved below, under the chat's lock); or moved
+        -- between the two looks (the move is one transaction: a third look finds it)
+        SELECT i.chat_id INTO v_chat FROM memory.capture_inbox i WHERE i.id = p_queue_id;
+        IF NOT FOUND THEN
+            SELECT q.chat_id INTO v_chat FROM memory.chat_context_queue q WHERE q.id = p_queue_id;
+        END IF;
+    END IF;
+    IF v_chat IS NULL THEN
         RAISE EXCEPTION 'queue row % not found', p_queue_id USING ERRCODE = 'P0002';
     END IF;
     -- Someone else's snippet reads as missing, like status().
@@ -299,6 +307,7 @@ BEGIN
     END IF;
     PERFORM memory._take_rate_token(memory.current_identity());
     PERFORM 1 FROM memory.chat_metadata x WHERE x.chat_id = v_chat FOR UPDATE;
+    PERFORM memory._take_captured(ARRAY[v_chat]);
     -- Read again under the lock: a finish may have applied it meanwhile.
     SELECT q.status, q.applied_before INTO v_status, v_applied
       FROM memory.chat_context_queue q WHERE q.id = p_queue_id;
@@ -358,6 +367,8 @@ BEGIN
     SELECT coalesce(array_agg(m.chat_id ORDER BY m.chat_id), '{}') INTO v_chats
       FROM (SELECT x.chat_id FROM memory.chat_metadata x WHERE x.owner = p_owner
              ORDER BY x.chat_id FOR UPDATE) m;
+    -- captured rows into the queue (audited as enqueued), erased with the rest
+    PERFORM memory._take_captured(v_chats);
     WITH q AS (DELETE FROM memory.chat_context_queue q WHERE q.chat_id = ANY (v_chats)
                RETURNING 1)
     SELECT count(*) INTO v_snippets FROM q;

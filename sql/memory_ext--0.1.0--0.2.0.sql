@@ -7,7 +7,7 @@
 --   owner_budgets (per-owner daily token budgets),
 --   chat_context_queue.error_public (what owners see of an error) and applied_before
 --   (forget_snippet()), table owner_turns (owners take turns), table fact_keys (declared fact keys), and
---   memory.watch() (capture from an app's own table).
+--   memory.watch() (capture from an app's own table, with table capture_inbox).
 -- - Identities of direct callers move to their own namespace: an owner or enqueued_by naming an
 --   existing role becomes 'role:<name>' (0.1.0 stored a role's name as it was, in the namespace
 --   of JWT subs). A JWT sub equal to a role's name is taken for that role.
@@ -70,6 +70,30 @@ CREATE TABLE memory.owner_budgets (
 );
 SELECT pg_catalog.pg_extension_config_dump('memory.owner_usage_daily', '');
 SELECT pg_catalog.pg_extension_config_dump('memory.owner_budgets', '');
+-- Rows captured from watched tables (memory.watch) whose chat exists and is theirs: each drew
+-- its seq under the chat's KEY SHARE lock, as enqueue() does, but is written here, one heap row
+-- and one index entry, rather than into the queue (three indexes, the foreign key, the status
+-- check, an audit row). Whoever takes a chat FOR UPDATE to claim it, or to end a lease, moves the
+-- chat's captured rows into the queue first (memory._take_captured), keeping id and seq, and
+-- audits them then: so every rule of the queue holds for them as if enqueued. get() and
+-- context() count them as pending; forget() erases them.
+CREATE TABLE memory.capture_inbox (
+    id              uuid NOT NULL DEFAULT gen_random_uuid(),
+    -- drawn by the capture's INSERT, a statement after the one that locked the chat row
+    seq             bigint NOT NULL DEFAULT nextval('memory.chat_context_queue_seq'),
+    chat_id         text NOT NULL,
+    snippet         text NOT NULL,
+    source          text NOT NULL,
+    enqueued_by     text NOT NULL,
+    -- who inserted it (NULL: no identity) and as which role, for the audit row written when
+    -- the row is moved
+    identity        text,
+    role            name NOT NULL,
+    captured_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+    next_attempt_at timestamptz NOT NULL
+);
+CREATE INDEX capture_inbox_chat_idx ON memory.capture_inbox (chat_id, seq);
+SELECT pg_catalog.pg_extension_config_dump('memory.capture_inbox', '');
 
 -- ---- functions that are gone or whose arguments changed (with what uses them) ---------------
 DROP POLICY owner_reads ON memory.chat_context_queue;
@@ -111,6 +135,43 @@ BEGIN
          ORDER BY 2
          LIMIT $1 * 4
     $q$ USING p_max_chats;
+END
+$$;
+
+-- Move chats' captured rows (memory.capture_inbox) into the queue, keeping id and seq, with the
+-- audit row each enqueue writes (at its capture time). The caller holds the chats' rows at least
+-- FOR NO KEY UPDATE. A capture drew its seq under KEY SHARE, so under FOR UPDATE none is in
+-- flight and every lower seq is visible; under NO KEY UPDATE a capture may still commit a lower
+-- seq later, and the next claim, holding FOR UPDATE, moves it before it takes the oldest. Returns
+-- how many rows moved.
+CREATE FUNCTION memory._take_captured(p_chats text[])
+RETURNS int
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_n int;
+BEGIN
+    WITH moved AS (
+        DELETE FROM memory.capture_inbox i WHERE i.chat_id = ANY (p_chats)
+        RETURNING i.id, i.seq, i.chat_id, i.snippet, i.source, i.enqueued_by, i.identity,
+                  i.role, i.captured_at, i.next_attempt_at
+    ), queued AS (
+        INSERT INTO memory.chat_context_queue (id, seq, chat_id, new_context_snippet,
+                                               trigger_source, enqueued_by, created_at,
+                                               next_attempt_at)
+        SELECT m.id, m.seq, m.chat_id, m.snippet, m.source, m.enqueued_by, m.captured_at,
+               m.next_attempt_at
+          FROM moved m ORDER BY m.seq
+        RETURNING 1
+    ), audited AS (
+        INSERT INTO memory.audit_log (at, identity, role, action, chat_id, queue_id, detail)
+        SELECT m.captured_at, coalesce(m.identity, '(none)'), m.role, 'enqueue', m.chat_id, m.id,
+               m.source
+          FROM moved m ORDER BY m.seq
+    )
+    SELECT count(*) INTO v_n FROM queued;
+    RETURN v_n;
 END
 $$;
 
@@ -167,6 +228,9 @@ BEGIN
     IF v_chats IS NULL THEN
         RETURN;
     END IF;
+    -- We hold the chats FOR UPDATE: no capture into them is in flight, so every captured row
+    -- with a lower seq than a queued one is committed, and is moved before the oldest are taken.
+    PERFORM memory._take_captured(v_chats);
 
     -- Each chat's oldest pending snippets, through the (chat_id, seq) index; then mark them by
     -- primary key and return them. Separate statements on purpose: as one UPDATE ... FROM with
@@ -238,7 +302,11 @@ BEGIN
                  FROM (SELECT o.id, o.seq, o.new_context_snippet
                          FROM memory.chat_context_queue o
                         WHERE o.chat_id = c.chat_id AND o.status = 'pending_summarization'
-                        ORDER BY o.seq LIMIT $2) o) s
+                       UNION ALL
+                       -- captured rows: _claim_exact moves them, keeping id and seq
+                       SELECT i.id, i.seq, i.snippet
+                         FROM memory.capture_inbox i WHERE i.chat_id = c.chat_id
+                        ORDER BY seq LIMIT $2) o) s
          WHERE c.lease_token IS NULL AND s.snippets IS NOT NULL
          ORDER BY cand.ord
          LIMIT $1
@@ -264,7 +332,11 @@ BEGIN
      WHERE c.chat_id = p_chat_id AND c.lease_token IS NULL AND c.version = p_version
        AND c.due_at <= now()
        FOR UPDATE SKIP LOCKED;
-    IF NOT FOUND OR (SELECT array_agg(o.id ORDER BY o.seq)
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    PERFORM memory._take_captured(ARRAY[p_chat_id]);
+    IF (SELECT array_agg(o.id ORDER BY o.seq)
                        FROM (SELECT o.id, o.seq FROM memory.chat_context_queue o
                               WHERE o.chat_id = p_chat_id
                                 AND o.status = 'pending_summarization'
@@ -345,9 +417,12 @@ BEGIN
     IF v_debounce <= 0 THEN
         RETURN p_due;
     END IF;
-    SELECT min(q.created_at), max(q.created_at) INTO v_first, v_last
-      FROM memory.chat_context_queue q
-     WHERE q.chat_id = p_chat_id AND q.status = 'pending_summarization';
+    -- captured rows not yet moved into the queue are pending too
+    SELECT min(x.at), max(x.at) INTO v_first, v_last
+      FROM (SELECT q.created_at AS at FROM memory.chat_context_queue q
+             WHERE q.chat_id = p_chat_id AND q.status = 'pending_summarization'
+            UNION ALL
+            SELECT i.captured_at FROM memory.capture_inbox i WHERE i.chat_id = p_chat_id) x;
     IF v_first IS NULL THEN
         RETURN p_due;
     END IF;
@@ -388,6 +463,7 @@ AS $$
 DECLARE
     v_first_due timestamptz;
 BEGIN
+    PERFORM memory._take_captured(ARRAY[p_chat_id]);
     SELECT min(q.next_attempt_at) INTO v_first_due FROM memory.chat_context_queue q
      WHERE q.chat_id = p_chat_id AND q.status = 'pending_summarization';
     IF v_first_due IS NULL THEN
@@ -418,6 +494,8 @@ DECLARE
     v_next timestamptz;
     v_rebuilding bool;
 BEGIN
+    -- captured rows into the queue first: the backoff below holds them back too
+    PERFORM memory._take_captured(ARRAY[p_chat_id]);
     UPDATE memory.chat_context_queue q
        SET retry_count = q.retry_count + CASE WHEN p_count_attempt THEN 1 ELSE 0 END,
            error_message = CASE WHEN p_count_attempt THEN left(p_error, 2000)
@@ -1291,8 +1369,12 @@ BEGIN
     -- check the paths that race for it (enqueue, retry_failed, claim and finish).
     pending := 0;
     IF v_busy THEN
-        SELECT count(*)::int INTO pending FROM memory.chat_context_queue q
-         WHERE q.chat_id = p_chat_id AND q.status IN ('pending_summarization', 'processing');
+        -- captured rows not yet moved into the queue are pending too
+        SELECT ((SELECT count(*) FROM memory.chat_context_queue q
+                  WHERE q.chat_id = p_chat_id
+                    AND q.status IN ('pending_summarization', 'processing'))
+                + (SELECT count(*) FROM memory.capture_inbox i WHERE i.chat_id = p_chat_id))::int
+          INTO pending;
     END IF;
     IF memory._audit_reads() THEN
         PERFORM memory._audit('get', p_chat_id);
@@ -1348,8 +1430,12 @@ BEGIN
     END IF;
     pending := 0;
     IF c.due_at IS NOT NULL OR c.lease_token IS NOT NULL THEN   -- as in get()
-        SELECT count(*)::int INTO pending FROM memory.chat_context_queue q
-         WHERE q.chat_id = p_chat_id AND q.status IN ('pending_summarization', 'processing');
+        -- captured rows not yet moved into the queue are pending too
+        SELECT ((SELECT count(*) FROM memory.chat_context_queue q
+                  WHERE q.chat_id = p_chat_id
+                    AND q.status IN ('pending_summarization', 'processing'))
+                + (SELECT count(*) FROM memory.capture_inbox i WHERE i.chat_id = p_chat_id))::int
+          INTO pending;
     END IF;
     IF memory._audit_reads() THEN
         PERFORM memory._audit('context', p_chat_id);
@@ -1387,11 +1473,16 @@ BEGIN
         RAISE EXCEPTION 'queue_id must not be null' USING ERRCODE = '22023';
     END IF;
     SELECT x.* INTO q FROM memory.chat_context_queue x WHERE x.id = p_queue_id;
-    IF FOUND THEN
-        SELECT m.owner INTO v_owner FROM memory.chat_metadata m WHERE m.chat_id = q.chat_id;
-    END IF;
-    -- Someone else's snippet reads as missing: no existence oracle.
     IF NOT FOUND THEN
+        -- captured, not yet moved into the queue: pending
+        SELECT i.id, i.chat_id, i.captured_at INTO q.id, q.chat_id, q.created_at
+          FROM memory.capture_inbox i WHERE i.id = p_queue_id;
+        q.status := 'pending_summarization';
+        q.retry_count := 0;
+    END IF;
+    SELECT m.owner INTO v_owner FROM memory.chat_metadata m WHERE m.chat_id = q.chat_id;
+    -- Someone else's snippet reads as missing: no existence oracle.
+    IF v_owner IS NULL THEN
         RAISE EXCEPTION 'queue row % not found', p_queue_id USING ERRCODE = 'P0002';
     END IF;
     IF v_owner IS DISTINCT FROM memory.current_identity() AND NOT memory._is_admin() THEN
@@ -1416,9 +1507,15 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    RETURN (SELECT q.xmin::text::bigint
-              FROM memory.chat_context_queue q JOIN memory.chat_metadata m ON m.chat_id = q.chat_id
-             WHERE q.id = p_queue_id AND (m.owner = memory.current_identity() OR memory._is_admin()));
+    -- queued, or captured and not yet moved into the queue
+    RETURN (SELECT q.x::text::bigint
+              FROM (SELECT x.xmin AS x, x.chat_id FROM memory.chat_context_queue x
+                     WHERE x.id = p_queue_id
+                    UNION ALL
+                    SELECT i.xmin, i.chat_id FROM memory.capture_inbox i WHERE i.id = p_queue_id) q
+              JOIN memory.chat_metadata m ON m.chat_id = q.chat_id
+             WHERE m.owner = memory.current_identity() OR memory._is_admin()
+             LIMIT 1);
 END
 $$;
 
@@ -1455,6 +1552,9 @@ BEGIN
     PERFORM memory._audit('forget', p_chat_id);
     -- Lock the chat like the worker does, so a summarization in flight cannot apply after this.
     PERFORM 1 FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id FOR UPDATE;
+    -- its captured rows into the queue (audited as enqueued), erased with the rest: no capture
+    -- into the chat is in flight while we hold it
+    PERFORM memory._take_captured(ARRAY[p_chat_id]);
     DELETE FROM memory.chat_context_queue q WHERE q.chat_id = p_chat_id;
     DELETE FROM memory.chat_memory_history h WHERE h.chat_id = p_chat_id;
     DELETE FROM memory.chat_metadata m WHERE m.chat_id = p_chat_id;
@@ -1520,7 +1620,11 @@ SELECT s.status,
        CASE WHEN s.status = 'pending_summarization' THEN now() - min(q.created_at) END
            AS oldest_pending_age
   FROM unnest(ARRAY['pending_summarization', 'processing', 'complete', 'failed']) AS s(status)
-  LEFT JOIN memory.chat_context_queue q ON q.status = s.status
+  -- captured rows the worker has not moved into the queue yet are pending
+  LEFT JOIN (SELECT q.id, q.status, q.created_at FROM memory.chat_context_queue q
+             UNION ALL
+             SELECT i.id, 'pending_summarization', i.captured_at FROM memory.capture_inbox i) q
+    ON q.status = s.status
  GROUP BY s.status;
 
 -- What memory costs: LLM requests and tokens per summarizer, all days summed (the daily figures
@@ -1821,100 +1925,73 @@ AS 'MODULE_PATHNAME', 'truncate_utf8_sql_wrapper';
 -- character boundary (the start of a message carries what memory keeps). The rate limit does not
 -- apply: the app decides what it inserts.
 
--- The trigger function. Its arguments: chat column, text column, owner column, role column ('' for
--- none). Rows are read through to_jsonb(row), so the statements are static (planned once per
--- table and session) whatever the table: a value is its JSON text (uuid, text, numbers as written).
--- Row by row, in the statement's row order, each an index lookup like enqueue()'s. Definer rights:
--- the inserting role has no privileges on memory's tables; identity and admin status still come
--- from the inserting role and its JWT (memory._invoker()).
+-- The trigger function, in Rust (src/capture.rs): it reads the transition table's rows in order,
+-- skips those without a text or a valid chat id, and takes each other row as a snippet of its
+-- chat. The common case, a row into an existing chat of its owner (the inserting identity's, or
+-- an admin's row on the owner's behalf), is three saved statements: the chat row locked FOR KEY
+-- SHARE before the seq is drawn, as enqueue() does, the row written to memory.capture_inbox
+-- (moved into the queue, with its audit row, by whoever next holds the chat), and an idle chat
+-- marked due.
+-- Any other row goes through memory._capture_row. Definer rights: the inserting role has no
+-- privileges on memory's tables; identity and admin status still come from the inserting role
+-- and its JWT (memory._invoker()). Column values are read as their type's text output.
 CREATE FUNCTION memory._capture()
 RETURNS trigger
-LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+LANGUAGE c VOLATILE PARALLEL UNSAFE
 SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'capture_wrapper';
+
+-- A captured row the common case did not take: enqueue()'s way, into the queue, with its audit row. p_owner is the row's owner (or the
+-- inserting identity); p_text is already prefixed with its role and cut to the size limit.
+-- Returns the queue row's id, or NULL when the row is refused (another owner's chat, or not the
+-- inserting identity's row).
+CREATE FUNCTION memory._capture_row(p_chat text, p_owner text, p_text text, p_source text,
+                                    p_identity text, p_admin bool, p_by_owner bool)
+RETURNS uuid
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_identity text := memory.current_identity();
-    v_admin bool;   -- asked only when a row needs it
-    v_source text := left(format('watch:%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME), 64);
-    v_max int := memory._max_snippet_bytes();
-    v_row jsonb;
-    v_chat text;
-    v_owner text;
-    v_text text;
-    v_role text;
     v_id uuid;
     v_next timestamptz;
-    v_rows int := 0;
-    v_skipped int := 0;
-    v_denied text[] := '{}';
 BEGIN
-    FOR v_row IN SELECT to_jsonb(n) FROM memory_ext_new_rows n LOOP
-        v_rows := v_rows + 1;
-        v_chat := v_row ->> TG_ARGV[0];
-        v_text := v_row ->> TG_ARGV[1];
-        IF v_text IS NULL OR btrim(v_text, E' \t\r\n') = ''
-           OR memory._chat_id_problem(v_chat) IS NOT NULL THEN
-            v_skipped := v_skipped + 1;
-            CONTINUE;
-        END IF;
-        v_owner := CASE WHEN TG_ARGV[2] = '' THEN v_identity
-                        ELSE coalesce(v_row ->> TG_ARGV[2], v_identity) END;
-        v_role := CASE WHEN TG_ARGV[3] <> '' THEN nullif(btrim(v_row ->> TG_ARGV[3]), '') END;
-        IF v_role IS NOT NULL THEN
-            v_text := v_role || ': ' || v_text;
-        END IF;
-        IF octet_length(v_text) > v_max THEN
-            v_text := memory._truncate_utf8(v_text, v_max);
-        END IF;
-        v_id := NULL;
-        IF v_owner IS DISTINCT FROM v_identity AND v_admin IS NULL THEN
-            v_admin := memory._is_admin();
-        END IF;
-        IF v_owner = v_identity OR (v_owner IS NOT NULL AND v_admin) THEN
-            -- the common case: the row's owner's chat exists (enqueue()'s lock and order)
-            INSERT INTO memory.chat_context_queue (chat_id, new_context_snippet, trigger_source,
-                                                   enqueued_by, next_attempt_at)
-            SELECT m.chat_id, v_text, v_source, coalesce(v_identity, m.owner),
-                   greatest(now(), m.retry_at)
-              FROM memory.chat_metadata m
-             WHERE m.chat_id = v_chat AND m.owner = v_owner
-               FOR KEY SHARE OF m
-            RETURNING id, next_attempt_at INTO v_id, v_next;
-        END IF;
-        IF v_id IS NULL THEN
-            v_admin := coalesce(v_admin, memory._is_admin());
-            SELECT c.id, c.next_attempt_at INTO v_id, v_next
-              FROM memory._capture_new(v_chat, v_owner, v_text, v_source, v_identity, v_admin,
-                                       TG_ARGV[2] <> '') c;
-        END IF;
-        IF v_id IS NULL THEN
-            v_denied := v_denied || v_chat;
-            CONTINUE;
-        END IF;
-        IF memory._debounce_ms() > 0 THEN
-            PERFORM memory._debounce_chat(v_chat, v_next);
-        ELSE
-            UPDATE memory.chat_metadata m SET due_at = v_next
-             WHERE m.chat_id = v_chat AND m.due_at IS NULL;
-        END IF;
-        INSERT INTO memory.audit_log (identity, role, action, chat_id, queue_id, detail)
-        VALUES (coalesce(v_identity, '(none)'), memory._invoker(), 'enqueue', v_chat, v_id,
-                v_source);
-    END LOOP;
-    IF v_rows > v_skipped + cardinality(v_denied) THEN
-        PERFORM memory._wake_at_commit();
+    IF p_owner = p_identity OR (p_owner IS NOT NULL AND p_admin) THEN
+        -- the row's owner's chat exists (enqueue()'s lock and order)
+        INSERT INTO memory.chat_context_queue (chat_id, new_context_snippet, trigger_source,
+                                               enqueued_by, next_attempt_at)
+        SELECT m.chat_id, p_text, p_source, coalesce(p_identity, m.owner),
+               greatest(now(), m.retry_at)
+          FROM memory.chat_metadata m
+         WHERE m.chat_id = p_chat AND m.owner = p_owner
+           FOR KEY SHARE OF m
+        RETURNING id, next_attempt_at INTO v_id, v_next;
     END IF;
-    IF v_skipped > 0 OR cardinality(v_denied) > 0 THEN
-        PERFORM memory._capture_refused(v_source, v_identity, v_rows, v_skipped, v_denied);
+    IF v_id IS NULL THEN
+        SELECT c.id, c.next_attempt_at INTO v_id, v_next
+          FROM memory._capture_new(p_chat, p_owner, p_text, p_source, p_identity, p_admin,
+                                   p_by_owner) c;
     END IF;
-    RETURN NULL;
+    IF v_id IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF memory._debounce_ms() > 0 THEN
+        PERFORM memory._debounce_chat(p_chat, v_next);
+    ELSE
+        UPDATE memory.chat_metadata m SET due_at = v_next
+         WHERE m.chat_id = p_chat AND m.due_at IS NULL;
+    END IF;
+    INSERT INTO memory.audit_log (identity, role, action, chat_id, queue_id, detail)
+    VALUES (coalesce(p_identity, '(none)'), memory._invoker(), 'enqueue', p_chat, v_id,
+            p_source);
+    RETURN v_id;
 END
 $$;
 
--- A row the common case did not take: its chat is new (created for the row's owner when the
--- inserting identity may), or the row may go into another owner's chat (an admin without an
--- owner column, on the owner's behalf, as enqueue() allows). Otherwise nothing (refused).
+-- A row _capture_row's common case did not take: its chat is new (created for the row's owner
+-- when the inserting identity may), or the row may go into another owner's chat (an admin
+-- without an owner column, on the owner's behalf, as enqueue() allows). Otherwise nothing
+-- (refused).
 CREATE FUNCTION memory._capture_new(p_chat text, p_owner text, p_text text, p_source text,
                                     p_identity text, p_admin bool, p_by_owner bool,
                                     OUT id uuid, OUT next_attempt_at timestamptz)
@@ -2183,12 +2260,26 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_until timestamptz := memory._utc_tomorrow();
+    v_chats text[];
     v_n int;
 BEGIN
     -- budgets off: nothing to read (this runs before every claim)
     IF p_default = 0 AND NOT EXISTS (SELECT 1 FROM memory.owner_budgets) THEN
         RETURN 0;
     END IF;
+    -- The chats, locked; their captured rows into the queue first, so that those are held and
+    -- marked too.
+    SELECT array_agg(x.chat_id) INTO v_chats
+      FROM (SELECT m.chat_id FROM memory.chat_metadata m
+              JOIN memory._owner_usage_today() u ON u.owner = m.owner
+             WHERE u.prompt_tokens + u.completion_tokens
+                   >= memory._owner_budget(u.owner, p_default)
+               AND m.due_at <= now() AND m.lease_token IS NULL
+               FOR NO KEY UPDATE OF m SKIP LOCKED) x;
+    IF v_chats IS NULL THEN
+        RETURN 0;
+    END IF;
+    PERFORM memory._take_captured(v_chats);
     WITH over AS (
         SELECT u.owner, u.prompt_tokens + u.completion_tokens AS spent,
                memory._owner_budget(u.owner, p_default) AS budget
@@ -2196,8 +2287,7 @@ BEGIN
     ), chats AS (
         SELECT m.chat_id, over.spent, over.budget
           FROM memory.chat_metadata m JOIN over ON over.owner = m.owner
-         WHERE over.spent >= over.budget AND m.due_at <= now() AND m.lease_token IS NULL
-           FOR NO KEY UPDATE OF m SKIP LOCKED
+         WHERE m.chat_id = ANY (v_chats)
     ), deferred AS (
         UPDATE memory.chat_metadata m SET due_at = v_until, retry_at = v_until
           FROM chats WHERE m.chat_id = chats.chat_id
@@ -2590,6 +2680,14 @@ BEGIN
     END IF;
     SELECT q.chat_id INTO v_chat FROM memory.chat_context_queue q WHERE q.id = p_queue_id;
     IF NOT FOUND THEN
+        -- captured, not yet moved into the queue (moved below, under the chat's lock); or moved
+        -- between the two looks (the move is one transaction: a third look finds it)
+        SELECT i.chat_id INTO v_chat FROM memory.capture_inbox i WHERE i.id = p_queue_id;
+        IF NOT FOUND THEN
+            SELECT q.chat_id INTO v_chat FROM memory.chat_context_queue q WHERE q.id = p_queue_id;
+        END IF;
+    END IF;
+    IF v_chat IS NULL THEN
         RAISE EXCEPTION 'queue row % not found', p_queue_id USING ERRCODE = 'P0002';
     END IF;
     -- Someone else's snippet reads as missing, like status().
@@ -2599,6 +2697,7 @@ BEGIN
     END IF;
     PERFORM memory._take_rate_token(memory.current_identity());
     PERFORM 1 FROM memory.chat_metadata x WHERE x.chat_id = v_chat FOR UPDATE;
+    PERFORM memory._take_captured(ARRAY[v_chat]);
     -- Read again under the lock: a finish may have applied it meanwhile.
     SELECT q.status, q.applied_before INTO v_status, v_applied
       FROM memory.chat_context_queue q WHERE q.id = p_queue_id;
@@ -2658,6 +2757,8 @@ BEGIN
     SELECT coalesce(array_agg(m.chat_id ORDER BY m.chat_id), '{}') INTO v_chats
       FROM (SELECT x.chat_id FROM memory.chat_metadata x WHERE x.owner = p_owner
              ORDER BY x.chat_id FOR UPDATE) m;
+    -- captured rows into the queue (audited as enqueued), erased with the rest
+    PERFORM memory._take_captured(v_chats);
     WITH q AS (DELETE FROM memory.chat_context_queue q WHERE q.chat_id = ANY (v_chats)
                RETURNING 1)
     SELECT count(*) INTO v_snippets FROM q;
@@ -2691,6 +2792,9 @@ CREATE POLICY admin_reads ON memory.owner_usage_daily FOR SELECT USING (memory._
 ALTER TABLE memory.owner_budgets ENABLE ROW LEVEL SECURITY;
 CREATE POLICY admin_reads ON memory.owner_budgets FOR SELECT USING (memory._is_admin());
 
+ALTER TABLE memory.capture_inbox ENABLE ROW LEVEL SECURITY;
+CREATE POLICY admin_reads ON memory.capture_inbox FOR SELECT USING (memory._is_admin());
+
 DO $$
 DECLARE
     t text;
@@ -2703,6 +2807,31 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- Captured rows have no foreign key (it would cost every capture a check): a chat deleted other
+-- than through forget() (an admin's direct DELETE, TRUNCATE ... CASCADE) takes its captured rows
+-- along here, so they can never be moved into a later chat of the same id.
+CREATE FUNCTION memory._erase_captured()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        DELETE FROM memory.capture_inbox;
+    ELSE
+        DELETE FROM memory.capture_inbox i
+         WHERE i.chat_id IN (SELECT o.chat_id FROM memory_ext_deleted_chats o);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER erase_captured AFTER DELETE ON memory.chat_metadata
+    REFERENCING OLD TABLE AS memory_ext_deleted_chats
+    FOR EACH STATEMENT EXECUTE FUNCTION memory._erase_captured();
+CREATE TRIGGER erase_captured_truncate AFTER TRUNCATE ON memory.chat_metadata
+    FOR EACH STATEMENT EXECUTE FUNCTION memory._erase_captured();
 
 -- ---- data ------------------------------------------------------------------------------------
 UPDATE memory.chat_metadata m SET owner = 'role:' || m.owner
@@ -2731,7 +2860,7 @@ UPDATE memory.chat_context_queue q SET error_public = memory._public_error(NULL)
 -- ---- privileges ------------------------------------------------------------------------------
 -- New objects: nothing for PUBLIC.
 REVOKE ALL ON memory.owner_turns, memory.fact_keys, memory.owner_usage_daily,
-    memory.owner_budgets, memory.owner_usage FROM PUBLIC;
+    memory.owner_budgets, memory.owner_usage, memory.capture_inbox FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA memory FROM PUBLIC;
 
 -- Roles that had the API or admin rights get what grant_usage()/grant_admin() include in 0.2.0.

@@ -29,6 +29,43 @@ BEGIN
 END
 $$;
 
+-- Move chats' captured rows (memory.capture_inbox) into the queue, keeping id and seq, with the
+-- audit row each enqueue writes (at its capture time). The caller holds the chats' rows at least
+-- FOR NO KEY UPDATE. A capture drew its seq under KEY SHARE, so under FOR UPDATE none is in
+-- flight and every lower seq is visible; under NO KEY UPDATE a capture may still commit a lower
+-- seq later, and the next claim, holding FOR UPDATE, moves it before it takes the oldest. Returns
+-- how many rows moved.
+CREATE FUNCTION memory._take_captured(p_chats text[])
+RETURNS int
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_n int;
+BEGIN
+    WITH moved AS (
+        DELETE FROM memory.capture_inbox i WHERE i.chat_id = ANY (p_chats)
+        RETURNING i.id, i.seq, i.chat_id, i.snippet, i.source, i.enqueued_by, i.identity,
+                  i.role, i.captured_at, i.next_attempt_at
+    ), queued AS (
+        INSERT INTO memory.chat_context_queue (id, seq, chat_id, new_context_snippet,
+                                               trigger_source, enqueued_by, created_at,
+                                               next_attempt_at)
+        SELECT m.id, m.seq, m.chat_id, m.snippet, m.source, m.enqueued_by, m.captured_at,
+               m.next_attempt_at
+          FROM moved m ORDER BY m.seq
+        RETURNING 1
+    ), audited AS (
+        INSERT INTO memory.audit_log (at, identity, role, action, chat_id, queue_id, detail)
+        SELECT m.captured_at, coalesce(m.identity, '(none)'), m.role, 'enqueue', m.chat_id, m.id,
+               m.source
+          FROM moved m ORDER BY m.seq
+    )
+    SELECT count(*) INTO v_n FROM queued;
+    RETURN v_n;
+END
+$$;
+
 -- Lease up to p_max_chats chats that have due work and are neither leased nor backing off, and
 -- mark up to p_max_snippets of each one's pending snippets 'processing' under that lease.
 -- Returns each leased chat's current memory (the one being rebuilt, during a rebuild) and its
@@ -83,6 +120,9 @@ BEGIN
     IF v_chats IS NULL THEN
         RETURN;
     END IF;
+    -- We hold the chats FOR UPDATE: no capture into them is in flight, so every captured row
+    -- with a lower seq than a queued one is committed, and is moved before the oldest are taken.
+    PERFORM memory._take_captured(v_chats);
 
     -- Each chat's oldest pending snippets, through the (chat_id, seq) index; then mark them by
     -- primary key and return them. Separate statements on purpose: as one UPDATE ... FROM with
@@ -154,7 +194,11 @@ BEGIN
                  FROM (SELECT o.id, o.seq, o.new_context_snippet
                          FROM memory.chat_context_queue o
                         WHERE o.chat_id = c.chat_id AND o.status = 'pending_summarization'
-                        ORDER BY o.seq LIMIT $2) o) s
+                       UNION ALL
+                       -- captured rows: _claim_exact moves them, keeping id and seq
+                       SELECT i.id, i.seq, i.snippet
+                         FROM memory.capture_inbox i WHERE i.chat_id = c.chat_id
+                        ORDER BY seq LIMIT $2) o) s
          WHERE c.lease_token IS NULL AND s.snippets IS NOT NULL
          ORDER BY cand.ord
          LIMIT $1
@@ -180,7 +224,11 @@ BEGIN
      WHERE c.chat_id = p_chat_id AND c.lease_token IS NULL AND c.version = p_version
        AND c.due_at <= now()
        FOR UPDATE SKIP LOCKED;
-    IF NOT FOUND OR (SELECT array_agg(o.id ORDER BY o.seq)
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    PERFORM memory._take_captured(ARRAY[p_chat_id]);
+    IF (SELECT array_agg(o.id ORDER BY o.seq)
                        FROM (SELECT o.id, o.seq FROM memory.chat_context_queue o
                               WHERE o.chat_id = p_chat_id
                                 AND o.status = 'pending_summarization'
@@ -261,9 +309,12 @@ BEGIN
     IF v_debounce <= 0 THEN
         RETURN p_due;
     END IF;
-    SELECT min(q.created_at), max(q.created_at) INTO v_first, v_last
-      FROM memory.chat_context_queue q
-     WHERE q.chat_id = p_chat_id AND q.status = 'pending_summarization';
+    -- captured rows not yet moved into the queue are pending too
+    SELECT min(x.at), max(x.at) INTO v_first, v_last
+      FROM (SELECT q.created_at AS at FROM memory.chat_context_queue q
+             WHERE q.chat_id = p_chat_id AND q.status = 'pending_summarization'
+            UNION ALL
+            SELECT i.captured_at FROM memory.capture_inbox i WHERE i.chat_id = p_chat_id) x;
     IF v_first IS NULL THEN
         RETURN p_due;
     END IF;
@@ -295,7 +346,8 @@ $$;
 
 -- When a chat's oldest pending snippet may be claimed: not before p_due, and with memory_ext.
 -- debounce, not before the chat has been quiet. NULL when nothing is pending (greatest() alone
--- would skip the NULL and answer p_due, marking every finished chat due again).
+-- would skip the NULL and answer p_due, marking every finished chat due again). The caller holds
+-- the chat row: its captured rows are moved into the queue first, so they count.
 CREATE FUNCTION memory._next_pending_due(p_chat_id text, p_due timestamptz)
 RETURNS timestamptz
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
@@ -304,6 +356,7 @@ AS $$
 DECLARE
     v_first_due timestamptz;
 BEGIN
+    PERFORM memory._take_captured(ARRAY[p_chat_id]);
     SELECT min(q.next_attempt_at) INTO v_first_due FROM memory.chat_context_queue q
      WHERE q.chat_id = p_chat_id AND q.status = 'pending_summarization';
     IF v_first_due IS NULL THEN
@@ -335,6 +388,8 @@ DECLARE
     v_next timestamptz;
     v_rebuilding bool;
 BEGIN
+    -- captured rows into the queue first: the backoff below holds them back too
+    PERFORM memory._take_captured(ARRAY[p_chat_id]);
     UPDATE memory.chat_context_queue q
        SET retry_count = q.retry_count + CASE WHEN p_count_attempt THEN 1 ELSE 0 END,
            error_message = CASE WHEN p_count_attempt THEN left(p_error, 2000)

@@ -89,6 +89,30 @@ CREATE INDEX chat_context_queue_done_idx ON memory.chat_context_queue (processed
 -- forget(), retry_failed() and the foreign key's cascade.
 CREATE INDEX chat_context_queue_chat_idx ON memory.chat_context_queue (chat_id, status);
 
+-- Rows captured from watched tables (memory.watch) whose chat exists and is theirs: each drew
+-- its seq under the chat's KEY SHARE lock, as enqueue() does, but is written here, one heap row
+-- and one index entry, rather than into the queue (three indexes, the foreign key, the status
+-- check, an audit row). Whoever takes a chat FOR UPDATE to claim it, or to end a lease, moves the
+-- chat's captured rows into the queue first (memory._take_captured), keeping id and seq, and
+-- audits them then: so every rule of the queue holds for them as if enqueued. get() and
+-- context() count them as pending; forget() erases them.
+CREATE TABLE memory.capture_inbox (
+    id              uuid NOT NULL DEFAULT gen_random_uuid(),
+    -- drawn by the capture's INSERT, a statement after the one that locked the chat row
+    seq             bigint NOT NULL DEFAULT nextval('memory.chat_context_queue_seq'),
+    chat_id         text NOT NULL,
+    snippet         text NOT NULL,
+    source          text NOT NULL,
+    enqueued_by     text NOT NULL,
+    -- who inserted it (NULL: no identity) and as which role, for the audit row written when
+    -- the row is moved
+    identity        text,
+    role            name NOT NULL,
+    captured_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+    next_attempt_at timestamptz NOT NULL
+);
+CREATE INDEX capture_inbox_chat_idx ON memory.capture_inbox (chat_id, seq);
+
 -- When each owner last had a chat claimed: claims serve the owners waiting longest first, so one
 -- owner's many chats cannot hold back another owner's. Scheduling state only (not dumped).
 CREATE TABLE memory.owner_turns (
@@ -216,3 +240,4 @@ SELECT pg_catalog.pg_extension_config_dump('memory.admin_roles', '');
 SELECT pg_catalog.pg_extension_config_dump('memory.fact_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('memory.owner_usage_daily', '');
 SELECT pg_catalog.pg_extension_config_dump('memory.owner_budgets', '');
+SELECT pg_catalog.pg_extension_config_dump('memory.capture_inbox', '');

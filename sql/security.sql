@@ -217,6 +217,9 @@ CREATE POLICY admin_reads ON memory.owner_usage_daily FOR SELECT USING (memory._
 ALTER TABLE memory.owner_budgets ENABLE ROW LEVEL SECURITY;
 CREATE POLICY admin_reads ON memory.owner_budgets FOR SELECT USING (memory._is_admin());
 
+ALTER TABLE memory.capture_inbox ENABLE ROW LEVEL SECURITY;
+CREATE POLICY admin_reads ON memory.capture_inbox FOR SELECT USING (memory._is_admin());
+
 -- The audit log is append-only for everyone but superusers (the worker's retention included),
 -- whatever privileges or ownership a role has.
 CREATE FUNCTION memory._audit_log_append_only()
@@ -266,6 +269,31 @@ END
 $$;
 CREATE TRIGGER append_only_truncate BEFORE TRUNCATE ON memory.audit_log
     FOR EACH STATEMENT EXECUTE FUNCTION memory._audit_log_append_only();
+
+-- Captured rows have no foreign key (it would cost every capture a check): a chat deleted other
+-- than through forget() (an admin's direct DELETE, TRUNCATE ... CASCADE) takes its captured rows
+-- along here, so they can never be moved into a later chat of the same id.
+CREATE FUNCTION memory._erase_captured()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        DELETE FROM memory.capture_inbox;
+    ELSE
+        DELETE FROM memory.capture_inbox i
+         WHERE i.chat_id IN (SELECT o.chat_id FROM memory_ext_deleted_chats o);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER erase_captured AFTER DELETE ON memory.chat_metadata
+    REFERENCING OLD TABLE AS memory_ext_deleted_chats
+    FOR EACH STATEMENT EXECUTE FUNCTION memory._erase_captured();
+CREATE TRIGGER erase_captured_truncate AFTER TRUNCATE ON memory.chat_metadata
+    FOR EACH STATEMENT EXECUTE FUNCTION memory._erase_captured();
 
 -- Nothing for PUBLIC: not the schema, not the tables, not the functions (revoking the default
 -- EXECUTE every new function gets).

@@ -12,100 +12,73 @@
 -- character boundary (the start of a message carries what memory keeps). The rate limit does not
 -- apply: the app decides what it inserts.
 
--- The trigger function. Its arguments: chat column, text column, owner column, role column ('' for
--- none). Rows are read through to_jsonb(row), so the statements are static (planned once per
--- table and session) whatever the table: a value is its JSON text (uuid, text, numbers as written).
--- Row by row, in the statement's row order, each an index lookup like enqueue()'s. Definer rights:
--- the inserting role has no privileges on memory's tables; identity and admin status still come
--- from the inserting role and its JWT (memory._invoker()).
+-- The trigger function, in Rust (src/capture.rs): it reads the transition table's rows in order,
+-- skips those without a text or a valid chat id, and takes each other row as a snippet of its
+-- chat. The common case, a row into an existing chat of its owner (the inserting identity's, or
+-- an admin's row on the owner's behalf), is three saved statements: the chat row locked FOR KEY
+-- SHARE before the seq is drawn, as enqueue() does, the row written to memory.capture_inbox
+-- (moved into the queue, with its audit row, by whoever next holds the chat), and an idle chat
+-- marked due.
+-- Any other row goes through memory._capture_row. Definer rights: the inserting role has no
+-- privileges on memory's tables; identity and admin status still come from the inserting role
+-- and its JWT (memory._invoker()). Column values are read as their type's text output.
 CREATE FUNCTION memory._capture()
 RETURNS trigger
-LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+LANGUAGE c VOLATILE PARALLEL UNSAFE
 SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'capture_wrapper';
+
+-- A captured row the common case did not take: enqueue()'s way, into the queue, with its audit row. p_owner is the row's owner (or the
+-- inserting identity); p_text is already prefixed with its role and cut to the size limit.
+-- Returns the queue row's id, or NULL when the row is refused (another owner's chat, or not the
+-- inserting identity's row).
+CREATE FUNCTION memory._capture_row(p_chat text, p_owner text, p_text text, p_source text,
+                                    p_identity text, p_admin bool, p_by_owner bool)
+RETURNS uuid
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_identity text := memory.current_identity();
-    v_admin bool;   -- asked only when a row needs it
-    v_source text := left(format('watch:%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME), 64);
-    v_max int := memory._max_snippet_bytes();
-    v_row jsonb;
-    v_chat text;
-    v_owner text;
-    v_text text;
-    v_role text;
     v_id uuid;
     v_next timestamptz;
-    v_rows int := 0;
-    v_skipped int := 0;
-    v_denied text[] := '{}';
 BEGIN
-    FOR v_row IN SELECT to_jsonb(n) FROM memory_ext_new_rows n LOOP
-        v_rows := v_rows + 1;
-        v_chat := v_row ->> TG_ARGV[0];
-        v_text := v_row ->> TG_ARGV[1];
-        IF v_text IS NULL OR btrim(v_text, E' \t\r\n') = ''
-           OR memory._chat_id_problem(v_chat) IS NOT NULL THEN
-            v_skipped := v_skipped + 1;
-            CONTINUE;
-        END IF;
-        v_owner := CASE WHEN TG_ARGV[2] = '' THEN v_identity
-                        ELSE coalesce(v_row ->> TG_ARGV[2], v_identity) END;
-        v_role := CASE WHEN TG_ARGV[3] <> '' THEN nullif(btrim(v_row ->> TG_ARGV[3]), '') END;
-        IF v_role IS NOT NULL THEN
-            v_text := v_role || ': ' || v_text;
-        END IF;
-        IF octet_length(v_text) > v_max THEN
-            v_text := memory._truncate_utf8(v_text, v_max);
-        END IF;
-        v_id := NULL;
-        IF v_owner IS DISTINCT FROM v_identity AND v_admin IS NULL THEN
-            v_admin := memory._is_admin();
-        END IF;
-        IF v_owner = v_identity OR (v_owner IS NOT NULL AND v_admin) THEN
-            -- the common case: the row's owner's chat exists (enqueue()'s lock and order)
-            INSERT INTO memory.chat_context_queue (chat_id, new_context_snippet, trigger_source,
-                                                   enqueued_by, next_attempt_at)
-            SELECT m.chat_id, v_text, v_source, coalesce(v_identity, m.owner),
-                   greatest(now(), m.retry_at)
-              FROM memory.chat_metadata m
-             WHERE m.chat_id = v_chat AND m.owner = v_owner
-               FOR KEY SHARE OF m
-            RETURNING id, next_attempt_at INTO v_id, v_next;
-        END IF;
-        IF v_id IS NULL THEN
-            v_admin := coalesce(v_admin, memory._is_admin());
-            SELECT c.id, c.next_attempt_at INTO v_id, v_next
-              FROM memory._capture_new(v_chat, v_owner, v_text, v_source, v_identity, v_admin,
-                                       TG_ARGV[2] <> '') c;
-        END IF;
-        IF v_id IS NULL THEN
-            v_denied := v_denied || v_chat;
-            CONTINUE;
-        END IF;
-        IF memory._debounce_ms() > 0 THEN
-            PERFORM memory._debounce_chat(v_chat, v_next);
-        ELSE
-            UPDATE memory.chat_metadata m SET due_at = v_next
-             WHERE m.chat_id = v_chat AND m.due_at IS NULL;
-        END IF;
-        INSERT INTO memory.audit_log (identity, role, action, chat_id, queue_id, detail)
-        VALUES (coalesce(v_identity, '(none)'), memory._invoker(), 'enqueue', v_chat, v_id,
-                v_source);
-    END LOOP;
-    IF v_rows > v_skipped + cardinality(v_denied) THEN
-        PERFORM memory._wake_at_commit();
+    IF p_owner = p_identity OR (p_owner IS NOT NULL AND p_admin) THEN
+        -- the row's owner's chat exists (enqueue()'s lock and order)
+        INSERT INTO memory.chat_context_queue (chat_id, new_context_snippet, trigger_source,
+                                               enqueued_by, next_attempt_at)
+        SELECT m.chat_id, p_text, p_source, coalesce(p_identity, m.owner),
+               greatest(now(), m.retry_at)
+          FROM memory.chat_metadata m
+         WHERE m.chat_id = p_chat AND m.owner = p_owner
+           FOR KEY SHARE OF m
+        RETURNING id, next_attempt_at INTO v_id, v_next;
     END IF;
-    IF v_skipped > 0 OR cardinality(v_denied) > 0 THEN
-        PERFORM memory._capture_refused(v_source, v_identity, v_rows, v_skipped, v_denied);
+    IF v_id IS NULL THEN
+        SELECT c.id, c.next_attempt_at INTO v_id, v_next
+          FROM memory._capture_new(p_chat, p_owner, p_text, p_source, p_identity, p_admin,
+                                   p_by_owner) c;
     END IF;
-    RETURN NULL;
+    IF v_id IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF memory._debounce_ms() > 0 THEN
+        PERFORM memory._debounce_chat(p_chat, v_next);
+    ELSE
+        UPDATE memory.chat_metadata m SET due_at = v_next
+         WHERE m.chat_id = p_chat AND m.due_at IS NULL;
+    END IF;
+    INSERT INTO memory.audit_log (identity, role, action, chat_id, queue_id, detail)
+    VALUES (coalesce(p_identity, '(none)'), memory._invoker(), 'enqueue', p_chat, v_id,
+            p_source);
+    RETURN v_id;
 END
 $$;
 
--- A row the common case did not take: its chat is new (created for the row's owner when the
--- inserting identity may), or the row may go into another owner's chat (an admin without an
--- owner column, on the owner's behalf, as enqueue() allows). Otherwise nothing (refused).
+-- A row _capture_row's common case did not take: its chat is new (created for the row's owner
+-- when the inserting identity may), or the row may go into another owner's chat (an admin
+-- without an owner column, on the owner's behalf, as enqueue() allows). Otherwise nothing
+-- (refused).
 CREATE FUNCTION memory._capture_new(p_chat text, p_owner text, p_text text, p_source text,
                                     p_identity text, p_admin bool, p_by_owner bool,
                                     OUT id uuid, OUT next_attempt_at timestamptz)

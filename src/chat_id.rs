@@ -9,7 +9,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 #[pg_extern(stable, parallel_safe, name = "_chat_id_problem")]
-fn chat_id_problem(p_chat_id: Option<&str>) -> Option<String> {
+pub fn chat_id_problem(p_chat_id: Option<&str>) -> Option<String> {
     if p_chat_id.is_some_and(is_plain_ascii) {
         return None;
     }

@@ -15,7 +15,7 @@ use std::ffi::{CStr, CString};
 /// The JWT `sub` claim as it is (trimmed of spaces), NULL when it poses as a role (`role:...`:
 /// it could pose as one), else `role:<invoker>`. Two namespaces that never collide.
 #[pg_extern(stable, parallel_safe, name = "current_identity")]
-fn current_identity() -> Option<String> {
+pub fn current_identity() -> Option<String> {
     match jwt_sub() {
         Some(sub) if sub.starts_with("role:") => None,
         Some(sub) => Some(sub),
@@ -28,7 +28,7 @@ fn current_identity() -> Option<String> {
 /// of roles given grant_admin() by `memory._is_admin_catalog()`, which reads the catalog and
 /// memory.admin_roles with definer rights. Membership as pg_has_role(..., 'MEMBER') has it.
 #[pg_extern(stable, parallel_safe, name = "_is_admin")]
-fn is_admin() -> bool {
+pub fn is_admin() -> bool {
     let role = role_oid(&invoker());
     if role != pg_sys::InvalidOid {
         // SAFETY: plain catalog lookups of existing roles.
@@ -82,7 +82,7 @@ fn jwt_sub() -> Option<String> {
 
 /// SET ROLE's role (PostgREST's SET LOCAL ROLE from the JWT), else the session user: not
 /// current_user, which is the definer inside SECURITY DEFINER functions.
-fn invoker() -> String {
+pub fn invoker() -> String {
     let role = match setting(c"role") {
         Some(role) if role.to_bytes() != b"none" => role,
         // SAFETY: the session user exists for the session's life (noerr = false raises otherwise).

@@ -25,6 +25,7 @@ pgrx::pg_module_magic!();
 mod api;
 mod batch;
 mod bgw;
+mod capture;
 mod chat_id;
 mod context;
 mod ddl;

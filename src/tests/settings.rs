@@ -40,7 +40,7 @@ fn tables_are_dumped_and_settings_guarded() {
     assert_eq!(
         text("SELECT string_agg(c::regclass::text, ',' ORDER BY c::regclass::text) \
               FROM pg_extension, unnest(extconfig) c WHERE extname = 'memory_ext'"),
-        "memory.admin_roles,memory.audit_log,memory.chat_context_queue,\
+        "memory.admin_roles,memory.audit_log,memory.capture_inbox,memory.chat_context_queue,\
          memory.chat_context_queue_seq,memory.chat_memory_history,memory.chat_metadata,\
          memory.fact_keys,memory.llm_usage_daily,memory.owner_budgets,memory.owner_usage_daily"
     );

@@ -14,7 +14,11 @@ fn watched_messages(owner: bool, role: bool) {
 fn snippets(chat: &str) -> Vec<String> {
     Spi::connect(|c| {
         c.select(
-            "SELECT new_context_snippet FROM memory.chat_context_queue WHERE chat_id = $1
+            // queued, or captured and waiting in the inbox for the next claim to move it
+            "SELECT s FROM (SELECT new_context_snippet AS s, seq FROM memory.chat_context_queue
+                             WHERE chat_id = $1
+                            UNION ALL
+                            SELECT snippet, seq FROM memory.capture_inbox WHERE chat_id = $1) x
               ORDER BY seq",
             None,
             &[chat.into()],
@@ -40,6 +44,18 @@ fn watch_a_multi_row_insert_enqueues_in_row_order() {
         ["user: I moved to Lisbon", "assistant: Noted: Lisbon.", "no role"]
     );
     assert_eq!(snippets("c2"), ["user: hello"]);
+    // The first row of each chat created it (through the queue); the later rows of c1 found it
+    // theirs and wait in the inbox until a claim of the chat moves them, with their audit rows,
+    // keeping id and seq.
+    assert_eq!(count("SELECT 1 FROM memory.capture_inbox"), 2);
+    assert_eq!(count("SELECT 1 FROM memory.chat_context_queue"), 2);
+    assert_eq!(text("SELECT memory._take_captured(ARRAY['c1', 'c2'])::text"), "2");
+    assert_eq!(count("SELECT 1 FROM memory.capture_inbox"), 0);
+    assert_eq!(count("SELECT 1 FROM memory.chat_context_queue"), 4);
+    assert_eq!(
+        snippets("c1"),
+        ["user: I moved to Lisbon", "assistant: Noted: Lisbon.", "no role"]
+    );
     // each chat belongs to its rows' owner, is due, and every snippet is audited
     assert_eq!(
         text("SELECT string_agg(chat_id || '=' || owner, ',' ORDER BY chat_id)
@@ -76,6 +92,53 @@ fn watch_captured_rows_are_summarized_like_enqueued_ones() {
         text("SELECT user_confirmed->>'city' || ' / ' || general_summary FROM memory.get('c1')"),
         "Porto / Olá, tudo bem? 🙂"
     );
+}
+
+/// A captured row of an existing chat waits in memory.capture_inbox until the chat is next held
+/// (a claim, a finish, forget): meanwhile it is pending everywhere a queued one would be.
+#[pg_test]
+fn watch_captured_rows_in_the_inbox_are_pending_and_can_be_erased() {
+    watched_messages(false, false);
+    run("SELECT memory.create_chat('c')");
+    run("INSERT INTO public.messages (conversation_id, content) VALUES ('c', 'one'), ('c', 'two')");
+    assert_eq!(count("SELECT 1 FROM memory.capture_inbox"), 2);
+    assert_eq!(count("SELECT 1 FROM memory.chat_context_queue"), 0);
+    assert_eq!(text("SELECT pending::text FROM memory.get('c')"), "2");
+    assert_eq!(text("SELECT pending::text FROM memory.context('c')"), "2");
+    assert_eq!(
+        text("SELECT count::text FROM memory.queue_stats WHERE status = 'pending_summarization'"),
+        "2"
+    );
+    let two = text("SELECT id::text FROM memory.capture_inbox WHERE snippet = 'two'");
+    assert_eq!(
+        text(&format!("SELECT status FROM memory.status('{two}')")),
+        "pending_summarization"
+    );
+    // erasing it moves the chat's captured rows into the queue first, then erases it there
+    run(&format!("SELECT memory.forget_snippet('{two}')"));
+    assert_eq!(count("SELECT 1 FROM memory.capture_inbox"), 0);
+    assert_eq!(snippets("c"), ["one"]);
+    assert_eq!(sqlstate(&format!("SELECT memory.status('{two}')")), "P0002");
+    // forget() erases captured rows with the chat, audited as enqueued first
+    run("INSERT INTO public.messages (conversation_id, content) VALUES ('c', 'three')");
+    assert_eq!(count("SELECT 1 FROM memory.capture_inbox"), 1);
+    let three = text("SELECT id::text FROM memory.capture_inbox");
+    run("SELECT memory.forget('c')");
+    assert_eq!(count("SELECT 1 FROM memory.capture_inbox"), 0);
+    assert_eq!(count("SELECT 1 FROM memory.chat_context_queue"), 0);
+    assert_eq!(
+        count(&format!(
+            "SELECT 1 FROM memory.audit_log WHERE action = 'enqueue' AND queue_id = '{three}'"
+        )),
+        1
+    );
+    // a chat deleted directly (an admin with table rights) takes its captured rows along: they
+    // can never reach a later chat of the same id, whoever creates it
+    run("SELECT memory.create_chat('d')");
+    run("INSERT INTO public.messages (conversation_id, content) VALUES ('d', 'private')");
+    assert_eq!(count("SELECT 1 FROM memory.capture_inbox"), 1);
+    run("DELETE FROM memory.chat_metadata WHERE chat_id = 'd'");
+    assert_eq!(count("SELECT 1 FROM memory.capture_inbox"), 0);
 }
 
 /// A chat's owner comes from the owner column, and a user inserting rows writes only as itself

@@ -261,18 +261,36 @@ enum TxResult {
     RolledBack(postgres::Error),
 }
 
-/// Enqueue `items` (chat index, snippet) in one transaction.
-fn run_tx(c: &mut Client, items: &[(usize, String)]) -> TxResult {
+/// A captured row's id: the newest of its chat, queued (a new chat) or in the capture inbox.
+/// This client alone writes the chat (its lock), and no claim or move sees the row before COMMIT.
+const CAPTURED_ID: &str = "SELECT id::text FROM ( \
+       SELECT id, seq FROM memory.capture_inbox WHERE chat_id = $1 \
+       UNION ALL SELECT id, seq FROM memory.chat_context_queue WHERE chat_id = $1) x \
+     ORDER BY seq DESC LIMIT 1";
+
+/// Enqueue `items` (chat index, snippet, captured) in one transaction: through enqueue(), or
+/// captured from an insert into the watched table stress_msgs.
+fn run_tx(c: &mut Client, items: &[Item]) -> TxResult {
     let mut tx = match c.transaction() {
         Ok(tx) => tx,
         Err(e) => return TxResult::RolledBack(e),
     };
     let mut ids = Vec::new();
-    for (chat, text) in items {
-        match tx.query_one(
-            "SELECT queue_id::text FROM memory.enqueue($1, $2)",
-            &[&chat_name(*chat), text],
-        ) {
+    for (chat, text, captured) in items {
+        let chat = chat_name(*chat);
+        let row = if *captured {
+            tx.execute(
+                "INSERT INTO public.stress_msgs (chat, body) VALUES ($1, $2)",
+                &[&chat, text],
+            )
+            .and_then(|_| tx.query_one(CAPTURED_ID, &[&chat]))
+        } else {
+            tx.query_one(
+                "SELECT queue_id::text FROM memory.enqueue($1, $2)",
+                &[&chat, text],
+            )
+        };
+        match row {
             Ok(row) => ids.push(row.get(0)),
             Err(e) => return TxResult::RolledBack(e),
         }
@@ -289,9 +307,12 @@ fn run_tx(c: &mut Client, items: &[(usize, String)]) -> TxResult {
     }
 }
 
-/// One client transaction: (chat index, snippet) in enqueue order, then a pause.
+/// (chat index, snippet, captured from the watched table rather than enqueued)
+type Item = (usize, String, bool);
+
+/// One client transaction: its items in enqueue order, then a pause.
 struct Plan {
-    items: Vec<(usize, String)>,
+    items: Vec<Item>,
     pause: Duration,
     /// Earlier tries lost with their connection before COMMIT.
     tries: u32,
@@ -319,12 +340,15 @@ fn client(sh: &Shared, pg: &Cluster, t: u64) {
                         .map(|_| rng.below(CHATS) as usize)
                         .collect(),
                 };
-                let mut items: Vec<(usize, String)> = chats
+                let mut items: Vec<Item> = chats
                     .into_iter()
-                    .map(|ch| (ch, snippet(&mut rng, t, &mut note)))
+                    .map(|ch| {
+                        let text = snippet(&mut rng, t, &mut note);
+                        (ch, text, rng.chance(0.3))
+                    })
                     .collect();
                 // by chat (stable: a chat's snippets keep their order)
-                items.sort_by_key(|(ch, _)| *ch);
+                items.sort_by_key(|(ch, _, _)| *ch);
                 Plan {
                     items,
                     pause: Duration::from_millis(rng.range(20, 100)),
@@ -335,17 +359,17 @@ fn client(sh: &Shared, pg: &Cluster, t: u64) {
         {
             // Lock the chats in index order (no deadlock with other clients or forget).
             let mut guards: BTreeMap<usize, MutexGuard<ChatLog>> = BTreeMap::new();
-            for (ch, _) in &items {
+            for (ch, _, _) in &items {
                 guards.entry(*ch).or_insert_with(|| lock(&sh.chats[*ch]));
             }
-            items.retain(|(ch, _)| !guards[ch].forgotten);
+            items.retain(|(ch, _, _)| !guards[ch].forgotten);
             if !items.is_empty() {
                 n_tx += 1;
                 let tx = (t << 32) | n_tx;
                 let record = |guards: &mut BTreeMap<usize, MutexGuard<ChatLog>>,
                               ids: Vec<String>,
                               fate: Fate| {
-                    for ((ch, text), id) in items.iter().zip(ids) {
+                    for ((ch, text, _), id) in items.iter().zip(ids) {
                         guards.get_mut(ch).unwrap().entries.push(Entry {
                             id,
                             text: text.clone(),
@@ -450,9 +474,10 @@ fn chaos(sh: &Shared, pg: &Cluster) {
         // snapshot). get() and context() count a chat's pending snippets only then.
         if let Ok(r) = c.query_one(
             "SELECT string_agg(m.chat_id, ', ') FROM memory.chat_metadata m \
-             WHERE m.due_at IS NULL AND m.lease_token IS NULL AND EXISTS ( \
+             WHERE m.due_at IS NULL AND m.lease_token IS NULL AND (EXISTS ( \
                    SELECT 1 FROM memory.chat_context_queue q WHERE q.chat_id = m.chat_id \
-                      AND q.status IN ('pending_summarization', 'processing'))",
+                      AND q.status IN ('pending_summarization', 'processing')) \
+                OR EXISTS (SELECT 1 FROM memory.capture_inbox i WHERE i.chat_id = m.chat_id))",
             &[],
         ) && let Some(idle) = r.get::<_, Option<String>>(0)
         {
@@ -956,6 +981,14 @@ fn stress_chaos_keeps_order_exactly_once_and_isolates_rejected_snippets() {
     }
     let refs: Vec<&str> = conf.iter().map(String::as_str).collect();
     let pg = Cluster::start("stress", &refs);
+    // a third of the snippets arrive as rows of a watched table (memory.watch)
+    connect(&pg, seed)
+        .batch_execute(
+            "CREATE TABLE public.stress_msgs (id bigint GENERATED ALWAYS AS IDENTITY, chat text, \
+                                              body text); \
+             SELECT memory.watch('public.stress_msgs', 'chat', 'body')",
+        )
+        .unwrap();
 
     let start = Instant::now();
     let sh = Shared {
