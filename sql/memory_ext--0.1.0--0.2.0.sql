@@ -143,15 +143,22 @@ $$;
 -- FOR NO KEY UPDATE. A capture drew its seq under KEY SHARE, so under FOR UPDATE none is in
 -- flight and every lower seq is visible; under NO KEY UPDATE a capture may still commit a lower
 -- seq later, and the next claim, holding FOR UPDATE, moves it before it takes the oldest. Returns
--- how many rows moved.
+-- how many rows moved. Planned on every call (plan_cache_mode): a plan the worker's long-lived
+-- backend cached while the inbox was empty would scan all of it once it holds a backlog, on every
+-- claim and finish (measured: 48 ms a call at 300k captured rows, 0.9 ms planned afresh).
 CREATE FUNCTION memory._take_captured(p_chats text[])
 RETURNS int
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
     v_n int;
 BEGIN
+    -- most calls (every finish, most claims) find nothing: one index probe, not three writes
+    IF NOT EXISTS (SELECT 1 FROM memory.capture_inbox i WHERE i.chat_id = ANY (p_chats)) THEN
+        RETURN 0;
+    END IF;
     WITH moved AS (
         DELETE FROM memory.capture_inbox i WHERE i.chat_id = ANY (p_chats)
         RETURNING i.id, i.seq, i.chat_id, i.snippet, i.source, i.enqueued_by, i.identity,
