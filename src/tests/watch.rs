@@ -141,6 +141,59 @@ fn watch_captured_rows_in_the_inbox_are_pending_and_can_be_erased() {
     assert_eq!(count("SELECT 1 FROM memory.capture_inbox"), 0);
 }
 
+/// wait() on a captured row of the caller's own transaction refuses at once (55000), as for an
+/// enqueued one: nothing can complete it before COMMIT.
+#[pg_test]
+fn watch_wait_on_a_row_captured_in_this_transaction_is_refused() {
+    watched_messages(false, false);
+    run("SELECT memory.create_chat('c')");
+    run("INSERT INTO public.messages (conversation_id, content) VALUES ('c', 'one')");
+    let one = text("SELECT id::text FROM memory.capture_inbox");
+    assert_eq!(
+        sqlstate(&format!("SELECT memory.wait('{one}', '1 second')")),
+        "55000"
+    );
+}
+
+/// The budget deferral takes a deferred chat's captured rows into the queue first, so they are
+/// held and marked like its queued ones, and a raised budget resumes them.
+#[pg_test]
+fn watch_captured_rows_of_an_owner_over_budget_are_deferred_with_the_chat() {
+    watched_messages(true, false);
+    as_user("alice");
+    run("SELECT memory.create_chat('a1')");
+    run("SELECT set_config('request.jwt.claims', '', true)");
+    run("INSERT INTO public.messages (conversation_id, user_id, content)
+         VALUES ('a1', 'alice', 'confirmed: a = 1')");
+    assert_eq!(count("SELECT 1 FROM memory.capture_inbox"), 1);
+    run("SELECT memory._record_owner_usage('a1', \
+           '{\"llm_requests\": 1, \"prompt_tokens\": 1000, \"completion_tokens\": 0}')");
+    run("SET LOCAL memory_ext.owner_daily_tokens = 1000");
+    assert_eq!(one::<i32>("SELECT memory.process_pending()"), Some(0));
+    assert_eq!(count("SELECT 1 FROM memory.capture_inbox"), 0);
+    assert_eq!(
+        count("SELECT 1 FROM memory.chat_context_queue WHERE chat_id = 'a1' \
+                 AND next_attempt_at = memory._utc_tomorrow() AND error_public IS NOT NULL"),
+        1
+    );
+    run("SELECT memory.set_owner_budget('alice', 5000)");
+    assert_eq!(one::<i32>("SELECT memory.process_pending()"), Some(1));
+}
+
+/// memory._capture() is only a statement trigger with a NEW TABLE, as watch() creates it.
+#[pg_test]
+fn watch_the_capture_function_refuses_other_trigger_uses() {
+    run("CREATE TABLE public.other (chat text, body text)");
+    run("CREATE TRIGGER t AFTER INSERT ON public.other FOR EACH ROW
+         EXECUTE FUNCTION memory._capture('chat', 'body', '', '')");
+    assert_eq!(sqlstate("INSERT INTO public.other VALUES ('c', 'x')"), "0A000");
+    run("DROP TRIGGER t ON public.other");
+    run("CREATE TRIGGER t AFTER INSERT ON public.other REFERENCING NEW TABLE AS n
+         FOR EACH STATEMENT EXECUTE FUNCTION memory._capture('chat')");
+    assert_eq!(sqlstate("INSERT INTO public.other VALUES ('c', 'x')"), "22023");
+    assert_eq!(count("SELECT 1 FROM memory.capture_inbox"), 0);
+}
+
 /// A chat's owner comes from the owner column, and a user inserting rows writes only as itself
 /// into its own chats: other rows are skipped (the insert succeeds) and audited as denied.
 #[pg_test]
