@@ -353,8 +353,8 @@ $$;
 
 -- When a chat's oldest pending snippet may be claimed: not before p_due, and with memory_ext.
 -- debounce, not before the chat has been quiet. NULL when nothing is pending (greatest() alone
--- would skip the NULL and answer p_due, marking every finished chat due again). The caller holds
--- the chat row: its captured rows are moved into the queue first, so they count.
+-- would skip the NULL and answer p_due, marking every finished chat due again). The caller moves
+-- the chat's captured rows into the queue first, so that they count.
 CREATE FUNCTION memory._next_pending_due(p_chat_id text, p_due timestamptz)
 RETURNS timestamptz
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
@@ -363,7 +363,6 @@ AS $$
 DECLARE
     v_first_due timestamptz;
 BEGIN
-    PERFORM memory._take_captured(ARRAY[p_chat_id]);
     SELECT min(q.next_attempt_at) INTO v_first_due FROM memory.chat_context_queue q
      WHERE q.chat_id = p_chat_id AND q.status = 'pending_summarization';
     IF v_first_due IS NULL THEN
@@ -430,6 +429,8 @@ BEGIN
         IF NOT FOUND OR pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
             v_next := now();
         ELSE
+            -- a capture that committed meanwhile left its row in the inbox
+            PERFORM memory._take_captured(ARRAY[p_chat_id]);
             v_next := memory._next_pending_due(p_chat_id, v_due);
         END IF;
     END IF;

@@ -29,10 +29,13 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'capture_wrapper';
 
--- A captured row the common case did not take: enqueue()'s way, into the queue, with its audit row. p_owner is the row's owner (or the
--- inserting identity); p_text is already prefixed with its role and cut to the size limit.
--- Returns the queue row's id, or NULL when the row is refused (another owner's chat, or not the
--- inserting identity's row).
+-- A captured row the trigger's common case did not take (src/capture.rs tries that first): its
+-- chat is new (created for the row's owner when the inserting identity may), or the row may go
+-- into another owner's chat (an admin without an owner column, on the owner's behalf, as
+-- enqueue() allows). enqueue()'s way, into the queue, with its audit row. p_owner is the row's
+-- owner (or the inserting identity); p_text is already prefixed with its role and cut to the size
+-- limit. Returns the queue row's id, or NULL when the row is refused (another owner's chat, or
+-- not the inserting identity's row).
 CREATE FUNCTION memory._capture_row(p_chat text, p_owner text, p_text text, p_source text,
                                     p_identity text, p_admin bool, p_by_owner bool)
 RETURNS uuid
@@ -43,22 +46,19 @@ DECLARE
     v_id uuid;
     v_next timestamptz;
 BEGIN
-    IF p_owner = p_identity OR (p_owner IS NOT NULL AND p_admin) THEN
-        -- the row's owner's chat exists (enqueue()'s lock and order)
-        INSERT INTO memory.chat_context_queue (chat_id, new_context_snippet, trigger_source,
-                                               enqueued_by, next_attempt_at)
-        SELECT m.chat_id, p_text, p_source, coalesce(p_identity, m.owner),
-               greatest(now(), m.retry_at)
-          FROM memory.chat_metadata m
-         WHERE m.chat_id = p_chat AND m.owner = p_owner
-           FOR KEY SHARE OF m
-        RETURNING id, next_attempt_at INTO v_id, v_next;
+    IF p_owner IS NULL OR memory._identity_problem() IS NOT NULL
+       OR NOT (p_admin OR p_owner = p_identity) THEN
+        RETURN NULL;
     END IF;
-    IF v_id IS NULL THEN
-        SELECT c.id, c.next_attempt_at INTO v_id, v_next
-          FROM memory._capture_new(p_chat, p_owner, p_text, p_source, p_identity, p_admin,
-                                   p_by_owner) c;
-    END IF;
+    INSERT INTO memory.chat_metadata (chat_id, owner) VALUES (p_chat, p_owner)
+    ON CONFLICT (chat_id) DO NOTHING;
+    INSERT INTO memory.chat_context_queue (chat_id, new_context_snippet, trigger_source,
+                                           enqueued_by, next_attempt_at)
+    SELECT m.chat_id, p_text, p_source, coalesce(p_identity, m.owner), greatest(now(), m.retry_at)
+      FROM memory.chat_metadata m
+     WHERE m.chat_id = p_chat AND (m.owner = p_owner OR (p_admin AND NOT p_by_owner))
+       FOR KEY SHARE OF m
+    RETURNING id, next_attempt_at INTO v_id, v_next;
     IF v_id IS NULL THEN
         RETURN NULL;
     END IF;
@@ -72,33 +72,6 @@ BEGIN
     VALUES (coalesce(p_identity, '(none)'), memory._invoker(), 'enqueue', p_chat, v_id,
             p_source);
     RETURN v_id;
-END
-$$;
-
--- A row _capture_row's common case did not take: its chat is new (created for the row's owner
--- when the inserting identity may), or the row may go into another owner's chat (an admin
--- without an owner column, on the owner's behalf, as enqueue() allows). Otherwise nothing
--- (refused).
-CREATE FUNCTION memory._capture_new(p_chat text, p_owner text, p_text text, p_source text,
-                                    p_identity text, p_admin bool, p_by_owner bool,
-                                    OUT id uuid, OUT next_attempt_at timestamptz)
-LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF p_owner IS NULL OR memory._identity_problem() IS NOT NULL
-       OR NOT (p_admin OR p_owner = p_identity) THEN
-        RETURN;
-    END IF;
-    INSERT INTO memory.chat_metadata (chat_id, owner) VALUES (p_chat, p_owner)
-    ON CONFLICT (chat_id) DO NOTHING;
-    INSERT INTO memory.chat_context_queue (chat_id, new_context_snippet, trigger_source,
-                                           enqueued_by, next_attempt_at)
-    SELECT m.chat_id, p_text, p_source, coalesce(p_identity, m.owner), greatest(now(), m.retry_at)
-      FROM memory.chat_metadata m
-     WHERE m.chat_id = p_chat AND (m.owner = p_owner OR (p_admin AND NOT p_by_owner))
-       FOR KEY SHARE OF m
-    RETURNING chat_context_queue.id, chat_context_queue.next_attempt_at INTO id, next_attempt_at;
 END
 $$;
 

@@ -307,11 +307,16 @@ fn take_rows(reader: &mut Reader, st: &Statement) -> Result<(), SpiError> {
             skipped += 1;
             continue;
         };
-        if !chat_id::is_plain_ascii(&chat) && chat_id::chat_id_problem(Some(&chat)).is_some() {
+        if chat_id::chat_id_problem(Some(&chat)).is_some() {
             skipped += 1;
             continue;
         }
-        if take_row(st, &chat, owner.as_deref(), &text)? {
+        let row = Taking {
+            chat: &chat,
+            owner: owner.as_deref(),
+            text: &text,
+        };
+        if take_row(st, &row)? {
             taken += 1;
         } else {
             denied.push(chat);
@@ -329,27 +334,14 @@ fn take_rows(reader: &mut Reader, st: &Statement) -> Result<(), SpiError> {
 /// One row: the common case (an existing chat of the row's owner, the inserting identity's own
 /// row or an admin's) into the inbox, anything else through memory._capture_row. False when the
 /// row is refused.
-fn take_row(st: &Statement, chat: &str, owner: Option<&str>, text: &str) -> Result<bool, SpiError> {
-    let row = Taking {
-        chat,
-        owner,
-        text,
-        source: &st.source,
-        role: &st.role,
-    };
-    let own = owner.is_some() && owner == st.identity.as_deref();
-    let fast = owner.is_some() && (own || st.admin());
+fn take_row(st: &Statement, row: &Taking<'_>) -> Result<bool, SpiError> {
+    let own = row.owner.is_some() && row.owner == st.identity.as_deref();
+    let fast = row.owner.is_some() && (own || st.admin());
     Spi::connect_mut(|client| {
-        if fast && take_fast(client, &row, st.identity.as_deref(), st.debounce)? {
+        if fast && take_fast(client, st, row)? {
             return Ok(true);
         }
-        take_slow(
-            client,
-            &row,
-            st.identity.as_deref(),
-            st.admin(),
-            st.by_owner,
-        )
+        take_slow(client, st, row)
     })
 }
 
@@ -358,38 +350,34 @@ struct Taking<'r> {
     chat: &'r str,
     owner: Option<&'r str>,
     text: &'r str,
-    source: &'r str,
-    /// the role the insert runs as, for the audit row
-    role: &'r str,
 }
 
 fn take_fast(
     client: &mut SpiClient<'_>,
+    st: &Statement,
     row: &Taking<'_>,
-    identity: Option<&str>,
-    debounce: bool,
 ) -> Result<bool, SpiError> {
+    let identity = st.identity.as_deref();
     with_plans(client, |client, [lock, insert, due]| {
         let locked = client.update(lock, Some(1), &[row.chat.into(), row.owner.into()])?;
         let Ok((Some(idle), Some(next))) = locked.first().get_two::<bool, TimestampWithTimeZone>()
         else {
             return Ok(false); // a new chat, or someone else's
         };
-        let enqueued_by = identity.or(row.owner);
         client.update(
             insert,
             None,
             &[
                 row.chat.into(),
                 row.text.into(),
-                row.source.into(),
-                enqueued_by.into(),
+                st.source.as_str().into(),
+                identity.or(row.owner).into(),
                 identity.into(),
-                row.role.into(),
+                st.role.as_str().into(),
                 next.into(),
             ],
         )?;
-        if debounce {
+        if st.debounce {
             client.update(
                 "SELECT memory._debounce_chat($1, $2)",
                 Some(1),
@@ -405,10 +393,8 @@ fn take_fast(
 /// memory._capture_row: a new chat, an admin's row without an owner column, or refused.
 fn take_slow(
     client: &mut SpiClient<'_>,
+    st: &Statement,
     row: &Taking<'_>,
-    identity: Option<&str>,
-    admin: bool,
-    by_owner: bool,
 ) -> Result<bool, SpiError> {
     let id = client
         .update(
@@ -418,10 +404,10 @@ fn take_slow(
                 row.chat.into(),
                 row.owner.into(),
                 row.text.into(),
-                row.source.into(),
-                identity.into(),
-                admin.into(),
-                by_owner.into(),
+                st.source.as_str().into(),
+                st.identity.as_deref().into(),
+                st.admin().into(),
+                st.by_owner.into(),
             ],
         )?
         .first()

@@ -67,7 +67,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/watch.sql",
     name = "watch",
-    requires = ["api", watch::truncate_utf8_sql, watch::trigger_args]
+    requires = ["api", watch::trigger_args]
 );
 extension_sql_file!(
     "../sql/budget.sql",

@@ -23,13 +23,6 @@ pub fn split_trigger_args(args: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// A captured text over `memory_ext.max_snippet_bytes` is cut, not refused: the app's insert
-/// must not fail because memory cannot take a row.
-#[pg_extern(immutable, strict, parallel_safe, name = "_truncate_utf8")]
-fn truncate_utf8_sql(text: &str, max_bytes: i32) -> &str {
-    truncate_utf8(text, usize::try_from(max_bytes).unwrap_or(0))
-}
-
 /// The columns a capture trigger was given, for the `memory.watched` view.
 #[pg_extern(immutable, strict, parallel_safe, name = "_trigger_args")]
 fn trigger_args(args: &[u8]) -> Vec<String> {

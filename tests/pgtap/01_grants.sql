@@ -47,7 +47,7 @@ SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
           ARRAY['_admin_role', '_audit_reads', '_chat_id_problem', '_count_memory',
                 '_debounce_max_ms', '_debounce_ms', '_is_admin', '_max_snippet_bytes', '_note_denied',
                 '_owner_daily_tokens', '_rate_limit', '_render_context', '_superuser',
-                '_token_limit', '_trigger_args', '_truncate_utf8', '_wake_at_commit',
+                '_token_limit', '_trigger_args', '_wake_at_commit',
                 'count_tokens', 'current_identity'],
           'every memory function pins search_path = pg_catalog, pg_temp, but the C ones running no SQL');
 SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
